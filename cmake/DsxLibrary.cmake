@@ -1,0 +1,17 @@
+# dsx_folder_library(<target> PUBLIC_DEPS <deps...> [PRIVATE_DEPS <deps...>] [EXCLUDE <regex>])
+# One library per top-level folder, built from every .cpp below it (minus EXCLUDE). A folder
+# whose sources have not landed yet gives an INTERFACE target, so dependants link either way.
+function(dsx_folder_library target)
+  cmake_parse_arguments(ARG "" "EXCLUDE" "PUBLIC_DEPS;PRIVATE_DEPS" ${ARGN})
+  file(GLOB_RECURSE sources CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/*.cpp)
+  if(ARG_EXCLUDE)
+    list(FILTER sources EXCLUDE REGEX "${ARG_EXCLUDE}")
+  endif()
+  if(sources)
+    add_library(${target} STATIC ${sources})
+    target_link_libraries(${target} PUBLIC dsx_options ${ARG_PUBLIC_DEPS} PRIVATE ${ARG_PRIVATE_DEPS})
+  else()
+    add_library(${target} INTERFACE)
+    target_link_libraries(${target} INTERFACE dsx_options ${ARG_PUBLIC_DEPS})
+  endif()
+endfunction()

@@ -1,0 +1,18 @@
+#pragma once
+#include "kernels/tensor.h"
+
+namespace dsx::ops {
+
+// Causal scaled-dot-product attention with separate q/k and v head dims (MLA: 192 and 128).
+// q, k [B, S, H, Dqk], v [B, S, H, Dv] -> out [B, S, H, Dv], lse [B, H, S] (log-sum-exp of
+// the scaled scores of each query row, saved for backward).
+// Position i attends to j <= i; when segment_ids ([B, S], i32|i64) is defined, also only to
+// j with the same segment id (document masking for packed sequences). scale multiplies q·k.
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& segment_ids,
+                       Tensor& out, Tensor& lse);
+// dq, dk, dv (overwritten), same shapes as q, k, v.
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                        const Tensor& dout, double scale, const Tensor& segment_ids, Tensor& dq, Tensor& dk,
+                        Tensor& dv);
+
+}  // namespace dsx::ops

@@ -1,0 +1,21 @@
+#pragma once
+#include <cstdint>
+
+#include "kernels/tensor.h"
+
+namespace dsx::ops {
+
+struct CrossEntropyResult {
+  double loss_sum = 0;  // sum over counted rows of -log softmax(logits)[target]
+  int64_t count = 0;    // rows whose target != ignore_index
+};
+
+// logits [N, V], targets [N] (i32|i64; ignore_index or in [0, V)) -> result, lse [N] saved.
+CrossEntropyResult cross_entropy_forward(const Tensor& logits, const Tensor& targets, int64_t ignore_index,
+                                         Tensor& lse);
+// dlogits [N, V] (overwritten) = scale · (softmax(logits) - onehot(target)) on counted rows, 0 on
+// ignored ones. For the mean loss, scale = upstream_grad / count.
+void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t ignore_index,
+                            double scale, Tensor& dlogits);
+
+}  // namespace dsx::ops

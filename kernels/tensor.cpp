@@ -1,0 +1,217 @@
+#include "kernels/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <sstream>
+#include <stdexcept>
+
+#include "kernels/dispatch.h"
+
+namespace dsx {
+
+std::string shape_str(const Shape& s) {
+  std::ostringstream os;
+  os << '[';
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << ']';
+  return os.str();
+}
+
+int64_t shape_numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+namespace {
+class CpuAllocator final : public Allocator {
+ public:
+  void* allocate(size_t bytes) override {
+    if (bytes == 0) return nullptr;
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, rounded);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void deallocate(void* p, size_t) override { std::free(p); }
+  Device device() const override { return Device::cpu; }
+};
+}  // namespace
+
+Allocator& cpu_allocator() {
+  static CpuAllocator alloc;
+  return alloc;
+}
+
+Storage::Storage(size_t bytes, Allocator& alloc) : ptr_(alloc.allocate(bytes)), bytes_(bytes), alloc_(&alloc) {}
+Storage::~Storage() { alloc_->deallocate(ptr_, bytes_); }
+
+void check(bool ok, std::string_view op, const std::string& what) {
+  if (!ok) throw std::invalid_argument(std::string(op) + ": " + what);
+}
+
+void check_shape(const Tensor& t, const Shape& expected, std::string_view op, std::string_view name) {
+  check(t.defined(), op, std::string(name) + " is undefined");
+  check(t.shape() == expected, op,
+        std::string(name) + " has shape " + shape_str(t.shape()) + ", expected " + shape_str(expected));
+}
+
+void check_cpu(const Tensor& t, std::string_view op, std::string_view name) {
+  check(t.defined(), op, std::string(name) + " is undefined");
+  check(t.device() == Device::cpu, op, std::string(name) + " is on " + std::string(device_name(t.device())) +
+                                           "; this build has only the CPU implementation of this op");
+}
+
+Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
+  for (int64_t d : shape) {
+    if (d < 0) throw std::invalid_argument("Tensor::empty: negative dimension in " + shape_str(shape));
+  }
+  if (device != Device::cpu) throw std::invalid_argument("Tensor::empty: no allocator for device cuda in this build");
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  t.device_ = device;
+  t.storage_ = std::make_shared<Storage>(t.nbytes(), cpu_allocator());
+  return t;
+}
+
+Tensor Tensor::zeros(Shape shape, DType dtype, Device device) {
+  Tensor t = empty(std::move(shape), dtype, device);
+  t.zero();
+  return t;
+}
+
+Tensor Tensor::full(Shape shape, double value, DType dtype) {
+  Tensor t = empty(std::move(shape), dtype);
+  t.fill(value);
+  return t;
+}
+
+template <class T>
+Tensor Tensor::from(std::span<const T> values, Shape shape) {
+  if (static_cast<int64_t>(values.size()) != shape_numel(shape)) {
+    throw std::invalid_argument("Tensor::from: " + std::to_string(values.size()) + " values for shape " +
+                                shape_str(shape));
+  }
+  Tensor t = empty(std::move(shape), dtype_of<T>());
+  if (!values.empty()) std::memcpy(t.raw(), values.data(), values.size() * sizeof(T));
+  return t;
+}
+template Tensor Tensor::from<double>(std::span<const double>, Shape);
+template Tensor Tensor::from<float>(std::span<const float>, Shape);
+template Tensor Tensor::from<bf16>(std::span<const bf16>, Shape);
+template Tensor Tensor::from<fp8_e4m3>(std::span<const fp8_e4m3>, Shape);
+template Tensor Tensor::from<fp8_e5m2>(std::span<const fp8_e5m2>, Shape);
+template Tensor Tensor::from<int32_t>(std::span<const int32_t>, Shape);
+template Tensor Tensor::from<int64_t>(std::span<const int64_t>, Shape);
+
+int64_t Tensor::dim(int i) const {
+  const int n = ndim();
+  const int k = i < 0 ? i + n : i;
+  if (k < 0 || k >= n) {
+    throw std::out_of_range("Tensor::dim(" + std::to_string(i) + ") on shape " + shape_str(shape_));
+  }
+  return shape_[k];
+}
+
+void* Tensor::raw() const {
+  if (!storage_) return nullptr;
+  return static_cast<char*>(storage_->data()) + offset_;
+}
+
+void Tensor::check_dtype(DType expected) const {
+  if (!defined()) throw std::logic_error("Tensor::data on an undefined tensor");
+  if (expected != dtype_) {
+    throw std::invalid_argument("Tensor::data<" + std::string(dtype_name(expected)) + "> on a " +
+                                std::string(dtype_name(dtype_)) + " tensor");
+  }
+}
+
+Tensor Tensor::view(Shape shape) const {
+  if (shape_numel(shape) != numel()) {
+    throw std::invalid_argument("Tensor::view: " + shape_str(shape) + " does not match " + shape_str(shape_));
+  }
+  Tensor t = *this;
+  t.shape_ = std::move(shape);
+  return t;
+}
+
+Tensor Tensor::slice(int64_t begin, int64_t end) const {
+  if (ndim() == 0 || begin < 0 || end < begin || end > shape_[0]) {
+    throw std::out_of_range("Tensor::slice(" + std::to_string(begin) + ", " + std::to_string(end) + ") of " +
+                            shape_str(shape_));
+  }
+  Tensor t = *this;
+  const int64_t row = shape_[0] == 0 ? 0 : numel() / shape_[0];
+  t.offset_ += static_cast<size_t>(begin * row) * dtype_size(dtype_);
+  t.shape_[0] = end - begin;
+  return t;
+}
+
+Tensor Tensor::clone() const {
+  Tensor t = empty(shape_, dtype_, device_);
+  if (nbytes()) std::memcpy(t.raw(), raw(), nbytes());
+  return t;
+}
+
+void Tensor::copy_from(const Tensor& src) {
+  check_cpu(*this, "Tensor::copy_from", "destination");
+  check_cpu(src, "Tensor::copy_from", "source");
+  check(src.numel() == numel(), "Tensor::copy_from",
+        "source " + shape_str(src.shape()) + " vs destination " + shape_str(shape_));
+  if (src.dtype() == dtype_) {
+    if (nbytes()) std::memmove(raw(), src.raw(), nbytes());
+    return;
+  }
+  dispatch_any(dtype_, [&]<class To>() {
+    dispatch_any(src.dtype(), [&]<class From>() {
+      const From* s = src.data<From>();
+      To* d = data<To>();
+      const int64_t n = numel();
+      for (int64_t i = 0; i < n; ++i) d[i] = convert_element<To>(s[i]);
+    });
+  });
+}
+
+Tensor Tensor::to(DType dtype) const {
+  Tensor t = empty(shape_, dtype, device_);
+  t.copy_from(*this);
+  return t;
+}
+
+void Tensor::fill(double value) {
+  check_cpu(*this, "Tensor::fill", "tensor");
+  dispatch_any(dtype_, [&]<class T>() {
+    const T v = convert_element<T>(value);
+    T* d = data<T>();
+    const int64_t n = numel();
+    for (int64_t i = 0; i < n; ++i) d[i] = v;
+  });
+}
+
+void Tensor::zero() {
+  check_cpu(*this, "Tensor::zero", "tensor");
+  if (nbytes()) std::memset(raw(), 0, nbytes());
+}
+
+std::vector<double> Tensor::to_vector() const {
+  check_cpu(*this, "Tensor::to_vector", "tensor");
+  std::vector<double> out(static_cast<size_t>(numel()));
+  dispatch_any(dtype_, [&]<class T>() {
+    const T* d = data<T>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = convert_element<double>(d[i]);
+  });
+  return out;
+}
+
+double Tensor::item() const {
+  check(numel() == 1, "Tensor::item", "tensor has " + std::to_string(numel()) + " elements");
+  return to_vector()[0];
+}
+
+std::string Tensor::describe() const {
+  return std::string(dtype_name(dtype_)) + shape_str(shape_) + " " + std::string(device_name(device_));
+}
+
+}  // namespace dsx
