@@ -2,7 +2,8 @@
 //
 // Everything here is host+device code: the CUDA kernels include this very header, so the
 // CPU tests pin down exactly what the GPU computes. All conversions from float round to
-// nearest, ties to even. NaN is preserved (as a quiet NaN) in every format.
+// nearest, ties to even. NaN stays NaN in every format (fp8: the canonical code 0x7F / 0x7E,
+// sign dropped, as CUDA's conversions do; bf16: a quiet NaN with the input's sign).
 //   bf16      1-8-7, same range as fp32.
 //   fp8 E4M3  1-4-3, bias 7, max ±448, min normal 2^-6, min subnormal 2^-9; no infinity:
 //             finite overflow and ±inf saturate to ±448 (CUDA's __NV_SATFINITE), NaN = S.1111.111.
@@ -52,8 +53,8 @@ DSX_HOST_DEVICE uint8_t float_to_fp8(float f) {
   const uint32_t u = float_bits(f);
   const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) {  // NaN
-    return static_cast<uint8_t>(sign | (kMantissaBits == 3 ? 0x7fu : 0x7eu));
+  if (a > 0x7f800000u) {  // NaN -> the canonical positive NaN code, as CUDA's cvt gives
+    return static_cast<uint8_t>(kMantissaBits == 3 ? 0x7fu : 0x7eu);
   }
   const uint32_t min_normal_bits = static_cast<uint32_t>(127 + 1 - kBias) << 23;
   uint32_t code;
