@@ -1,10 +1,11 @@
 // A deterministic synthetic token source with learnable structure, for tests, CI and recipes
 // that must run anywhere with no data preparation.
 //
-// Tokens follow a sparse first-order Markov chain: every token t has `branching` possible
-// successors drawn once from the vocabulary (by seed), taken with fixed probabilities that
-// decay geometrically. The best achievable loss is therefore known: the entropy of those
-// probabilities (entropy_floor()), well below ln(vocab) where an untrained model starts.
+// Tokens follow a sparse Markov chain of order `order`: every context (the previous `order`
+// tokens) has `branching` possible successors, fixed by hashing (seed, context, k), taken with
+// probabilities ∝ decay^k (decay 1: equally likely). The best achievable loss is therefore
+// known: the entropy of those probabilities (entropy_floor()), far below ln(vocab) where an
+// untrained model starts. Order > 1 makes attention necessary to reach it.
 // Sample g (a window of seq_len + 1 tokens) depends only on (seed, g): the order is defined on
 // global sample indices, so it is the same for any number of data-parallel ranks, and the
 // position is a single integer (exact resume).
@@ -19,7 +20,8 @@ namespace dsx::data {
 struct SyntheticConfig {
   int64_t vocab_size = 256;
   int64_t seq_len = 64;
-  int64_t branching = 4;  // successors per token
+  int64_t order = 1;      // tokens of context that determine the successor list
+  int64_t branching = 4;  // successors per context
   double decay = 0.5;     // successor k has probability ∝ decay^k
   uint64_t seed = 1234;
 };
@@ -39,13 +41,16 @@ class SyntheticSource {
   std::vector<int32_t> window(int64_t g) const;
   // Rows [first, first + count) of the global sample sequence as a batch.
   TokenBatch batch(int64_t first, int64_t count) const;
-  double entropy_floor() const;  // nats per token
+  // Nats per token: exact for order 1; for higher orders the value without successor
+  // collisions (an upper bound: a repeated successor only lowers the entropy).
+  double entropy_floor() const;
   const SyntheticConfig& config() const { return config_; }
 
  private:
+  int32_t successor(const int32_t* context, size_t k) const;  // context: the previous `order` tokens
+
   SyntheticConfig config_;
-  std::vector<int32_t> successors_;  // [vocab, branching]
-  std::vector<double> cumulative_;   // [branching] cumulative probabilities
+  std::vector<double> cumulative_;  // [branching] cumulative probabilities
 };
 
 }  // namespace dsx::data

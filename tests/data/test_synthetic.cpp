@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <set>
@@ -45,4 +46,22 @@ TEST_CASE("synthetic: bad settings are refused", "[synthetic]") {
   REQUIRE_THROWS_AS(SyntheticSource({.vocab_size = 1}), UserError);
   REQUIRE_THROWS_AS(SyntheticSource({.vocab_size = 8, .seq_len = 4, .branching = 9}), UserError);
   REQUIRE_THROWS_AS(SyntheticSource({.vocab_size = 8, .seq_len = 4, .branching = 2, .decay = 0.0}), UserError);
+}
+
+TEST_CASE("synthetic: order-2 chains depend on two tokens of context", "[synthetic]") {
+  SyntheticSource src({.vocab_size = 16, .seq_len = 32, .order = 2, .branching = 2, .decay = 1.0, .seed = 5});
+  REQUIRE(src.entropy_floor() == Approx(std::log(2.0)));
+  std::map<std::pair<int, int>, std::set<int>> next;
+  std::map<int, std::set<int>> next_by_last;
+  for (int g = 0; g < 200; ++g) {
+    const auto w = src.window(g);
+    for (size_t i = 2; i < w.size(); ++i) {
+      next[{w[i - 2], w[i - 1]}].insert(w[i]);
+      next_by_last[w[i - 1]].insert(w[i]);
+    }
+  }
+  size_t widest_by_last = 0;
+  for (const auto& [ctx, s] : next) REQUIRE(s.size() <= 2);
+  for (const auto& [ctx, s] : next_by_last) widest_by_last = std::max(widest_by_last, s.size());
+  REQUIRE(widest_by_last > 2);  // one token of context does not determine the successors
 }
