@@ -52,15 +52,16 @@ void check(bool ok, std::string_view op, const std::string& what) {
 }
 
 void check_shape(const Tensor& t, const Shape& expected, std::string_view op, std::string_view name) {
-  check(t.defined(), op, std::string(name) + " is undefined");
-  check(t.shape() == expected, op,
-        std::string(name) + " has shape " + shape_str(t.shape()) + ", expected " + shape_str(expected));
+  if (t.defined() && t.shape() == expected) return;
+  check(t.defined(), op, [&] { return std::string(name) + " is undefined"; });
+  check(false, op, std::string(name) + " has shape " + shape_str(t.shape()) + ", expected " + shape_str(expected));
 }
 
 void check_cpu(const Tensor& t, std::string_view op, std::string_view name) {
-  check(t.defined(), op, std::string(name) + " is undefined");
-  check(t.device() == Device::cpu, op, std::string(name) + " is on " + std::string(device_name(t.device())) +
-                                           "; this build has only the CPU implementation of this op");
+  if (t.defined() && t.device() == Device::cpu) return;
+  check(t.defined(), op, [&] { return std::string(name) + " is undefined"; });
+  check(false, op, std::string(name) + " is on " + std::string(device_name(t.device())) +
+                       "; this build has only the CPU implementation of this op");
 }
 
 Tensor Tensor::empty(Shape shape, DType dtype, Device device) {

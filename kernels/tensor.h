@@ -8,6 +8,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/dtype.h"
@@ -100,7 +101,14 @@ class Tensor {
 };
 
 // Throws std::invalid_argument("op: <what>") when the condition fails: shape/dtype checks in ops.
+// The checks sit on every op call, so the success path must not build strings: pass the
+// message as a callable (`check(ok, op, [&] { return ...; })`) when it has to be formatted.
 void check(bool ok, std::string_view op, const std::string& what);
+template <class MakeMessage>
+  requires std::is_invocable_r_v<std::string, MakeMessage>
+inline void check(bool ok, std::string_view op, MakeMessage&& make_message) {
+  if (!ok) check(false, op, make_message());
+}
 void check_shape(const Tensor& t, const Shape& expected, std::string_view op, std::string_view name);
 void check_cpu(const Tensor& t, std::string_view op, std::string_view name);
 
