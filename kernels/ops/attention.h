@@ -7,10 +7,12 @@ namespace dsx::ops {
 // q, k [B, S, H, Dqk], v [B, S, H, Dv] -> out [B, S, H, Dv], lse [B, H, S] (log-sum-exp of
 // the scaled scores of each query row, saved for backward).
 // Position i attends to j <= i; when segment_ids ([B, S], i32|i64) is defined, also only to
-// j with the same segment id (document masking for packed sequences). scale multiplies q·k.
+// j with the same segment id (document masking for packed sequences; ids need not be
+// contiguous). scale multiplies q·k. out and lse have q's dtype (f32 or f64 on the CPU).
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& segment_ids,
                        Tensor& out, Tensor& lse);
-// dq, dk, dv (overwritten), same shapes as q, k, v.
+// dq, dk, dv (overwritten), same shapes as q, k, v. out and lse are the forward's; the
+// probabilities are recomputed from lse rather than stored (no [S, S] buffer is kept).
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& dout, double scale, const Tensor& segment_ids, Tensor& dq, Tensor& dk,
                         Tensor& dv);
