@@ -1,0 +1,98 @@
+// Communicators: collective and point-to-point operations over one parallel group.
+//
+// A Communicator is one group of ranks (the world, or one of the mesh's TP/DP/EP/EDP/PP/model
+// groups) with a name used in messages ("dp", "ep", ...). Every operation is non-blocking: it
+// starts the transfer and returns a CommHandle; the tensors it was given must not be touched
+// until wait() returns or test() has returned true (the handle keeps their storage alive).
+//
+// Tensors are contiguous CPU tensors of dtype f32, f64, bf16, i32 or i64. Reductions are sums.
+// bf16 sums are computed in f32: the tensor is widened into a f32 buffer, reduced, and rounded
+// back once at completion — one rounding instead of one per reduction step, and the result
+// does not depend on the reduction order MPI picks (it is the f32 sum, rounded).
+//
+// Timeouts: every wait() gives up after the communicator's timeout (recipe
+// `parallel.comm_timeout_s`), prints one message naming the operation, the group, this rank
+// and the ranks that never arrived, and aborts the whole job (MPI_Abort on the world).
+#pragma once
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kernels/tensor.h"
+
+namespace dsx {
+
+// The backend's state of one started operation.
+class PendingOp {
+ public:
+  virtual ~PendingOp() = default;
+  virtual bool test() = 0;  // true once complete (and its results are in place)
+  virtual void wait() = 0;  // blocks until complete; aborts the job on timeout
+};
+
+// Handle to a started operation. Movable, not copyable. Destroying a handle that has not
+// completed waits for it, so a transfer never outlives the buffers it writes.
+class CommHandle {
+ public:
+  CommHandle() = default;
+  explicit CommHandle(std::unique_ptr<PendingOp> op) : op_(std::move(op)) {}
+  CommHandle(CommHandle&&) noexcept = default;
+  CommHandle& operator=(CommHandle&& other) noexcept;
+  CommHandle(const CommHandle&) = delete;
+  CommHandle& operator=(const CommHandle&) = delete;
+  ~CommHandle();
+
+  void wait();
+  bool test();  // also drives progress of the transfer; call it between pieces of compute
+  bool done() const { return op_ == nullptr; }
+
+ private:
+  std::unique_ptr<PendingOp> op_;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const std::string& name() const = 0;
+  // World ranks of the members, in group-rank order (for messages and checks).
+  virtual const std::vector<int>& world_ranks() const = 0;
+  virtual double timeout_s() const = 0;
+
+  // Sum over the group, in place.
+  virtual CommHandle all_reduce(const Tensor& t) = 0;
+  // in: [size·n, ...] on every rank; out: [n, ...] = the sum of every rank's chunk `rank()`.
+  virtual CommHandle reduce_scatter(const Tensor& in, const Tensor& out) = 0;
+  // in: [n, ...]; out: [size·n, ...], rank r's rows at [r·n, (r+1)·n).
+  virtual CommHandle all_gather(const Tensor& in, const Tensor& out) = 0;
+  // The MoE dispatch/combine: send_counts[p] rows of `send` (consecutive, in peer order) go
+  // to peer p; recv_counts[p] rows from peer p land consecutively in `recv`. Rows are slices
+  // along dim 0; both tensors have the same row shape and dtype. Counts may be zero.
+  virtual CommHandle all_to_all_v(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
+                                  std::span<const int64_t> recv_counts) = 0;
+  // Point to point; peer is a group rank. Messages between a pair match in order per tag.
+  virtual CommHandle send(const Tensor& t, int peer, int tag = 0) = 0;
+  virtual CommHandle recv(const Tensor& t, int peer, int tag = 0) = 0;
+  // root's tensor is copied into every other rank's tensor (same shape and dtype).
+  virtual CommHandle broadcast(const Tensor& t, int root) = 0;
+  virtual CommHandle barrier() = 0;
+};
+
+// Before an all_to_all_v: every rank tells each peer how many rows it will send it.
+// send_counts has size() entries; the result's entry p is the number of rows peer p sends us.
+// Blocking (one all-to-all of one i64 per peer).
+std::vector<int64_t> exchange_counts(Communicator& comm, std::span<const int64_t> send_counts);
+
+// Every group one rank belongs to, built from a Mesh (parallel/mesh.h).
+struct MeshComms {
+  std::unique_ptr<Communicator> world, tp, dp, ep, edp, pp, model;
+};
+
+// Shape/dtype checks shared by the backends; throw std::invalid_argument("comm <op>: ...").
+void check_comm_tensor(const Tensor& t, std::string_view op, std::string_view name);
+void check_same_layout(const Tensor& a, const Tensor& b, std::string_view op);
+int64_t row_elements(const Tensor& t);  // elements per row along dim 0 (1 for 1-D tensors)
+
+}  // namespace dsx

@@ -1,0 +1,68 @@
+// Backend-independent parts of parallel/comm.h: handles, argument checks, the counts exchange.
+#include <utility>
+
+#include "parallel/comm.h"
+
+namespace dsx {
+
+CommHandle& CommHandle::operator=(CommHandle&& other) noexcept {
+  if (this != &other) {
+    if (op_) op_->wait();
+    op_ = std::move(other.op_);
+  }
+  return *this;
+}
+
+CommHandle::~CommHandle() {
+  if (op_) op_->wait();
+}
+
+void CommHandle::wait() {
+  if (!op_) return;
+  op_->wait();
+  op_.reset();
+}
+
+bool CommHandle::test() {
+  if (!op_) return true;
+  if (!op_->test()) return false;
+  op_.reset();
+  return true;
+}
+
+void check_comm_tensor(const Tensor& t, std::string_view op, std::string_view name) {
+  const std::string where = "comm " + std::string(op);
+  check(t.defined(), where, [&] { return std::string(name) + " is undefined"; });
+  check_cpu(t, where, name);
+  const DType d = t.dtype();
+  check(d == DType::f32 || d == DType::f64 || d == DType::bf16 || d == DType::i32 || d == DType::i64, where, [&] {
+    return std::string(name) + " has dtype " + std::string(dtype_name(d)) + "; use f32, f64, bf16, i32 or i64";
+  });
+}
+
+void check_same_layout(const Tensor& a, const Tensor& b, std::string_view op) {
+  check(a.dtype() == b.dtype(), "comm " + std::string(op),
+        [&] { return "dtypes differ: " + a.describe() + " vs " + b.describe(); });
+  check(a.ndim() >= 1 && b.ndim() == a.ndim() && row_elements(a) == row_elements(b), "comm " + std::string(op),
+        [&] { return "row shapes differ: " + a.describe() + " vs " + b.describe(); });
+}
+
+int64_t row_elements(const Tensor& t) {
+  int64_t n = 1;
+  for (int i = 1; i < t.ndim(); ++i) n *= t.dim(i);
+  return n;
+}
+
+std::vector<int64_t> exchange_counts(Communicator& comm, std::span<const int64_t> send_counts) {
+  const int n = comm.size();
+  check(static_cast<int>(send_counts.size()) == n, "comm exchange_counts",
+        [&] { return "got " + std::to_string(send_counts.size()) + " counts for a group of " + std::to_string(n); });
+  Tensor send = Tensor::from<int64_t>(send_counts, {n});
+  Tensor recv = Tensor::zeros({n}, DType::i64);
+  const std::vector<int64_t> one_each(n, 1);
+  comm.all_to_all_v(send, one_each, recv, one_each).wait();
+  const int64_t* r = recv.data<int64_t>();
+  return std::vector<int64_t>(r, r + n);
+}
+
+}  // namespace dsx

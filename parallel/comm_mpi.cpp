@@ -1,0 +1,610 @@
+// MPI backend of Communicator. See parallel/comm.h and parallel/comm_mpi.h.
+//
+// Failure handling: the group communicators use MPI_ERRORS_RETURN so an MPI error becomes
+// one dsx message naming the operation and group before the job is aborted. A wait() that
+// outlives the timeout asks the other ranks of the operation, over a side-channel
+// communicator, what they are waiting on (every rank inside wait() answers such questions),
+// so the message can name the ranks that never arrived: those that did not answer (dead,
+// hung, or computing) and those waiting on a different operation.
+#include "parallel/comm_mpi.h"
+
+#include <mpi.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <list>
+#include <optional>
+#include <sstream>
+#include <thread>
+
+#include "kernels/error.h"
+
+namespace dsx {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+bool mpi_finalized() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  return finalized != 0;
+}
+
+int world_rank() {
+  int r = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+std::string rank_list(const std::vector<int>& ranks) {
+  std::string s = "[";
+  for (size_t i = 0; i < ranks.size(); ++i) s += (i ? ", " : "") + std::to_string(ranks[i]);
+  return s + "]";
+}
+
+std::string format_seconds(double s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
+
+// Prints the message as one write (ranks' lines do not interleave) and ends the whole job.
+[[noreturn]] void abort_job(const std::string& message) {
+  const std::string line = message + "\n";
+  std::fwrite(line.data(), 1, line.size(), stderr);
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, kCommAbortExitCode);
+  std::_Exit(kCommAbortExitCode);
+}
+
+std::string mpi_error_string(int rc) {
+  std::array<char, MPI_MAX_ERROR_STRING> buf{};
+  int len = 0;
+  MPI_Error_string(rc, buf.data(), &len);
+  return std::string(buf.data(), static_cast<size_t>(len));
+}
+
+// ---- side channel: "what are you waiting on?" ----
+
+constexpr int kQueryTag = 7001;
+constexpr int kReplyTag = 7002;
+constexpr int kReplyChars = 200;
+using ReplyText = std::array<char, kReplyChars>;
+
+class SideChannel {
+ public:
+  static SideChannel& get() {
+    static SideChannel channel;
+    return channel;
+  }
+
+  void open() {  // collective over the world the first time
+    if (comm_ != MPI_COMM_NULL) return;
+    MPI_Comm_dup(MPI_COMM_WORLD, &comm_);
+  }
+
+  void close() {
+    if (comm_ == MPI_COMM_NULL) return;
+    for (auto& out : outgoing_) MPI_Request_free(&out.request);
+    outgoing_.clear();
+    MPI_Comm_free(&comm_);
+  }
+
+  void set_waiting(const std::string& what) {
+    waiting_on_ = what;
+    since_ = Clock::now();
+  }
+  void clear_waiting() { waiting_on_.clear(); }
+
+  // Answers every pending question with what this rank is waiting on.
+  void service() {
+    if (comm_ == MPI_COMM_NULL) return;
+    for (;;) {
+      int flag = 0;
+      MPI_Status status;
+      MPI_Iprobe(MPI_ANY_SOURCE, kQueryTag, comm_, &flag, &status);
+      if (!flag) break;
+      int question = 0;
+      MPI_Recv(&question, 1, MPI_INT, status.MPI_SOURCE, kQueryTag, comm_, MPI_STATUS_IGNORE);
+      Outgoing& out = outgoing_.emplace_back();
+      const std::string text =
+          waiting_on_.empty() ? std::string("not waiting on communication")
+                              : "waiting on " + waiting_on_ + " for " + format_seconds(seconds_since(since_)) + " s";
+      std::snprintf(out.text.data(), out.text.size(), "%s", text.c_str());
+      MPI_Isend(out.text.data(), kReplyChars, MPI_CHAR, status.MPI_SOURCE, kReplyTag, comm_, &out.request);
+    }
+    outgoing_.remove_if([](Outgoing& out) {
+      int done = 0;
+      MPI_Test(&out.request, &done, MPI_STATUS_IGNORE);
+      return done != 0;
+    });
+  }
+
+  // Asks each world rank in `peers` what it waits on; nullopt for those silent for grace_s.
+  std::vector<std::optional<std::string>> ask(const std::vector<int>& peers, double grace_s) {
+    std::vector<std::optional<std::string>> answers(peers.size());
+    if (comm_ == MPI_COMM_NULL) return answers;
+    const int question = 1;
+    std::vector<ReplyText> replies(peers.size());
+    std::vector<MPI_Request> sends(peers.size()), recvs(peers.size());
+    for (size_t i = 0; i < peers.size(); ++i) {
+      MPI_Isend(&question, 1, MPI_INT, peers[i], kQueryTag, comm_, &sends[i]);
+      MPI_Irecv(replies[i].data(), kReplyChars, MPI_CHAR, peers[i], kReplyTag, comm_, &recvs[i]);
+    }
+    const auto start = Clock::now();
+    size_t pending = peers.size();
+    while (pending > 0 && seconds_since(start) < grace_s) {
+      for (size_t i = 0; i < peers.size(); ++i) {
+        if (answers[i] || recvs[i] == MPI_REQUEST_NULL) continue;
+        int done = 0;
+        MPI_Test(&recvs[i], &done, MPI_STATUS_IGNORE);
+        if (done) {
+          replies[i].back() = '\0';
+          answers[i] = std::string(replies[i].data());
+          --pending;
+        }
+      }
+      service();
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    // The job is aborted next; requests still open are left to MPI_Abort.
+    return answers;
+  }
+
+ private:
+  struct Outgoing {
+    ReplyText text{};
+    MPI_Request request = MPI_REQUEST_NULL;
+  };
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  std::string waiting_on_;
+  Clock::time_point since_;
+  std::list<Outgoing> outgoing_;
+};
+
+// ---- groups and operations ----
+
+struct GroupState {
+  std::string name;
+  std::vector<int> world_ranks;  // group rank -> world rank
+  int rank = 0;
+  double timeout_s = 600;
+  MPI_Comm comm = MPI_COMM_NULL;
+  uint64_t collectives = 0;  // sequence numbers in messages; equal across ranks for collectives
+  uint64_t p2p = 0;
+
+  GroupState() = default;
+  GroupState(const GroupState&) = delete;
+  GroupState& operator=(const GroupState&) = delete;
+  ~GroupState() {
+    if (comm != MPI_COMM_NULL && !mpi_finalized()) MPI_Comm_free(&comm);
+  }
+};
+
+MPI_Datatype mpi_type(DType d) {
+  switch (d) {
+    case DType::f32:
+      return MPI_FLOAT;
+    case DType::f64:
+      return MPI_DOUBLE;
+    case DType::bf16:
+      return MPI_UINT16_T;  // moved as bits; sums go through f32
+    case DType::i32:
+      return MPI_INT32_T;
+    case DType::i64:
+      return MPI_INT64_T;
+    default:
+      break;
+  }
+  throw std::invalid_argument("comm: dtype " + std::string(dtype_name(d)) + " cannot be communicated");
+}
+
+int to_count(int64_t n, std::string_view op) {
+  check(n >= 0 && n <= INT_MAX, "comm " + std::string(op),
+        [&] { return "count " + std::to_string(n) + " does not fit an MPI int count; split the tensor"; });
+  return static_cast<int>(n);
+}
+
+class MpiOp final : public PendingOp {
+ public:
+  // The description is built only when a message needs it, keeping small operations cheap.
+  MpiOp(std::shared_ptr<GroupState> group, const char* op, uint64_t seq, std::optional<int> peer_world_rank)
+      : group_(std::move(group)), op_(op), seq_(seq), peer_(peer_world_rank) {}
+  ~MpiOp() override {
+    if (row_type != MPI_DATATYPE_NULL && !mpi_finalized()) MPI_Type_free(&row_type);
+  }
+
+  // Filled by the operation that starts this one.
+  MPI_Request request = MPI_REQUEST_NULL;
+  std::vector<Tensor> keep_alive;
+  std::vector<int> int_args;  // counts and displacements MPI reads until completion
+  MPI_Datatype row_type = MPI_DATATYPE_NULL;
+  std::function<void()> finish;  // runs once on completion (bf16: round the f32 result back)
+
+  void started(int rc) {
+    if (rc != MPI_SUCCESS) fail(rc);
+  }
+
+  bool test() override {
+    if (done_) return true;
+    int flag = 0;
+    const int rc = MPI_Test(&request, &flag, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) fail(rc);
+    if (!flag) return false;
+    done_ = true;
+    if (finish) finish();
+    keep_alive.clear();
+    return true;
+  }
+
+  void wait() override {
+    if (test()) return;
+    SideChannel& side = SideChannel::get();
+    side.set_waiting(what());
+    const auto start = Clock::now();
+    while (!test()) {
+      const double elapsed = seconds_since(start);
+      if (elapsed > group_->timeout_s) report_timeout_and_abort(elapsed);
+      if (elapsed > 1e-3) {
+        side.service();
+        // Long waits sleep briefly between polls so oversubscribed cores go to the ranks
+        // that have work; short ones only yield, keeping latency low.
+        if (elapsed > 0.05) {
+          std::this_thread::sleep_for(std::chrono::microseconds(100));
+        } else {
+          sched_yield();
+        }
+      }
+    }
+    side.clear_waiting();
+  }
+
+ private:
+  [[noreturn]] void fail(int rc) {
+    abort_job("dsx: communication error in " + what() + " on world rank " + std::to_string(world_rank()) + ": " +
+              mpi_error_string(rc) + ". Aborting the job.");
+  }
+
+  [[noreturn]] void report_timeout_and_abort(double elapsed) {
+    const int me = world_rank();
+    std::vector<int> peers;
+    if (peer_) {
+      peers.push_back(*peer_);
+    } else {
+      for (int r : group_->world_ranks) {
+        if (r != me) peers.push_back(r);
+      }
+    }
+    const double grace = std::clamp(group_->timeout_s * 0.2, 0.5, 3.0);
+    const auto answers = SideChannel::get().ask(peers, grace);
+
+    std::vector<int> same, missing;
+    std::string details;
+    const std::string same_text = "waiting on " + what() + " for";
+    for (size_t i = 0; i < peers.size(); ++i) {
+      if (!peer_ && answers[i] && answers[i]->starts_with(same_text)) {
+        same.push_back(peers[i]);
+        continue;
+      }
+      if (!peer_) missing.push_back(peers[i]);
+      details += "; rank " + std::to_string(peers[i]) + ": " +
+                 (answers[i] ? *answers[i] : std::string("no answer (dead, hung, or busy outside communication)"));
+    }
+    std::string msg = "dsx: communication timeout: " + what() + " (world ranks " + rank_list(group_->world_ranks) +
+                      ") did not complete within " + format_seconds(group_->timeout_s) + " s on world rank " +
+                      std::to_string(me) + " (waited " + format_seconds(elapsed) + " s). ";
+    if (peer_) {
+      msg += "Peer rank " + std::to_string(*peer_) + " never matched it" + details + ".";
+    } else {
+      msg += "Never arrived: ranks " + rank_list(missing) + details + ". Waiting on the same operation: ranks " +
+             rank_list(same) + ".";
+    }
+    abort_job(msg + " Aborting the job (parallel.comm_timeout_s).");
+  }
+
+  std::shared_ptr<GroupState> group_;
+  // "all_reduce #5 of group 'dp'", "send to world rank 3 (#2 of group 'pp')"
+  std::string what() const {
+    const std::string group = "group '" + group_->name + "'";
+    if (!peer_) return std::string(op_) + " #" + std::to_string(seq_) + " of " + group;
+    return std::string(op_) + (std::string_view(op_) == "send" ? " to" : " from") + " world rank " +
+           std::to_string(*peer_) + " (#" + std::to_string(seq_) + " of " + group + ")";
+  }
+
+  const char* op_;
+  uint64_t seq_;
+  std::optional<int> peer_;
+  bool done_ = false;
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(std::shared_ptr<GroupState> g) : g_(std::move(g)) {}
+
+  int rank() const override { return g_->rank; }
+  int size() const override { return static_cast<int>(g_->world_ranks.size()); }
+  const std::string& name() const override { return g_->name; }
+  const std::vector<int>& world_ranks() const override { return g_->world_ranks; }
+  double timeout_s() const override { return g_->timeout_s; }
+
+  CommHandle all_reduce(const Tensor& t) override {
+    check_comm_tensor(t, "all_reduce", "tensor");
+    auto op = collective("all_reduce");
+    if (t.dtype() == DType::bf16) {
+      Tensor wide = t.to(DType::f32);
+      op->keep_alive = {t, wide};
+      op->started(MPI_Iallreduce(MPI_IN_PLACE, wide.raw(), to_count(wide.numel(), "all_reduce"), MPI_FLOAT, MPI_SUM,
+                                 g_->comm, &op->request));
+      op->finish = [dst = Tensor(t), wide]() mutable { dst.copy_from(wide); };
+    } else {
+      op->keep_alive = {t};
+      op->started(MPI_Iallreduce(MPI_IN_PLACE, t.raw(), to_count(t.numel(), "all_reduce"), mpi_type(t.dtype()), MPI_SUM,
+                                 g_->comm, &op->request));
+    }
+    return CommHandle(std::move(op));
+  }
+
+  CommHandle reduce_scatter(const Tensor& in, const Tensor& out) override {
+    check_comm_tensor(in, "reduce_scatter", "in");
+    check_comm_tensor(out, "reduce_scatter", "out");
+    check_same_layout(in, out, "reduce_scatter");
+    check(in.dim(0) == size() * out.dim(0), "comm reduce_scatter", [&] {
+      return "in " + in.describe() + " must have " + std::to_string(size()) + " x the rows of out " + out.describe();
+    });
+    auto op = collective("reduce_scatter");
+    const int count = to_count(out.numel(), "reduce_scatter");
+    if (in.dtype() == DType::bf16) {
+      Tensor wide_in = in.to(DType::f32);
+      Tensor wide_out = Tensor::empty(out.shape(), DType::f32);
+      op->keep_alive = {in, out, wide_in, wide_out};
+      op->started(
+          MPI_Ireduce_scatter_block(wide_in.raw(), wide_out.raw(), count, MPI_FLOAT, MPI_SUM, g_->comm, &op->request));
+      op->finish = [dst = Tensor(out), wide_out]() mutable { dst.copy_from(wide_out); };
+    } else {
+      op->keep_alive = {in, out};
+      op->started(
+          MPI_Ireduce_scatter_block(in.raw(), out.raw(), count, mpi_type(in.dtype()), MPI_SUM, g_->comm, &op->request));
+    }
+    return CommHandle(std::move(op));
+  }
+
+  CommHandle all_gather(const Tensor& in, const Tensor& out) override {
+    check_comm_tensor(in, "all_gather", "in");
+    check_comm_tensor(out, "all_gather", "out");
+    check_same_layout(in, out, "all_gather");
+    check(out.dim(0) == size() * in.dim(0), "comm all_gather", [&] {
+      return "out " + out.describe() + " must have " + std::to_string(size()) + " x the rows of in " + in.describe();
+    });
+    auto op = collective("all_gather");
+    op->keep_alive = {in, out};
+    const int count = to_count(in.numel(), "all_gather");
+    const MPI_Datatype type = mpi_type(in.dtype());
+    // `in` may already be this rank's chunk of `out` (ZeRO keeps its shard there): MPI
+    // requires MPI_IN_PLACE for that instead of aliased buffers.
+    const bool in_place = static_cast<char*>(out.raw()) + static_cast<size_t>(rank()) * in.nbytes() == in.raw();
+    op->started(MPI_Iallgather(in_place ? MPI_IN_PLACE : in.raw(), count, type, out.raw(), count, type, g_->comm,
+                               &op->request));
+    return CommHandle(std::move(op));
+  }
+
+  CommHandle all_to_all_v(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
+                          std::span<const int64_t> recv_counts) override {
+    check_comm_tensor(send, "all_to_all_v", "send");
+    check_comm_tensor(recv, "all_to_all_v", "recv");
+    check_same_layout(send, recv, "all_to_all_v");
+    const int n = size();
+    auto op = collective("all_to_all_v");
+    // Counts in elements of the base type while they fit an int; beyond that a row becomes
+    // one element of a contiguous datatype, so counts are rows and stay small (building the
+    // datatype costs a few microseconds, which small dispatches should not pay).
+    const int64_t row = row_elements(send);
+    const bool element_counts = std::max(send.dim(0), recv.dim(0)) * row <= INT_MAX;
+    MPI_Datatype type = mpi_type(send.dtype());
+    if (!element_counts) {
+      MPI_Type_contiguous(to_count(row, "all_to_all_v"), type, &op->row_type);
+      MPI_Type_commit(&op->row_type);
+      type = op->row_type;
+    }
+    const int64_t unit = element_counts ? row : 1;
+    // int_args = send counts, send displacements, recv counts, recv displacements.
+    op->int_args.resize(4 * static_cast<size_t>(n));
+    fill_counts(send_counts, send, unit, "send", op->int_args.data(), op->int_args.data() + n);
+    fill_counts(recv_counts, recv, unit, "recv", op->int_args.data() + 2 * n, op->int_args.data() + 3 * n);
+    op->keep_alive = {send, recv};
+    const int* a = op->int_args.data();
+    op->started(
+        MPI_Ialltoallv(send.raw(), a, a + n, type, recv.raw(), a + 2 * n, a + 3 * n, type, g_->comm, &op->request));
+    return CommHandle(std::move(op));
+  }
+
+  CommHandle send(const Tensor& t, int peer, int tag) override {
+    check_comm_tensor(t, "send", "tensor");
+    check_peer(peer, tag, "send");
+    auto op = point_to_point("send", peer);
+    op->keep_alive = {t};
+    op->started(
+        MPI_Isend(t.raw(), to_count(t.numel(), "send"), mpi_type(t.dtype()), peer, tag, g_->comm, &op->request));
+    return CommHandle(std::move(op));
+  }
+
+  CommHandle recv(const Tensor& t, int peer, int tag) override {
+    check_comm_tensor(t, "recv", "tensor");
+    check_peer(peer, tag, "recv");
+    auto op = point_to_point("recv", peer);
+    op->keep_alive = {t};
+    op->started(
+        MPI_Irecv(t.raw(), to_count(t.numel(), "recv"), mpi_type(t.dtype()), peer, tag, g_->comm, &op->request));
+    return CommHandle(std::move(op));
+  }
+
+  CommHandle broadcast(const Tensor& t, int root) override {
+    check_comm_tensor(t, "broadcast", "tensor");
+    check(root >= 0 && root < size(), "comm broadcast", [&] {
+      return "root " + std::to_string(root) + " is outside group '" + name() + "' of " + std::to_string(size());
+    });
+    auto op = collective("broadcast");
+    op->keep_alive = {t};
+    op->started(
+        MPI_Ibcast(t.raw(), to_count(t.numel(), "broadcast"), mpi_type(t.dtype()), root, g_->comm, &op->request));
+    return CommHandle(std::move(op));
+  }
+
+  CommHandle barrier() override {
+    auto op = collective("barrier");
+    op->started(MPI_Ibarrier(g_->comm, &op->request));
+    return CommHandle(std::move(op));
+  }
+
+ private:
+  std::unique_ptr<MpiOp> collective(const char* op) {
+    return std::make_unique<MpiOp>(g_, op, g_->collectives++, std::nullopt);
+  }
+
+  std::unique_ptr<MpiOp> point_to_point(const char* op, int peer) {
+    const int peer_world = g_->world_ranks[static_cast<size_t>(peer)];
+    return std::make_unique<MpiOp>(g_, op, g_->p2p++, peer_world);
+  }
+
+  void check_peer(int peer, int tag, std::string_view op) const {
+    check(peer >= 0 && peer < size(), "comm " + std::string(op), [&] {
+      return "peer " + std::to_string(peer) + " is outside group '" + name() + "' of " + std::to_string(size());
+    });
+    check(tag >= 0 && tag <= 32767, "comm " + std::string(op),
+          [&] { return "tag " + std::to_string(tag) + " is outside [0, 32767]"; });
+  }
+
+  // Writes per-peer counts and prefix-sum displacements in units of `unit` elements per row;
+  // the rows must fit the tensor.
+  void fill_counts(std::span<const int64_t> counts, const Tensor& t, int64_t unit, std::string_view side,
+                   int* out_counts, int* out_displs) const {
+    check(static_cast<int>(counts.size()) == size(), "comm all_to_all_v", [&] {
+      return std::string(side) + " counts have " + std::to_string(counts.size()) + " entries for group '" + name() +
+             "' of " + std::to_string(size());
+    });
+    int64_t total = 0;
+    for (int p = 0; p < size(); ++p) {
+      check(counts[p] >= 0, "comm all_to_all_v",
+            [&] { return std::string(side) + " count for peer " + std::to_string(p) + " is negative"; });
+      total += counts[p];
+    }
+    check(total <= t.dim(0), "comm all_to_all_v", [&] {
+      return std::string(side) + " counts add up to " + std::to_string(total) + " rows but the tensor is " +
+             t.describe();
+    });
+    int64_t offset = 0;  // within the tensor, so the unit was chosen to fit an int
+    for (int p = 0; p < size(); ++p) {
+      out_counts[p] = static_cast<int>(counts[p] * unit);
+      out_displs[p] = static_cast<int>(offset * unit);
+      offset += counts[p];
+    }
+  }
+
+  std::shared_ptr<GroupState> g_;
+};
+
+std::shared_ptr<GroupState> split_group(const std::string& name, const std::vector<int>& members, double timeout_s) {
+  const int me = world_rank();
+  const auto it = std::find(members.begin(), members.end(), me);
+  if (it == members.end()) {
+    throw std::logic_error("comm: world rank " + std::to_string(me) + " is not in its own group '" + name + "'");
+  }
+  auto g = std::make_shared<GroupState>();
+  g->name = name;
+  g->world_ranks = members;
+  g->rank = static_cast<int>(it - members.begin());
+  g->timeout_s = timeout_s;
+  const int color = *std::min_element(members.begin(), members.end());
+  MPI_Comm_split(MPI_COMM_WORLD, color, g->rank, &g->comm);
+  MPI_Comm_set_errhandler(g->comm, MPI_ERRORS_RETURN);
+  int rank = -1, size = -1;
+  MPI_Comm_rank(g->comm, &rank);
+  MPI_Comm_size(g->comm, &size);
+  if (rank != g->rank || size != static_cast<int>(members.size())) {
+    throw std::logic_error("comm: group '" + name + "' split into rank " + std::to_string(rank) + " of " +
+                           std::to_string(size) + ", expected " + std::to_string(g->rank) + " of " +
+                           std::to_string(members.size()) + " (ranks disagree on the mesh)");
+  }
+  return g;
+}
+
+void check_timeout(double timeout_s) {
+  if (!(timeout_s > 0)) {
+    throw UserError("parallel.comm_timeout_s must be > 0 seconds, got " + format_seconds(timeout_s));
+  }
+}
+
+}  // namespace
+
+MpiSession::MpiSession() {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (initialized) return;
+  int provided = 0;
+  MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+  owns_ = true;
+}
+
+MpiSession::~MpiSession() {
+  if (!owns_ || mpi_finalized()) return;
+  SideChannel::get().close();
+  MPI_Finalize();
+}
+
+int MpiSession::world_rank() const {
+  return dsx::world_rank();
+}
+
+int MpiSession::world_size() const {
+  int n = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
+std::unique_ptr<Communicator> make_mpi_world_communicator(double timeout_s) {
+  check_timeout(timeout_s);
+  SideChannel::get().open();
+  int n = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  std::vector<int> all(static_cast<size_t>(n));
+  for (int r = 0; r < n; ++r) all[static_cast<size_t>(r)] = r;
+  return std::make_unique<MpiCommunicator>(split_group("world", all, timeout_s));
+}
+
+MeshComms make_mpi_mesh_comms(const Mesh& mesh, double timeout_s) {
+  check_timeout(timeout_s);
+  if (mesh.rank != world_rank()) {
+    throw std::logic_error("comm: mesh built for rank " + std::to_string(mesh.rank) + " used on world rank " +
+                           std::to_string(world_rank()));
+  }
+  MeshComms c;
+  c.world = make_mpi_world_communicator(timeout_s);
+  auto make = [&](const char* name, const std::vector<int>& members) {
+    return std::make_unique<MpiCommunicator>(split_group(name, members, timeout_s));
+  };
+  c.tp = make("tp", mesh.tp_group);
+  c.dp = make("dp", mesh.dp_group);
+  c.ep = make("ep", mesh.ep_group);
+  c.edp = make("edp", mesh.edp_group);
+  c.pp = make("pp", mesh.pp_group);
+  c.model = make("model", mesh.model_group);
+  return c;
+}
+
+void check_world_size(const MeshSizes& sizes, int64_t n_routed_experts) {
+  int n = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  validate_mesh(sizes, n, n_routed_experts);
+}
+
+}  // namespace dsx
