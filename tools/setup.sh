@@ -36,6 +36,8 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 
 [[ $BUILD -eq 1 ]] || exit 0
+# ccache keys on paths relative to the checkout, so fresh clones (CI) reuse earlier builds.
+export CCACHE_BASEDIR="$PWD"
 cmake --preset "$PRESET" >/dev/null
 time_start=$(date +%s)
 cmake --build --preset "$PRESET"
