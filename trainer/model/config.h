@@ -50,6 +50,13 @@ struct ModelConfig {
   double mtp_loss_weight = 0.3;     // λ
 
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  // Layer `layer` (MTP blocks continue the numbering after num_hidden_layers) is an MoE layer.
+  bool is_moe_layer(int64_t layer) const { return n_routed_experts > 0 && layer >= first_k_dense_replace; }
 };
+
+// Throws dsx::UserError naming the first field (as `model.<field>`) whose value is impossible
+// or inconsistent with the others: non-positive sizes, odd rope dims, n_routed_experts not
+// divisible by n_group, topk_group > n_group, more experts per token than the kept groups hold...
+void validate_model_config(const ModelConfig& config);
 
 }  // namespace dsx

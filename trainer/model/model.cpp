@@ -1,0 +1,199 @@
+#include "trainer/model/model.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "kernels/ops/rope.h"
+#include "trainer/model/param_count.h"
+
+namespace dsx {
+
+namespace {
+
+void check_batch(const Batch& b) {
+  const auto check_ids = [&](const Tensor& t, const char* name) {
+    if (!t.defined() || t.ndim() != 2 || t.dtype() != DType::i32) {
+      throw std::invalid_argument(std::string("Model::forward: batch.") + name + " must be a [B, S] i32 tensor, got " +
+                                  (t.defined() ? t.describe() : std::string("undefined")));
+    }
+  };
+  check_ids(b.inputs, "inputs");
+  check_ids(b.targets, "targets");
+  check_shape(b.targets, b.inputs.shape(), "Model::forward", "batch.targets");
+  if (b.segment_ids.defined()) {
+    check_ids(b.segment_ids, "segment_ids");
+    check_shape(b.segment_ids, b.inputs.shape(), "Model::forward", "batch.segment_ids");
+  }
+}
+
+double mean_loss(const ops::CrossEntropyResult& ce) {
+  return ce.count > 0 ? ce.loss_sum / static_cast<double>(ce.count) : 0.0;
+}
+
+// d(weight · loss_sum / count)/d(loss_sum) scaled by the backward's loss scale.
+double mean_loss_grad(const ops::CrossEntropyResult& ce, double weight) {
+  return ce.count > 0 ? weight / static_cast<double>(ce.count) : 0.0;
+}
+
+}  // namespace
+
+Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, RecomputePolicy recompute)
+    : config_(config),
+      dtype_(compute_dtype),
+      params_(compute_dtype),
+      flops_per_token_(model_flops_per_token(config, 0)) {
+  if (compute_dtype != DType::f32 && compute_dtype != DType::f64) {
+    throw std::invalid_argument("Model: compute dtype must be f32 or f64, got " +
+                                std::string(dtype_name(compute_dtype)));
+  }
+  for (ParamSpec& spec : model_param_specs(config_)) params_.add(std::move(spec));
+  params_.initialize(seed);
+
+  embedding_.emplace(params_.at("model.embed_tokens.weight"));
+  Parameter& head_weight = params_.at(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+  layers_.reserve(static_cast<size_t>(config_.num_hidden_layers));
+  mtp_.reserve(static_cast<size_t>(config_.num_nextn_predict_layers));
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) layers_.emplace_back(params_, l, config_, recompute);
+  head_.emplace(params_.at("model.norm.weight"), head_weight, config_.rms_norm_eps);
+  for (int64_t k = 0; k < config_.num_nextn_predict_layers; ++k) {
+    mtp_.emplace_back(params_, config_.num_hidden_layers + k, config_, recompute, *embedding_, head_weight);
+  }
+}
+
+SequenceInfo Model::sequence_info(const Batch& batch) {
+  SequenceInfo seq;
+  seq.batch = batch.inputs.dim(0);
+  seq.seq_len = batch.inputs.dim(1);
+  seq.segment_ids = batch.segment_ids;
+  seq.positions = Tensor::empty({seq.tokens()}, DType::i32);
+  int32_t* pos = seq.positions.data<int32_t>();
+  for (int64_t t = 0; t < seq.tokens(); ++t) pos[t] = static_cast<int32_t>(t % seq.seq_len);
+  if (seq.seq_len > rope_positions_) {
+    rope_ = ops::rope_table(rope_config(config_), seq.seq_len, dtype_);
+    rope_positions_ = seq.seq_len;
+  }
+  seq.rope = rope_;
+  return seq;
+}
+
+// Depth k reads token t_{i+k} and predicts targets[i + k] (= t_{i+k+1}). Positions whose
+// shifted token lies past the end of the row, or in another document of a packed row, have no
+// target: their ids are a placeholder (0) and their targets -100.
+void Model::prepare_mtp_inputs(const Batch& batch, int64_t depth, MtpContext& ctx) const {
+  const int64_t B = batch.inputs.dim(0), S = batch.inputs.dim(1);
+  ctx.ids = Tensor::empty({B * S}, DType::i32);
+  ctx.targets = Tensor::empty({B * S}, DType::i32);
+  const int32_t* in = batch.inputs.data<int32_t>();
+  const int32_t* tg = batch.targets.data<int32_t>();
+  const int32_t* segment = batch.segment_ids.defined() ? batch.segment_ids.data<int32_t>() : nullptr;
+  int32_t* ids = ctx.ids.data<int32_t>();
+  int32_t* targets = ctx.targets.data<int32_t>();
+  for (int64_t t = 0; t < B * S; ++t) {
+    const int64_t shifted = t + depth;
+    const bool inside = t % S + depth < S && (!segment || segment[shifted] == segment[t]);
+    ids[t] = inside ? in[shifted] : 0;
+    targets[t] = inside ? tg[shifted] : static_cast<int32_t>(OutputHead::kIgnoreIndex);
+  }
+}
+
+Losses Model::forward(const Batch& batch) {
+  check_batch(batch);
+  micro_batch_.emplace();
+  MicroBatch& mb = *micro_batch_;
+  mb.seq = sequence_info(batch);
+  if (mb.seq.seq_len != last_seq_len_) {
+    last_seq_len_ = mb.seq.seq_len;
+    flops_per_token_ = model_flops_per_token(config_, last_seq_len_);
+  }
+  const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
+  mb.ids = batch.inputs.view({T});
+
+  Losses losses;
+  mb.hidden.push_back(embedding_->forward(mb.ids));
+  mb.layers.resize(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    mb.hidden.push_back(layers_[l].forward(mb.hidden[l], mb.seq, mb.layers[l]));
+    losses.balance += mb.layers[l].balance_loss;
+  }
+  head_->forward(mb.hidden[L], batch.targets.view({T}), mb.head);
+  losses.lm = mean_loss(mb.head.ce);
+  losses.tokens = mb.head.ce.count;
+
+  mb.mtp.resize(mtp_.size());
+  const Tensor* h_prev = &mb.head.normed;
+  for (size_t k = 0; k < mtp_.size(); ++k) {
+    prepare_mtp_inputs(batch, static_cast<int64_t>(k) + 1, mb.mtp[k]);
+    mtp_[k].forward(*h_prev, mb.seq, mb.mtp[k]);
+    losses.mtp += mean_loss(mb.mtp[k].head.ce) / static_cast<double>(mtp_.size());
+    losses.balance += mb.mtp[k].block.balance_loss;
+    h_prev = &mb.mtp[k].head.normed;
+  }
+  losses.total = losses.lm + config_.mtp_loss_weight * losses.mtp + losses.balance;
+  return losses;
+}
+
+void Model::backward(double loss_scale) {
+  if (!micro_batch_) throw std::logic_error("Model::backward: no forward to differentiate (call forward first)");
+  MicroBatch& mb = *micro_batch_;
+  const int64_t L = config_.num_hidden_layers;
+  const double mtp_weight =
+      mtp_.empty() ? 0.0 : loss_scale * config_.mtp_loss_weight / static_cast<double>(mtp_.size());
+
+  // MTP modules, deepest first: each passes the gradient of its h input to the depth before.
+  Tensor d_next;
+  for (size_t k = mtp_.size(); k-- > 0;) {
+    const Tensor& h_prev = k == 0 ? mb.head.normed : mb.mtp[k - 1].head.normed;
+    MtpContext& ctx = mb.mtp[k];
+    d_next = mtp_[k].backward_input(h_prev, mean_loss_grad(ctx.head.ce, mtp_weight), d_next, mb.seq, loss_scale, ctx);
+    mtp_[k].backward_weight(h_prev, ctx);
+  }
+
+  Tensor dh = head_->backward_input(mb.hidden[L], mean_loss_grad(mb.head.ce, loss_scale), d_next, mb.head);
+  head_->backward_weight(mb.hidden[L], mb.head);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    dh = layers_[l].backward_input(mb.hidden[l], dh, mb.seq, loss_scale, mb.layers[l]);
+    layers_[l].backward_weight(mb.hidden[l], mb.layers[l]);
+  }
+  embedding_->backward_weight(mb.ids, dh);
+  micro_batch_.reset();
+}
+
+std::vector<Moe*> Model::moe_layers() {
+  std::vector<Moe*> out;
+  for (DecoderLayer& layer : layers_) {
+    if (layer.moe()) out.push_back(layer.moe());
+  }
+  for (MtpModule& m : mtp_) {
+    if (m.block().moe()) out.push_back(m.block().moe());
+  }
+  return out;
+}
+
+std::vector<const Moe*> Model::moe_layers() const {
+  std::vector<const Moe*> out;
+  for (const DecoderLayer& layer : layers_) {
+    if (layer.moe()) out.push_back(layer.moe());
+  }
+  for (const MtpModule& m : mtp_) {
+    if (m.block().moe()) out.push_back(m.block().moe());
+  }
+  return out;
+}
+
+void Model::update_router_biases(double gamma) {
+  for (Moe* moe : moe_layers()) moe->update_bias(gamma);
+}
+
+ExpertLoadStats Model::expert_load() const {
+  ExpertLoadStats stats;
+  for (const Moe* moe : moe_layers()) stats.layers.push_back(moe->load());
+  return stats;
+}
+
+std::vector<Tensor> Model::routing() const {
+  std::vector<Tensor> out;
+  for (const Moe* moe : moe_layers()) out.push_back(moe->last_expert_ids());
+  return out;
+}
+
+}  // namespace dsx

@@ -1,0 +1,106 @@
+// Model parameters: what each one is (ParamSpec) and where its value and gradient live
+// (ParameterStore).
+//
+// Every parameter is registered under its Hugging Face DeepseekV3 name with its global shape
+// and a shard spec (ARCHITECTURE.md principle 3); that list, built by model_param_specs from
+// the config alone, drives allocation, initialisation, parameter counting, the optimizer's
+// weight-decay groups and (later) ZeRO sharding, gradient reduction groups and checkpoints.
+#pragma once
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels/tensor.h"
+#include "trainer/model/config.h"
+
+namespace dsx {
+
+// How a parameter is split across ranks.
+//  none:   replicated (norms, the router, the MLA down-projections, eh_proj).
+//  tensor: dimension `dim` of the global shape is split over the TP group.
+//  expert: the tensor belongs to routed expert `expert_index` of `num_experts` in its layer;
+//          the EP group splits a layer's experts evenly, so it lives on EP rank
+//          expert_index / (num_experts / ep_size), whole.
+enum class ShardAxis : uint8_t { none, tensor, expert };
+struct ShardSpec {
+  ShardAxis axis = ShardAxis::none;
+  int dim = -1;
+  int64_t expert_index = -1;
+  int64_t num_experts = 0;
+
+  static ShardSpec replicated() { return {}; }
+  static ShardSpec tensor_parallel(int dim) { return {ShardAxis::tensor, dim, -1, 0}; }
+  static ShardSpec expert_parallel(int64_t expert, int64_t n) { return {ShardAxis::expert, -1, expert, n}; }
+};
+
+enum class InitKind : uint8_t { normal, ones, zeros };
+
+struct ParamSpec {
+  std::string name;  // Hugging Face name, e.g. "model.layers.3.mlp.experts.17.up_proj.weight"
+  Shape shape;       // global shape
+  ShardSpec shard;
+  bool weight_decay = true;  // false for norms and biases
+  bool trainable = true;     // false for buffers (the router's e_score_correction_bias)
+  InitKind init = InitKind::normal;
+  double init_std = 0.02;  // for InitKind::normal
+  // Classification for counting, derived when the spec is made (not parsed from the name):
+  int64_t layer = -1;          // decoder layer index (MTP modules continue after the main layers); -1: none
+  bool mtp = false;            // belongs to an MTP module
+  bool routed_expert = false;  // weight of a routed expert (active for top_k of n_routed_experts tokens)
+
+  int64_t numel() const { return shape_numel(shape); }
+};
+
+// The complete, ordered list of the model's parameters for a config (validated first).
+std::vector<ParamSpec> model_param_specs(const ModelConfig& config);
+
+// One parameter: its spec, its value and its gradient (undefined when not trainable).
+struct Parameter {
+  ParamSpec spec;
+  Tensor value;
+  Tensor grad;
+};
+
+// Values and gradients by name, kept in registration order. References to entries stay valid
+// while the store lives (modules hold them).
+class ParameterStore {
+ public:
+  explicit ParameterStore(DType dtype) : dtype_(dtype) {}
+  ParameterStore(const ParameterStore&) = delete;
+  ParameterStore& operator=(const ParameterStore&) = delete;
+
+  // Allocates the value (zeros until initialize) and, for a trainable parameter, a zero gradient.
+  Parameter& add(ParamSpec spec);
+  Parameter& at(std::string_view name);
+  const Parameter& at(std::string_view name) const;
+  bool contains(std::string_view name) const;
+
+  // Sets every value from its spec: normal(0, init_std) from Philox keyed by (seed, hash of
+  // the name) and the global element index, ones or zeros. Independent of registration order
+  // and of how the tensor would be sharded. Every matrix, output projections included, uses the
+  // same init_std = initializer_range (Hugging Face DeepseekV3's _init_weights; no depth-scaled
+  // init for o_proj/down_proj), norms start at 1 and the router bias at 0.
+  void initialize(uint64_t seed);
+  void zero_grad();
+
+  DType dtype() const { return dtype_; }
+  size_t size() const { return params_.size(); }
+  int64_t numel() const;  // elements over all parameters
+  auto begin() { return params_.begin(); }
+  auto end() { return params_.end(); }
+  auto begin() const { return params_.begin(); }
+  auto end() const { return params_.end(); }
+
+ private:
+  DType dtype_;
+  std::deque<Parameter> params_;  // deque: push_back keeps references to earlier entries valid
+  std::unordered_map<std::string, size_t> index_;
+};
+
+// The value of element `index` (row-major, global) of a parameter initialised with `spec`.
+double initial_value(const ParamSpec& spec, uint64_t seed, int64_t index);
+
+}  // namespace dsx
