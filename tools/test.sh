@@ -13,6 +13,7 @@ tools/setup.sh
 # Several test processes share 2 cores: one OpenMP/BLAS thread each, unless the caller says otherwise.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-$OMP_NUM_THREADS}"
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"  # spinning workers collapse under shared cores
 if [[ $(id -u) -eq 0 ]]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
