@@ -1,0 +1,44 @@
+#include "trainer/optim/optimizer.h"
+
+#include "kernels/ops/grad_norm.h"
+
+namespace dsx {
+
+AdamW::AdamW(ParameterStore& params, const OptimSection& config) : config_(config) {
+  const DType moment_dtype = config.moments == MomentPrecision::bf16 ? DType::bf16 : params.dtype();
+  for (Parameter& p : params) {
+    if (!p.spec.trainable) continue;
+    slots_.push_back({&p, Tensor::zeros(p.value.shape(), moment_dtype), Tensor::zeros(p.value.shape(), moment_dtype),
+                      decays(p)});
+  }
+}
+
+bool AdamW::decays(const Parameter& p) const { return p.spec.weight_decay && config_.decays(p.spec.name); }
+
+double AdamW::step(double lr) {
+  std::vector<Tensor> grads;
+  grads.reserve(slots_.size());
+  for (const Slot& s : slots_) grads.push_back(s.param->grad);  // views sharing storage
+  const double norm = ops::clip_grad_norm(grads, config_.grad_clip);
+  ++step_;
+  for (Slot& s : slots_) {
+    const ops::AdamWConfig c{.lr = lr,
+                             .beta1 = config_.beta1,
+                             .beta2 = config_.beta2,
+                             .eps = config_.eps,
+                             .weight_decay = s.decay ? config_.weight_decay : 0.0};
+    ops::adamw_step(c, step_, s.param->value, s.param->grad, s.exp_avg, s.exp_avg_sq);
+  }
+  return norm;
+}
+
+std::vector<AdamW::StateTensor> AdamW::state_tensors() {
+  std::vector<StateTensor> out;
+  for (Slot& s : slots_) {
+    out.push_back({"optim.exp_avg." + s.param->spec.name, &s.exp_avg});
+    out.push_back({"optim.exp_avg_sq." + s.param->spec.name, &s.exp_avg_sq});
+  }
+  return out;
+}
+
+}  // namespace dsx

@@ -1,0 +1,73 @@
+// The single-process training loop (the orchestrator, llm.c style: read it top to bottom).
+//
+//   for each step:
+//     lr, global batch  <- schedules(step, tokens consumed)
+//     micro-batches     <- data feed
+//     actions           <- gradient-accumulation schedule
+//     run actions: forward / backward per micro-batch, then the optimizer step
+//     router biases     <- aux-loss-free update from this step's expert loads
+//     metrics, checkpoint
+//
+// The run directory holds the resolved recipe (recipe.yaml), metrics.jsonl and checkpoints/.
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "trainer/model/model.h"
+#include "trainer/optim/lr_schedule.h"
+#include "trainer/optim/optimizer.h"
+#include "trainer/recipe/recipe.h"
+#include "trainer/train/data_feed.h"
+#include "trainer/train/metrics.h"
+
+namespace dsx {
+
+struct TrainerOptions {
+  bool console = true;           // print progress lines
+  int64_t stop_after_steps = 0;  // > 0: stop (with a checkpoint) after this many steps of this process
+  std::function<void(const StepMetrics&)> on_step;  // called after every step (tests, tools)
+};
+
+struct TrainResult {
+  int64_t first_step = 0;  // step the run started from (0, or the resumed checkpoint's)
+  int64_t last_step = 0;   // steps completed at the end
+  double final_loss = 0;
+  std::filesystem::path run_dir;
+  std::optional<std::filesystem::path> last_checkpoint;
+};
+
+class Trainer {
+ public:
+  Trainer(Recipe recipe, TrainerOptions options = {});
+  ~Trainer();
+  TrainResult run();
+
+  Model& model() { return *model_; }
+
+ private:
+  void resume_if_requested();
+  std::filesystem::path save_checkpoint(int64_t step);
+  void restore_from(const std::filesystem::path& dir);
+  StepMetrics train_step(int64_t step);
+
+  Recipe recipe_;
+  TrainerOptions options_;
+  std::filesystem::path run_dir_;
+  std::filesystem::path checkpoint_root_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<DataFeed> data_;
+  std::unique_ptr<MetricsLog> metrics_log_;
+  LrSchedule lr_schedule_;
+  BatchSchedule batch_schedule_;
+  int64_t step_ = 0;    // completed steps
+  int64_t tokens_ = 0;  // tokens consumed
+  std::optional<std::filesystem::path> last_checkpoint_;
+  int64_t last_saved_step_ = -1;  // step of last_checkpoint_
+};
+
+}  // namespace dsx
