@@ -1,0 +1,47 @@
+# `dsx recipe` through the command line: every bad recipe under bad_recipes/ exits 2 with the
+# message fragments its "# expect:" lines name; shipped recipes check with exit 0 from any
+# working directory; --set, explain and --help behave. Included by tests/CMakeLists.txt.
+set(_dsx_expect bash ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh)
+set(_dsx_recipes ${PROJECT_SOURCE_DIR}/recipes)
+
+function(dsx_recipe_cli_test name)
+  add_test(NAME recipe.cli.${name} COMMAND ${ARGN})
+  # A directory that is neither the source nor the build tree: nothing may depend on it.
+  set_tests_properties(recipe.cli.${name} PROPERTIES LABELS "trainer;recipe" WORKING_DIRECTORY /tmp)
+endfunction()
+
+file(GLOB _dsx_bad_recipes CONFIGURE_DEPENDS ${CMAKE_CURRENT_LIST_DIR}/bad_recipes/*.yaml)
+foreach(recipe ${_dsx_bad_recipes})
+  get_filename_component(name ${recipe} NAME_WE)
+  file(STRINGS ${recipe} expected REGEX "^# expect: ")
+  list(TRANSFORM expected REPLACE "^# expect: " "")
+  dsx_recipe_cli_test(bad.${name} ${_dsx_expect} 2 ${expected} -- $<TARGET_FILE:dsx> recipe check ${recipe})
+endforeach()
+
+dsx_recipe_cli_test(check.tiny ${_dsx_expect} 0 "valid" "4 layers (1 dense + 3 MoE)" "parameters  total"
+  -- $<TARGET_FILE:dsx> recipe check ${_dsx_recipes}/tiny.yaml)
+dsx_recipe_cli_test(check.deepseek_v3 ${_dsx_expect} 0 "valid" "total 671." "2048 ranks"
+  -- $<TARGET_FILE:dsx> recipe check ${_dsx_recipes}/deepseek-v3-671b.yaml)
+dsx_recipe_cli_test(check.deepseek_v2_lite ${_dsx_expect} 0 "valid" "total 15.7B"
+  -- $<TARGET_FILE:dsx> recipe check ${_dsx_recipes}/deepseek-v2-lite-16b.yaml)
+dsx_recipe_cli_test(check.resolved ${_dsx_expect} 0 "kv_lora_rank: 32" "run_dir: runs/tiny"
+  -- $<TARGET_FILE:dsx> recipe check ${_dsx_recipes}/tiny.yaml --resolved)
+dsx_recipe_cli_test(check.set_valid ${_dsx_expect} 0 "hidden 96" "recompute rmsnorm"
+  -- $<TARGET_FILE:dsx> recipe check ${_dsx_recipes}/tiny.yaml --set model.hidden_size=96
+     --set train.recompute=[rmsnorm])
+dsx_recipe_cli_test(check.set_unknown_key ${_dsx_expect} 2 "unknown key `optim.learning_rate`"
+  "did you mean `optim.lr`?" -- $<TARGET_FILE:dsx> recipe check ${_dsx_recipes}/tiny.yaml --set optim.learning_rate=1)
+dsx_recipe_cli_test(check.set_wrong_type ${_dsx_expect} 2 "`train.steps` must be an integer, got `many`"
+  -- $<TARGET_FILE:dsx> recipe check ${_dsx_recipes}/tiny.yaml --set train.steps=many)
+dsx_recipe_cli_test(check.set_inconsistent ${_dsx_expect} 2 "`model.topk_group` (5) exceeds `model.n_group` (4)"
+  -- $<TARGET_FILE:dsx> recipe check ${_dsx_recipes}/tiny.yaml --set model.topk_group=5)
+dsx_recipe_cli_test(check.missing_file ${_dsx_expect} 2 "cannot read recipe `no-such-recipe.yaml`"
+  -- $<TARGET_FILE:dsx> recipe check no-such-recipe.yaml)
+dsx_recipe_cli_test(check.help ${_dsx_expect} 0 "RECIPE" "--set" -- $<TARGET_FILE:dsx> recipe check --help)
+dsx_recipe_cli_test(explain.all ${_dsx_expect} 0 "model.kv_lora_rank" "optim.schedule.segments[].until"
+  "logging.peak_flops" -- $<TARGET_FILE:dsx> recipe explain)
+dsx_recipe_cli_test(explain.section ${_dsx_expect} 0 "optim.lr  (number; default 0.00022)"
+  -- $<TARGET_FILE:dsx> recipe explain optim)
+dsx_recipe_cli_test(explain.unknown_section ${_dsx_expect} 2 "unknown recipe section `modle`"
+  "did you mean `model`?" -- $<TARGET_FILE:dsx> recipe explain modle)
+dsx_recipe_cli_test(explain.help ${_dsx_expect} 0 "SECTION" -- $<TARGET_FILE:dsx> recipe explain --help)

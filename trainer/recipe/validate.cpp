@@ -1,0 +1,334 @@
+// Cross-field rules of a recipe: each violated rule is one UserError naming the keys involved.
+// Single-key ranges are in the schema table (schema.cpp).
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+
+#include "data/dataset.h"
+#include "data/tokenizer.h"
+#include "kernels/error.h"
+#include "trainer/optim/lr_schedule.h"
+#include "trainer/recipe/recipe.h"
+#include "trainer/recipe/schema.h"
+#include "trainer/recipe/validate.h"
+
+namespace dsx {
+namespace {
+
+using schema::Reporter;
+
+std::string number(double value) {
+  return fmt::format("{:g}", value);
+}
+
+void check_attention(const ModelConfig& m, const Reporter& report) {
+  if (m.qk_rope_head_dim % 2 != 0)
+    report.fail("model.qk_rope_head_dim",
+                fmt::format("`model.qk_rope_head_dim` must be even (RoPE rotates pairs of channels), got {}",
+                            m.qk_rope_head_dim));
+  if (m.rope_scaling.type == "yarn" && m.rope_scaling.original_max_position_embeddings > m.max_position_embeddings)
+    report.fail({"model.rope_scaling.original_max_position_embeddings", "model.max_position_embeddings"},
+                fmt::format("`model.rope_scaling.original_max_position_embeddings` ({}) exceeds "
+                            "`model.max_position_embeddings` ({})",
+                            m.rope_scaling.original_max_position_embeddings, m.max_position_embeddings));
+}
+
+void check_experts(const ModelConfig& m, const Reporter& report) {
+  if (m.first_k_dense_replace > m.num_hidden_layers)
+    report.fail({"model.first_k_dense_replace", "model.num_hidden_layers"},
+                fmt::format("`model.first_k_dense_replace` ({}) exceeds `model.num_hidden_layers` ({})",
+                            m.first_k_dense_replace, m.num_hidden_layers));
+  if (m.n_routed_experts == 0) return;  // a dense model: the router keys are unused
+  if (m.num_experts_per_tok == 0)
+    report.fail("model.num_experts_per_tok", "`model.num_experts_per_tok` must be >= 1 when there are routed experts");
+  if (m.num_experts_per_tok > m.n_routed_experts)
+    report.fail({"model.num_experts_per_tok", "model.n_routed_experts"},
+                fmt::format("`model.num_experts_per_tok` ({}) exceeds `model.n_routed_experts` ({})",
+                            m.num_experts_per_tok, m.n_routed_experts));
+  if (m.n_routed_experts % m.n_group != 0)
+    report.fail({"model.n_routed_experts", "model.n_group"},
+                fmt::format("`model.n_routed_experts` ({}) must be divisible by `model.n_group` ({})",
+                            m.n_routed_experts, m.n_group));
+  if (m.topk_group > m.n_group)
+    report.fail({"model.topk_group", "model.n_group"},
+                fmt::format("`model.topk_group` ({}) exceeds `model.n_group` ({})", m.topk_group, m.n_group));
+  const int64_t per_group = m.n_routed_experts / m.n_group;
+  if (m.num_experts_per_tok > m.topk_group * per_group)
+    report.fail({"model.num_experts_per_tok", "model.topk_group", "model.n_group", "model.n_routed_experts"},
+                fmt::format("`model.num_experts_per_tok` ({}) exceeds the {} experts a token can reach: "
+                            "`model.topk_group` ({}) groups of {} (`model.n_routed_experts` / `model.n_group`)",
+                            m.num_experts_per_tok, m.topk_group * per_group, m.topk_group, per_group));
+  if (m.n_group > 1 && per_group < 2)
+    report.fail({"model.n_group", "model.n_routed_experts"},
+                fmt::format("`model.n_group` ({}) leaves {} expert per group; a group's score is the sum of its "
+                            "top-2 expert scores, so each group needs at least 2",
+                            m.n_group, per_group));
+}
+
+void check_precision(const Recipe& r, const Reporter& report) {
+  if (r.model.dtype != DType::f64) return;
+  const auto fail_if = [&](bool wrong, const char* key, std::string_view value) {
+    if (wrong)
+      report.fail(
+          {key, "model.dtype"},
+          fmt::format("`model.dtype` f64 runs the float64 reference path, so `{}` must be fp32, got {}", key, value));
+  };
+  fail_if(r.precision.activations != ActivationPrecision::fp32, "precision.activations",
+          enum_name(r.precision.activations));
+  fail_if(r.precision.gemm != GemmPrecision::fp32, "precision.gemm", enum_name(r.precision.gemm));
+  fail_if(r.precision.dispatch != DispatchPrecision::fp32, "precision.dispatch", enum_name(r.precision.dispatch));
+  fail_if(r.precision.combine != CombinePrecision::fp32, "precision.combine", enum_name(r.precision.combine));
+  fail_if(r.optim.moments != MomentPrecision::fp32, "optim.moments", enum_name(r.optim.moments));
+}
+
+void check_file(const std::string& key, const std::string& path, const Reporter& report) {
+  std::error_code error;
+  const auto status = std::filesystem::status(path, error);
+  if (!std::filesystem::exists(status)) report.fail(key, fmt::format("`{}`: no such file `{}`", key, path));
+  if (!std::filesystem::is_regular_file(status))
+    report.fail(key, fmt::format("`{}`: `{}` is not a regular file", key, path));
+}
+
+// The hash a tokenizer file has; its own load errors are reported against the key.
+std::string tokenizer_hash_of(const std::string& path, const Reporter& report) {
+  check_file("data.tokenizer", path, report);
+  try {
+    return data::Tokenizer::load(path).hash();
+  } catch (const UserError& error) {
+    report.fail("data.tokenizer", fmt::format("`data.tokenizer`: {}", error.what()));
+  }
+}
+
+// Opens each dataset's index (cheap: index.json only) so a wrong path, a vocabulary larger
+// than the model's or a foreign tokenizer stops the run before any work starts.
+void check_datasets(const Recipe& r, const Reporter& report) {
+  const DataSection& d = r.data;
+  if (d.sources.empty())
+    report.fail("data.sources", "`data.kind` is datasets but `data.sources` is empty; list {path, weight} entries");
+  std::string expected_hash = d.tokenizer_hash;
+  std::string hash_origin = "`data.tokenizer_hash`";
+  if (!d.tokenizer.empty()) {
+    const std::string actual = tokenizer_hash_of(d.tokenizer, report);
+    if (!expected_hash.empty() && expected_hash != actual)
+      report.fail("data.tokenizer_hash", fmt::format("`data.tokenizer_hash` ({}) differs from the hash of "
+                                                     "`data.tokenizer` `{}` ({})",
+                                                     expected_hash, d.tokenizer, actual));
+    expected_hash = actual;
+    hash_origin = fmt::format("the tokenizer `{}`", d.tokenizer);
+  }
+  for (size_t i = 0; i < d.sources.size(); ++i) {
+    const std::string key = fmt::format("data.sources[{}].path", i);
+    const std::string& path = d.sources[i].path;
+    if (!std::filesystem::exists(path)) report.fail(key, fmt::format("`{}`: no such dataset `{}`", key, path));
+    if (!std::filesystem::exists(std::filesystem::path(path) / data::kIndexFileName))
+      report.fail(key, fmt::format("`{}`: `{}` is not a dsx dataset directory (no {}; `dsx data prep` makes one)", key,
+                                   path, data::kIndexFileName));
+    data::DatasetIndex index;
+    try {
+      index = data::DatasetIndex::load(path);
+    } catch (const UserError& error) {
+      report.fail(key, fmt::format("`{}`: {}", key, error.what()));
+    }
+    if (index.identity.vocab_size > r.model.vocab_size)
+      report.fail(
+          key, fmt::format("`{}`: dataset `{}` has a vocabulary of {} tokens, more than `model.vocab_size` ({})", key,
+                           path, index.identity.vocab_size, r.model.vocab_size));
+    if (expected_hash.empty()) {  // no tokenizer named: the datasets must at least agree with each other
+      expected_hash = index.identity.tokenizer_hash;
+      hash_origin = fmt::format("`data.sources[{}]`", i);
+      continue;
+    }
+    if (index.identity.tokenizer_hash != expected_hash)
+      report.fail(key, fmt::format("`{}`: dataset `{}` was tokenized by tokenizer {}, but {} has {}", key, path,
+                                   index.identity.tokenizer_hash, hash_origin, expected_hash));
+  }
+}
+
+void check_data(const Recipe& r, const Reporter& report) {
+  const DataSection& d = r.data;
+  if (d.kind == DataKind::datasets) {
+    check_datasets(r, report);
+    return;
+  }
+  if (!d.sources.empty())
+    report.fail("data.sources", "`data.sources` is set but `data.kind` is synthetic; set `data.kind: datasets`");
+  if (d.synthetic.vocab_size > r.model.vocab_size)
+    report.fail({"data.synthetic.vocab_size", "model.vocab_size"},
+                fmt::format("`data.synthetic.vocab_size` ({}) exceeds `model.vocab_size` ({})", d.synthetic.vocab_size,
+                            r.model.vocab_size));
+  const int64_t vocab = d.synthetic.vocab_size > 0 ? d.synthetic.vocab_size : r.model.vocab_size;
+  if (d.synthetic.branching > vocab)
+    report.fail("data.synthetic.branching", fmt::format("`data.synthetic.branching` ({}) exceeds the synthetic "
+                                                        "vocabulary ({})",
+                                                        d.synthetic.branching, vocab));
+  if (!d.tokenizer.empty()) tokenizer_hash_of(d.tokenizer, report);
+}
+
+void check_layout(const Recipe& r, const Reporter& report) {
+  const ParallelSection& p = r.parallel;
+  const ModelConfig& m = r.model;
+  const int64_t product = p.pp * p.dp * p.tp;
+  if (p.world_size != 0 && p.world_size != product)
+    report.fail({"parallel.world_size", "parallel.pp", "parallel.dp", "parallel.tp"},
+                fmt::format("`parallel.world_size` ({}) must equal pp·dp·tp = {}·{}·{} = {}", p.world_size, p.pp, p.dp,
+                            p.tp, product));
+  if (p.dp % p.ep != 0)
+    report.fail({"parallel.ep", "parallel.dp"},
+                fmt::format("`parallel.ep` ({}) must divide `parallel.dp` ({}): expert-parallel groups are carved "
+                            "out of data parallelism",
+                            p.ep, p.dp));
+  if (m.n_routed_experts > 0 && m.n_routed_experts % p.ep != 0)
+    report.fail({"parallel.ep", "model.n_routed_experts"},
+                fmt::format("`parallel.ep` ({}) must divide `model.n_routed_experts` ({})", p.ep, m.n_routed_experts));
+  for (const auto& [key, size] : {std::pair{"model.num_attention_heads", m.num_attention_heads},
+                                  std::pair{"model.intermediate_size", m.intermediate_size},
+                                  std::pair{"model.moe_intermediate_size", m.moe_intermediate_size}})
+    if (size % p.tp != 0)
+      report.fail({"parallel.tp", key}, fmt::format("`parallel.tp` ({}) must divide `{}` ({})", p.tp, key, size));
+  if (p.pp > m.num_hidden_layers)
+    report.fail({"parallel.pp", "model.num_hidden_layers"},
+                fmt::format("`parallel.pp` ({}) exceeds `model.num_hidden_layers` ({}): every stage "
+                            "needs a layer",
+                            p.pp, m.num_hidden_layers));
+  const bool dual = p.pp_schedule == PipelineSchedule::dualpipe || p.pp_schedule == PipelineSchedule::dualpipev;
+  if (dual && p.pp % 2 != 0)
+    report.fail(
+        {"parallel.pp_schedule", "parallel.pp"},
+        fmt::format("`parallel.pp_schedule` {} needs an even `parallel.pp`, got {}", enum_name(p.pp_schedule), p.pp));
+  if (dual && r.train.accumulation_steps(r.train.global_batch, p.dp) % 2 != 0)
+    report.fail("parallel.pp_schedule",
+                fmt::format("`parallel.pp_schedule` {} needs an even number of micro-batches per step; "
+                            "`train.global_batch` / (`train.micro_batch`·`parallel.dp`) = {}",
+                            enum_name(p.pp_schedule), r.train.accumulation_steps(r.train.global_batch, p.dp)));
+}
+
+void check_train(const Recipe& r, const Reporter& report) {
+  const TrainSection& t = r.train;
+  if (t.steps == 0 && t.tokens == 0) report.fail("train.steps", "set `train.steps` or `train.tokens` (both are 0)");
+  if (t.steps > 0 && t.tokens > 0)
+    report.fail({"train.tokens", "train.steps"},
+                fmt::format("`train.steps` ({}) and `train.tokens` ({}) are both set; set one to 0", t.steps,
+                            number(t.tokens)));
+  const int64_t quantum = t.micro_batch * r.parallel.dp;
+  if (t.global_batch % quantum != 0)
+    report.fail({"train.global_batch", "train.micro_batch", "parallel.dp"},
+                fmt::format("`train.global_batch` ({}) must be a multiple of `train.micro_batch`·`parallel.dp` = "
+                            "{}·{} = {}",
+                            t.global_batch, t.micro_batch, r.parallel.dp, quantum));
+  if (t.batch_ramp.start > t.global_batch)
+    report.fail({"train.batch_ramp.start", "train.global_batch"},
+                fmt::format("`train.batch_ramp.start` ({}) exceeds `train.global_batch` ({}); the ramp only grows",
+                            t.batch_ramp.start, t.global_batch));
+  if (t.batch_ramp.start > 0 && t.batch_ramp.tokens == 0)
+    report.fail("train.batch_ramp.tokens", "`train.batch_ramp.start` is set, so `train.batch_ramp.tokens` must be > 0");
+  if (t.seq_len > r.model.max_position_embeddings)
+    report.fail({"train.seq_len", "model.max_position_embeddings"},
+                fmt::format("`train.seq_len` ({}) exceeds `model.max_position_embeddings` ({})", t.seq_len,
+                            r.model.max_position_embeddings));
+  if (t.seq_len <= r.model.num_nextn_predict_layers)
+    report.fail("train.seq_len",
+                fmt::format("`train.seq_len` ({}) must exceed the MTP depth `model.num_nextn_predict_layers` ({})",
+                            t.seq_len, r.model.num_nextn_predict_layers));
+  for (size_t i = 0; i < t.recompute.size(); ++i) {
+    if (t.recompute[i] == RecomputeKind::full && t.recompute.size() > 1)
+      report.fail("train.recompute", "`train.recompute`: `full` recomputes every layer; write it alone");
+    if (std::count(t.recompute.begin(), t.recompute.end(), t.recompute[i]) > 1)
+      report.fail("train.recompute",
+                  fmt::format("`train.recompute` lists `{}` more than once", enum_name(t.recompute[i])));
+  }
+}
+
+void check_segments(const Recipe& r, const Reporter& report) {
+  const auto& segments = r.optim.schedule.segments;
+  if (segments.empty())
+    report.fail("optim.schedule.segments", "`optim.schedule.kind` is piecewise but `optim.schedule.segments` is empty");
+  const BatchSchedule batches(r);
+  double peak = 0;
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const LrSegment& segment = segments[i];
+    peak = std::max(peak, segment.lr);
+    if (i == 0) continue;
+    const LrSegment& before = segments[i - 1];
+    const std::string key = fmt::format("optim.schedule.segments[{}].until", i);
+    if (segment.kind != SegmentKind::constant && segment.unit != before.unit)
+      report.fail(fmt::format("optim.schedule.segments[{}].unit", i),
+                  fmt::format("`optim.schedule.segments[{}]` ({}) ramps from the end of segment {}, which is in {}; "
+                              "give both boundaries in the same unit",
+                              i, enum_name(segment.kind), i - 1, enum_name(before.unit)));
+    const double end = boundary_in_tokens(segment, batches);
+    const double start = boundary_in_tokens(before, batches);
+    if (end <= start)
+      report.fail(key, fmt::format("`{}` ({} {}, token {}) must come after the end of segment {} ({} {}, token {})",
+                                   key, number(segment.until), enum_name(segment.unit), number(end), i - 1,
+                                   number(before.until), enum_name(before.unit), number(start)));
+  }
+  if (r.optim.lr != peak)
+    report.fail("optim.lr", fmt::format("`optim.lr` ({}) must equal the highest LR of `optim.schedule.segments` ({}): "
+                                        "it is the peak LR a piecewise schedule reaches",
+                                        number(r.optim.lr), number(peak)));
+}
+
+void check_schedule(const Recipe& r, const Reporter& report) {
+  const LrScheduleSection& s = r.optim.schedule;
+  if (s.kind == ScheduleKind::piecewise) {
+    check_segments(r, report);
+    return;
+  }
+  if (!s.segments.empty())
+    report.fail(
+        "optim.schedule.segments",
+        fmt::format("`optim.schedule.segments` is only used by kind piecewise (kind is {})", enum_name(s.kind)));
+  const std::string unit(enum_name(s.unit));
+  const double run =
+      s.unit == ScheduleUnit::steps ? static_cast<double>(total_steps(r)) : static_cast<double>(total_tokens(r));
+  if (s.warmup > run)
+    report.fail({"optim.schedule.warmup", "train.steps", "train.tokens"},
+                fmt::format("`optim.schedule.warmup` ({} {}) is longer than the run ({} {})", number(s.warmup), unit,
+                            number(run), unit));
+  if (s.kind == ScheduleKind::wsd && s.warmup + s.decay_fraction * run > run)
+    report.fail("optim.schedule.decay_fraction",
+                fmt::format("`optim.schedule.warmup` ({} {}) plus the decay (`optim.schedule.decay_fraction` {} of "
+                            "{} {}) is longer than the run",
+                            number(s.warmup), unit, number(s.decay_fraction), number(run), unit));
+}
+
+void check_optim(const Recipe& r, const Reporter& report) {
+  for (size_t i = 0; i < r.optim.no_decay.size(); ++i)
+    if (r.optim.no_decay[i].empty())
+      report.fail(fmt::format("optim.no_decay[{}]", i), fmt::format("`optim.no_decay[{}]` is an empty pattern", i));
+  check_schedule(r, report);
+}
+
+void check_checkpoint(const Recipe& r, const Reporter& report) {
+  const std::string& resume = r.checkpoint.resume;
+  if (resume.empty())
+    report.fail("checkpoint.resume", "`checkpoint.resume` must be auto, never or a checkpoint path, got \"\"");
+  if (resume != "auto" && resume != "never" && !std::filesystem::exists(resume))
+    report.fail(
+        "checkpoint.resume",
+        fmt::format("`checkpoint.resume`: no checkpoint at `{}` (use auto, never or an existing path)", resume));
+}
+
+}  // namespace
+
+void validate(const Recipe& recipe, const schema::Locations* locations) {
+  const Reporter report(locations);
+  schema::check_values(recipe, report);
+  check_attention(recipe.model, report);
+  check_experts(recipe.model, report);
+  validate_model_config(recipe.model);  // the model's own invariants, should it know more than the above
+  check_precision(recipe, report);
+  check_data(recipe, report);
+  check_train(recipe, report);  // before the layout and schedule: they build the batch schedule
+  check_layout(recipe, report);
+  check_optim(recipe, report);
+  check_checkpoint(recipe, report);
+}
+
+void validate(const Recipe& recipe) {
+  validate(recipe, nullptr);
+}
+
+}  // namespace dsx
