@@ -2,15 +2,12 @@
 
 #include <stdexcept>
 
+#include "kernels/random.h"
+
 namespace dsx::data {
 namespace {
 
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
+using random::splitmix64;
 
 int bits_for(uint64_t n) {
   int bits = 0;

@@ -6,16 +6,11 @@
 #include <string>
 
 #include "kernels/error.h"
+#include "kernels/random.h"
 
 namespace dsx::data {
 namespace {
-// SplitMix64: a well-mixed 64-bit hash, so (seed, index) streams are independent.
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
+uint64_t mix(uint64_t x) { return random::splitmix64(x); }  // (seed, index) streams independent
 }  // namespace
 
 SyntheticSource::SyntheticSource(const SyntheticConfig& config) : config_(config) {

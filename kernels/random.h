@@ -111,4 +111,13 @@ constexpr uint64_t stream_of(std::string_view name) {
   return h;
 }
 
+// SplitMix64: a fast, well-mixed 64-bit hash for deriving independent seeds from indices
+// (data order, synthetic streams). Not a substitute for Philox where streams must be long.
+DSX_HOST_DEVICE uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
 }  // namespace dsx::random

@@ -10,25 +10,15 @@
 #include "data/permutation.h"
 #include "kernels/error.h"
 #include "tests/data/dataset_fixtures.h"
+#include "tests/support/user_error.h"
 
 using namespace dsx::data;
 using namespace dsx::data::testing;
+using dsx::test::user_error;
 using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
 namespace {
-
-// The UserError message `f` throws; fails the test when it throws nothing or something else.
-template <class F>
-std::string user_error(F&& f) {
-  try {
-    f();
-  } catch (const dsx::UserError& e) {
-    return e.what();
-  }
-  FAIL("expected dsx::UserError");
-  return {};
-}
 
 std::vector<TokenId> concat(const std::vector<std::vector<TokenId>>& docs) {
   std::vector<TokenId> all;

@@ -8,24 +8,15 @@
 #include "data/loader.h"
 #include "kernels/error.h"
 #include "tests/data/dataset_fixtures.h"
+#include "tests/support/user_error.h"
 
 using namespace dsx::data;
 using namespace dsx::data::testing;
+using dsx::test::user_error;
 using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
 namespace {
-
-template <class F>
-std::string user_error(F&& f) {
-  try {
-    f();
-  } catch (const dsx::UserError& e) {
-    return e.what();
-  }
-  FAIL("expected dsx::UserError");
-  return {};
-}
 
 struct Row {
   std::vector<int32_t> inputs, targets, segments;

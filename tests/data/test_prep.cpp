@@ -9,24 +9,15 @@
 #include "data/tokenizer.h"
 #include "kernels/error.h"
 #include "tests/data/dataset_fixtures.h"
+#include "tests/support/user_error.h"
 
 using namespace dsx::data;
 using namespace dsx::data::testing;
+using dsx::test::user_error;
 using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
 namespace {
-
-template <class F>
-std::string user_error(F&& f) {
-  try {
-    f();
-  } catch (const dsx::UserError& e) {
-    return e.what();
-  }
-  FAIL("expected dsx::UserError");
-  return {};
-}
 
 const std::string kInvalidUtf8 = std::string("broken \xff\xfe bytes \xc3 and \xe2\x82 here");
 

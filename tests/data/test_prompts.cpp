@@ -5,23 +5,14 @@
 #include "data/prompts.h"
 #include "kernels/error.h"
 #include "tests/data/dataset_fixtures.h"
+#include "tests/support/user_error.h"
 
 using namespace dsx::data;
 using namespace dsx::data::testing;
+using dsx::test::user_error;
 using Catch::Matchers::Contains;
 
 namespace {
-
-template <class F>
-std::string user_error(F&& f) {
-  try {
-    f();
-  } catch (const dsx::UserError& e) {
-    return e.what();
-  }
-  FAIL("expected dsx::UserError");
-  return {};
-}
 
 std::shared_ptr<const PromptSet> numbered_set(int n) {
   std::vector<Prompt> prompts;
