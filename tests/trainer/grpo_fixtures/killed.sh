@@ -1,0 +1,3 @@
+#!/bin/sh
+# Reward program that dies from a signal.
+kill -9 $$
