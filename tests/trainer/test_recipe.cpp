@@ -178,7 +178,7 @@ TEST_CASE("file errors are user errors", "[recipe]") {
         std::string::npos);
 }
 
-TEST_CASE("--set overrides are parsed with the key's type before validation", "[recipe]") {
+TEST_CASE("recipe: --set overrides are parsed with the key's type before validation", "[recipe]") {
   const std::string tiny = recipe_path("tiny.yaml");
   SECTION("valid overrides") {
     const Recipe r =
