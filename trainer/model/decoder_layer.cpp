@@ -3,6 +3,7 @@
 #include <string>
 
 #include "kernels/ops/elementwise.h"
+#include "trainer/model/precision.h"
 
 namespace dsx {
 
@@ -17,7 +18,8 @@ DecoderLayer::DecoderLayer(ParameterStore& params, int64_t layer, const ModelCon
     : recompute_(recompute),
       input_norm_(params.at(layer_prefix(layer) + "input_layernorm.weight"), config.rms_norm_eps),
       post_attention_norm_(params.at(layer_prefix(layer) + "post_attention_layernorm.weight"), config.rms_norm_eps),
-      attention_(params, layer_prefix(layer) + "self_attn.", config, recompute) {
+      attention_(params, layer_prefix(layer) + "self_attn.", config, recompute),
+      bf16_residual_(params.at(layer_prefix(layer) + "input_layernorm.weight").precision.bf16_output) {
   const std::string p = layer_prefix(layer) + "mlp.";
   if (config.is_moe_layer(layer)) {
     moe_.emplace(params, p, layer, config, recompute);
@@ -43,9 +45,11 @@ Tensor DecoderLayer::run_forward(const Tensor& x, const SequenceInfo& seq, Decod
   ctx.attn_in = input_norm_.forward(x, ctx.input_norm);
   ctx.mid = attention_.forward(ctx.attn_in, seq, ctx.attn);
   ops::add_(ctx.mid, x);
+  if (bf16_residual_) round_to_bf16_(ctx.mid);  // the residual stream is a stored activation too
   ctx.ffn_in = post_attention_norm_.forward(ctx.mid, ctx.post_attention_norm);
   Tensor out = ffn_forward(ctx.ffn_in, seq, ctx, record_load);
   ops::add_(out, ctx.mid);
+  if (bf16_residual_) round_to_bf16_(out);
   return out;
 }
 

@@ -41,6 +41,7 @@ class DecoderLayer {
   RecomputePolicy recompute_;
   RmsNorm input_norm_, post_attention_norm_;
   Mla attention_;
+  bool bf16_residual_;      // round the residual stream to bf16 (precision.activations: bf16)
   std::optional<Mlp> mlp_;  // dense layers
   std::optional<Moe> moe_;  // MoE layers
 };

@@ -5,23 +5,49 @@
 #include "kernels/ops/linear.h"
 #include "kernels/ops/rmsnorm.h"
 #include "kernels/ops/swiglu.h"
+#include "trainer/model/precision.h"
 
 namespace dsx {
 
+void round_output(const Parameter& weight, Tensor& out) {
+  if (weight.precision.bf16_output) round_to_bf16_(out);
+}
+
+void linear_into(const Tensor& x, const Parameter& weight, Tensor& y) {
+  if (weight.precision.fp8_gemm) {
+    fp8_linear_forward(x, weight.value, y);
+  } else {
+    ops::linear_forward(x, weight.value, y);
+  }
+  round_output(weight, y);
+}
+
 Tensor linear(const Tensor& x, const Parameter& weight) {
   Tensor y = empty_like(x, {x.dim(0), weight.value.dim(0)});
-  ops::linear_forward(x, weight.value, y);
+  linear_into(x, weight, y);
   return y;
+}
+
+void linear_input_grad_into(const Tensor& dy, const Parameter& weight, Tensor& dx) {
+  if (weight.precision.fp8_gemm) {
+    fp8_linear_backward_input(dy, weight.value, dx);
+  } else {
+    ops::linear_backward_input(dy, weight.value, dx);
+  }
 }
 
 Tensor linear_input_grad(const Tensor& dy, const Parameter& weight) {
   Tensor dx = empty_like(dy, {dy.dim(0), weight.value.dim(1)});
-  ops::linear_backward_input(dy, weight.value, dx);
+  linear_input_grad_into(dy, weight, dx);
   return dx;
 }
 
 void linear_weight_grad(const Tensor& dy, const Tensor& x, Parameter& weight) {
-  ops::linear_backward_weight(dy, x, weight.grad);
+  if (weight.precision.fp8_gemm) {
+    fp8_linear_backward_weight(dy, x, weight.grad);
+  } else {
+    ops::linear_backward_weight(dy, x, weight.grad);
+  }
 }
 
 Tensor add(const Tensor& a, const Tensor& b) {
@@ -36,6 +62,7 @@ Tensor RmsNorm::forward(const Tensor& x, RmsNormContext& ctx) const {
   Tensor y = empty_like(x, x.shape());
   ctx.rstd = empty_like(x, {x.dim(0)});
   ops::rmsnorm_forward(x, weight_->value, eps_, y, ctx.rstd);
+  round_output(*weight_, y);
   return y;
 }
 
@@ -56,6 +83,7 @@ void RmsNorm::backward_weight(const Tensor& x, RmsNormContext& ctx) const {
 Tensor Embedding::forward(const Tensor& ids) const {
   Tensor out = empty_like(table_->value, {ids.dim(0), table_->value.dim(1)});
   ops::embedding_forward(ids, table_->value, out);
+  round_output(*table_, out);
   return out;
 }
 
@@ -70,7 +98,8 @@ void Mlp::forward(const Tensor& x, MlpContext& ctx, Tensor& y) const {
   ctx.up = linear(x, *up_);
   ctx.act = empty_like(ctx.gate, ctx.gate.shape());
   ops::swiglu_forward(ctx.gate, ctx.up, ctx.act);
-  ops::linear_forward(ctx.act, down_->value, y);
+  round_output(*down_, ctx.act);  // the down projection's stored input
+  linear_into(ctx.act, *down_, y);
   if (recompute_act_) ctx.act = Tensor();
 }
 
@@ -78,12 +107,13 @@ void Mlp::backward_input(const Tensor& dy, MlpContext& ctx, Tensor& dx) const {
   if (!ctx.act.defined()) {  // recompute: the down projection's weight gradient needs it
     ctx.act = empty_like(ctx.gate, ctx.gate.shape());
     ops::swiglu_forward(ctx.gate, ctx.up, ctx.act);
+    round_output(*down_, ctx.act);
   }
   const Tensor d_act = linear_input_grad(dy, *down_);
   ctx.d_gate = empty_like(ctx.gate, ctx.gate.shape());
   ctx.d_up = empty_like(ctx.up, ctx.up.shape());
   ops::swiglu_backward(ctx.gate, ctx.up, d_act, ctx.d_gate, ctx.d_up);
-  ops::linear_backward_input(ctx.d_gate, gate_->value, dx);
+  linear_input_grad_into(ctx.d_gate, *gate_, dx);
   ops::add_(dx, linear_input_grad(ctx.d_up, *up_));
   ctx.d_out = dy;
 }

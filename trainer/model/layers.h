@@ -22,12 +22,18 @@ namespace dsx {
 inline Tensor empty_like(const Tensor& ref, Shape shape) {
   return Tensor::empty(std::move(shape), ref.dtype(), ref.device());
 }
+// The linear helpers follow weight.precision: FP8 GEMMs when fp8_gemm, and a bf16-rounded
+// output (y only: gradients are not activations) when bf16_output.
 // y [N, out] = x [N, in] · Wᵀ
 Tensor linear(const Tensor& x, const Parameter& weight);
+void linear_into(const Tensor& x, const Parameter& weight, Tensor& y);  // y overwritten
 // dx [N, in] = dy [N, out] · W
 Tensor linear_input_grad(const Tensor& dy, const Parameter& weight);
+void linear_input_grad_into(const Tensor& dy, const Parameter& weight, Tensor& dx);  // dx overwritten
 // W.grad += dyᵀ · x
 void linear_weight_grad(const Tensor& dy, const Tensor& x, Parameter& weight);
+// Rounds a module's stored output to bf16 when its weight's precision says so.
+void round_output(const Parameter& weight, Tensor& out);
 // a + b as a new tensor
 Tensor add(const Tensor& a, const Tensor& b);
 

@@ -89,6 +89,8 @@ void Mla::project_up(const Tensor& x, const SequenceInfo& seq, MlaContext& ctx) 
   Tensor k_rows = ctx.k_states.view({T, heads_ * qk_dim});
   const Tensor k_pe_2d = k_pe_rotated.view({T, rope_dim_});
   for (int64_t h = 0; h < heads_; ++h) ops::set_columns(k_rows, h * qk_dim + nope_dim_, k_pe_2d);
+  round_output(*kv_b_proj_, ctx.q_states);  // rotated: the stored attention inputs
+  round_output(*kv_b_proj_, ctx.k_states);
 }
 
 Tensor Mla::forward(const Tensor& x, const SequenceInfo& seq, MlaContext& ctx) const {
@@ -100,6 +102,7 @@ Tensor Mla::forward(const Tensor& x, const SequenceInfo& seq, MlaContext& ctx) c
   ops::attention_forward(
       attention_4d(ctx.q_states, seq, nope_dim_ + rope_dim_), attention_4d(ctx.k_states, seq, nope_dim_ + rope_dim_),
       attention_4d(ctx.v_states, seq, v_dim_), softmax_scale_, seq.segment_ids, ctx.attn_out, ctx.lse);
+  round_output(*o_proj_, ctx.attn_out);
   Tensor y = linear(ctx.attn_out.view({T, heads_ * v_dim_}), *o_proj_);
   if (recompute_.rmsnorm) {
     ctx.q_latent_normed = Tensor();

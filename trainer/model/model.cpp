@@ -37,7 +37,8 @@ double mean_loss_grad(const ops::CrossEntropyResult& ce, double weight) {
 
 }  // namespace
 
-Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, RecomputePolicy recompute)
+Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, RecomputePolicy recompute,
+             const PrecisionPolicy& precision)
     : config_(config),
       dtype_(compute_dtype),
       params_(compute_dtype),
@@ -46,8 +47,14 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
     throw std::invalid_argument("Model: compute dtype must be f32 or f64, got " +
                                 std::string(dtype_name(compute_dtype)));
   }
+  if (compute_dtype != DType::f32 && !precision.full_precision()) {
+    throw std::invalid_argument(
+        "Model: FP8 GEMMs and bf16 activations need compute dtype f32 (f64 is the reference path)");
+  }
   for (ParamSpec& spec : model_param_specs(config_)) params_.add(std::move(spec));
   params_.initialize(seed);
+  // before the modules are built: they read their weights' precision
+  for (Parameter& p : params_) p.precision = precision.for_parameter(p.spec.name);
 
   embedding_.emplace(params_.at("model.embed_tokens.weight"));
   Parameter& head_weight = params_.at(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");

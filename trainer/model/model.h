@@ -25,6 +25,7 @@
 #include "trainer/model/moe.h"
 #include "trainer/model/mtp.h"
 #include "trainer/model/parameters.h"
+#include "trainer/model/precision.h"
 #include "trainer/model/recompute.h"
 #include "trainer/model/sequence.h"
 
@@ -48,7 +49,10 @@ struct ExpertLoadStats {
 
 class Model {
  public:
-  Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, RecomputePolicy recompute = {});
+  // precision: FP8 GEMMs / bf16 activations (trainer/model/precision.h); the default is full
+  // precision. A non-default policy needs compute dtype f32 (throws std::invalid_argument).
+  Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, RecomputePolicy recompute = {},
+        const PrecisionPolicy& precision = {});
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 

@@ -15,6 +15,7 @@
 
 #include "kernels/tensor.h"
 #include "trainer/model/config.h"
+#include "trainer/model/precision.h"
 
 namespace dsx {
 
@@ -62,6 +63,7 @@ struct Parameter {
   ParamSpec spec;
   Tensor value;
   Tensor grad;
+  LinearPrecision precision;  // how the owning module computes (trainer/model/precision.h); set by Model
 };
 
 // Values and gradients by name, kept in registration order. References to entries stay valid

@@ -67,7 +67,7 @@ Trainer::Trainer(Recipe recipe, TrainerOptions options)
   std::filesystem::create_directories(run_dir_);
   std::ofstream(run_dir_ / "recipe.yaml") << to_yaml(recipe_);
   model_ = std::make_unique<Model>(recipe_.model, recipe_.model.dtype, static_cast<uint64_t>(recipe_.train.seed),
-                                   recompute_policy(recipe_.train));
+                                   recompute_policy(recipe_.train), precision_policy(recipe_.precision));
   optimizer_ = std::make_unique<AdamW>(model_->parameters(), recipe_.optim);
   data_ = make_data_feed(recipe_, 0, 1);
   if (recipe_.logging.jsonl) metrics_log_ = std::make_unique<MetricsLog>((run_dir_ / "metrics.jsonl").string());
