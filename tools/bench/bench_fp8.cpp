@@ -16,19 +16,17 @@
 
 #include "kernels/ops/fp8.h"
 #include "kernels/tensor.h"
+#include "tools/bench/bench_common.h"
 #include "kernels/threading.h"
 
 namespace {
+
+using dsx::bench::seconds_of;
 
 using dsx::DType;
 using dsx::Tensor;
 using dsx::ops::Fp8Matrix;
 using dsx::ops::Fp8Scaling;
-
-struct Options {
-  bool quick = false;
-  int repetitions = 5;
-};
 
 struct Size {
   int64_t m;  // tokens
@@ -56,32 +54,6 @@ void print_help() {
       "Shapes are M x K x N; 2·M·K·N flops per GEMM.");
 }
 
-// Returns false (after printing why) when the command line is not understood.
-bool parse(int argc, char** argv, Options& options) {
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      print_help();
-      std::exit(0);
-    } else if (arg == "--quick") {
-      options.quick = true;
-      options.repetitions = 2;
-    } else if (arg == "--reps" && i + 1 < argc) {
-      char* end = nullptr;
-      const long reps = std::strtol(argv[++i], &end, 10);
-      if (*end != '\0' || reps < 1 || reps > 1000) {
-        std::fprintf(stderr, "bench_fp8: --reps needs an integer in [1, 1000], got '%s'\n", argv[i]);
-        return false;
-      }
-      options.repetitions = static_cast<int>(reps);
-    } else {
-      std::fprintf(stderr, "bench_fp8: unknown argument '%s' (try --help)\n", arg.c_str());
-      return false;
-    }
-  }
-  return true;
-}
-
 Tensor random_matrix(int64_t rows, int64_t cols, uint64_t seed) {
   Tensor t = Tensor::empty({rows, cols}, DType::f32);
   std::mt19937 gen(static_cast<uint32_t>(seed));
@@ -89,12 +61,6 @@ Tensor random_matrix(int64_t rows, int64_t cols, uint64_t seed) {
   float* p = t.data<float>();
   for (int64_t i = 0; i < t.numel(); ++i) p[i] = dist(gen);
   return t;
-}
-
-double seconds_of(const std::function<void()>& call) {
-  const auto start = std::chrono::steady_clock::now();
-  call();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 // Best of `repetitions` after one warm-up.
@@ -163,8 +129,8 @@ double bench_gemm(const Size& s, int repetitions) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Options options;
-  if (!parse(argc, argv, options)) return 2;
+  dsx::bench::Options options{.quick = false, .repetitions = 5};
+  if (!dsx::bench::parse_options("bench_fp8", argc, argv, 2, print_help, options)) return 2;
   const char* omp_env = std::getenv("OMP_NUM_THREADS");
   std::printf("bench_fp8: OMP_NUM_THREADS=%s, dsx threads %d, OpenBLAS threads %d (%s)\n",
               omp_env ? omp_env : "(unset)", dsx::cpu_threads(), openblas_get_num_threads(), openblas_get_config());
