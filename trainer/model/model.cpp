@@ -85,7 +85,7 @@ SequenceInfo Model::sequence_info(const Batch& batch) {
 
 // Depth k reads token t_{i+k} and predicts targets[i + k] (= t_{i+k+1}). Positions whose
 // shifted token lies past the end of the row, or in another document of a packed row, have no
-// target: their ids are set to 0 (never read: the target is -100, so the position is ignored).
+// target: their ids are set to 0 (embedded like any token) and their targets to -100, so the loss drops them.
 void Model::prepare_mtp_inputs(const Batch& batch, int64_t depth, MtpContext& ctx) const {
   const int64_t B = batch.inputs.dim(0), S = batch.inputs.dim(1);
   ctx.ids = Tensor::empty({B * S}, DType::i32);
