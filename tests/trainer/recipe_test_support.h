@@ -9,6 +9,7 @@
 
 #include "data/dataset.h"
 #include "kernels/error.h"
+#include "tests/support/temp_dir.h"
 
 namespace dsx::test {
 
@@ -35,25 +36,7 @@ std::string user_error_of(F&& f) {
   return "";
 }
 
-// A fresh directory under the system temp dir, removed with its contents at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "dsx-recipe-test-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  std::filesystem::path path_;
-};
+using TempDir = dsx::test::TempDir;
 
 // A one-document token dataset made with `tokenizer_hash` and a vocabulary of `vocab` tokens.
 inline std::string write_dataset(const std::string& dir, int64_t vocab, const std::string& tokenizer_hash) {

@@ -16,6 +16,7 @@
 #include "support/gradcheck.h"
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/checkpoint/inspect.h"
+#include "tests/support/temp_dir.h"
 
 using namespace dsx;
 using namespace dsx::ckpt;
@@ -25,27 +26,7 @@ using nlohmann::json;
 
 namespace {
 
-// A fresh directory under the system temp dir, removed with everything in it at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path_ =
-        fs::temp_directory_path() / ("dsx-ckpt-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
+using TempDir = dsx::test::TempDir;
 
 bool same_bytes(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.shape() == b.shape() &&

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "trainer/checkpoint/checkpoint.h"
+#include "tests/support/temp_dir.h"
 
 using namespace dsx;
 using namespace dsx::ckpt;
@@ -27,26 +28,7 @@ using nlohmann::json;
 
 namespace {
 
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path_ =
-        fs::temp_directory_path() / ("dsx-ckpt-proc-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
+using TempDir = dsx::test::TempDir;
 
 // A pipe whose ends close on destruction.
 struct Pipe {
