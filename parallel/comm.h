@@ -5,7 +5,8 @@
 // starts the transfer and returns a CommHandle; the tensors it was given must not be touched
 // until wait() returns or test() has returned true (the handle keeps their storage alive).
 //
-// Tensors are contiguous CPU tensors of dtype f32, f64, bf16, i32 or i64. Reductions are sums.
+// Tensors are contiguous CPU tensors of dtype f32, f64, bf16, i32 or i64, and FP8 (e4m3, e5m2)
+// for the operations that only move data. Reductions are sums.
 // bf16 sums are computed in f32: the tensor is widened into a f32 buffer, reduced, and rounded
 // back once at completion — one rounding instead of one per reduction step, and the result
 // does not depend on the reduction order MPI picks (it is the f32 sum, rounded).
@@ -93,6 +94,7 @@ struct MeshComms {
 // Shape/dtype checks shared by the backends; throw std::invalid_argument("comm <op>: ...").
 void check_comm_tensor(const Tensor& t, std::string_view op, std::string_view name);
 void check_same_layout(const Tensor& a, const Tensor& b, std::string_view op);
+void check_reducible(const Tensor& t, std::string_view op);  // not FP8
 int64_t row_elements(const Tensor& t);  // elements per row along dim 0 (1 for 1-D tensors)
 
 }  // namespace dsx

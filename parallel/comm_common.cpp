@@ -35,8 +35,18 @@ void check_comm_tensor(const Tensor& t, std::string_view op, std::string_view na
   check(t.defined(), where, [&] { return std::string(name) + " is undefined"; });
   check_cpu(t, where, name);
   const DType d = t.dtype();
-  check(d == DType::f32 || d == DType::f64 || d == DType::bf16 || d == DType::i32 || d == DType::i64, where, [&] {
-    return std::string(name) + " has dtype " + std::string(dtype_name(d)) + "; use f32, f64, bf16, i32 or i64";
+  check(d == DType::f32 || d == DType::f64 || d == DType::bf16 || d == DType::i32 || d == DType::i64 ||
+            d == DType::fp8_e4m3 || d == DType::fp8_e5m2,
+        where, [&] {
+          return std::string(name) + " has dtype " + std::string(dtype_name(d)) +
+                 "; use f32, f64, bf16, fp8_e4m3, fp8_e5m2, i32 or i64";
+        });
+}
+
+void check_reducible(const Tensor& t, std::string_view op) {
+  const DType d = t.dtype();
+  check(d != DType::fp8_e4m3 && d != DType::fp8_e5m2, "comm " + std::string(op), [&] {
+    return "cannot sum " + std::string(dtype_name(d)) + " tensors (FP8 is moved, never reduced; widen it first)";
   });
 }
 

@@ -200,6 +200,9 @@ MPI_Datatype mpi_type(DType d) {
       return MPI_DOUBLE;
     case DType::bf16:
       return MPI_UINT16_T;  // moved as bits; sums go through f32
+    case DType::fp8_e4m3:
+    case DType::fp8_e5m2:
+      return MPI_UINT8_T;  // moved as bits; never summed
     case DType::i32:
       return MPI_INT32_T;
     case DType::i64:
@@ -340,6 +343,7 @@ class MpiCommunicator final : public Communicator {
 
   CommHandle all_reduce(const Tensor& t) override {
     check_comm_tensor(t, "all_reduce", "tensor");
+    check_reducible(t, "all_reduce");
     auto op = collective("all_reduce");
     if (t.dtype() == DType::bf16) {
       Tensor wide = t.to(DType::f32);
@@ -358,6 +362,7 @@ class MpiCommunicator final : public Communicator {
   CommHandle reduce_scatter(const Tensor& in, const Tensor& out) override {
     check_comm_tensor(in, "reduce_scatter", "in");
     check_comm_tensor(out, "reduce_scatter", "out");
+    check_reducible(in, "reduce_scatter");
     check_same_layout(in, out, "reduce_scatter");
     check(in.dim(0) == size() * out.dim(0), "comm reduce_scatter", [&] {
       return "in " + in.describe() + " must have " + std::to_string(size()) + " x the rows of out " + out.describe();

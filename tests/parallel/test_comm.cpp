@@ -118,6 +118,14 @@ TEST_CASE("comm: bad arguments are refused before anything is sent", "[comm]") {
     REQUIRE_THROWS_WITH(exchange_counts(*world, std::vector<int64_t>{1, 2}),
                         Catch::Contains("2 counts for a group of 1"));
   }
+  SECTION("FP8 rows move bit for bit, and are never summed") {
+    Tensor bits = Tensor::empty({3, 2}, DType::fp8_e4m3);
+    for (int64_t i = 0; i < 6; ++i) bits.data<fp8_e4m3>()[i].bits = static_cast<uint8_t>(0x31 + 17 * i);
+    Tensor out = Tensor::zeros({3, 2}, DType::fp8_e4m3);
+    world->all_to_all_v(bits, std::vector<int64_t>{3}, out, std::vector<int64_t>{3}).wait();
+    for (int64_t i = 0; i < 6; ++i) REQUIRE(out.data<fp8_e4m3>()[i].bits == bits.data<fp8_e4m3>()[i].bits);
+    REQUIRE_THROWS_WITH(world->reduce_scatter(bits, out), Catch::Contains("cannot sum fp8_e4m3"));
+  }
   SECTION("dtype and shape mismatches") {
     REQUIRE_THROWS_WITH(world->all_reduce(Tensor::zeros({4}, DType::fp8_e4m3)), Catch::Contains("fp8_e4m3"));
     REQUIRE_THROWS_WITH(world->all_gather(f, Tensor::zeros({4, 2}, DType::f64)), Catch::Contains("dtypes differ"));
