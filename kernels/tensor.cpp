@@ -1,5 +1,7 @@
 #include "kernels/tensor.h"
 
+#include <malloc.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -25,8 +27,17 @@ int64_t shape_numel(const Shape& s) {
 }
 
 namespace {
+// Host buffers come from glibc malloc, tuned once so that large freed buffers are kept for the
+// next allocation instead of being unmapped: a training step allocates the same sizes every
+// micro-batch, and a fresh mmap costs a page fault per 4 KiB on first touch (measured: 80 MB of
+// faults per MoE dispatch round trip, 2x its time). Peak memory is unchanged; the heap simply
+// does not shrink — what a GPU caching allocator does too.
 class CpuAllocator final : public Allocator {
  public:
+  CpuAllocator() {
+    mallopt(M_MMAP_THRESHOLD, 1 << 30);  // fixed (no dynamic threshold): buffers < 1 GiB from the heap
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);  // return memory to the OS only beyond 1 GiB free at the top
+  }
   void* allocate(size_t bytes) override {
     if (bytes == 0) return nullptr;
     const size_t rounded = (bytes + 63) / 64 * 64;
