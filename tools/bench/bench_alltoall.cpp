@@ -14,10 +14,14 @@
 #include <cstdio>
 #include <vector>
 
+#include "bench_mpi.h"
 #include "kernels/error.h"
 #include "parallel/comm_mpi.h"
 
 using namespace dsx;
+using dsx::bench::median;
+using dsx::bench::now_s;
+using dsx::bench::timed;
 
 namespace {
 
@@ -29,10 +33,6 @@ struct Options {
   int warmup = 3;
 };
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 // Uneven routing, as a skewed router produces: destination q gets a weight that varies with
 // (rank, q); every rank sends exactly `tokens` rows in all.
 std::vector<int64_t> routing_counts(int rank, int n, int64_t tokens) {
@@ -43,22 +43,6 @@ std::vector<int64_t> routing_counts(int rank, int n, int64_t tokens) {
   for (int q = 0; q < n; ++q) assigned += counts[q] = tokens * weights[q] / total_weight;
   counts[rank] += tokens - assigned;
   return counts;
-}
-
-// Slowest rank's time of f().
-template <class F>
-double timed(F&& f) {
-  MPI_Barrier(MPI_COMM_WORLD);
-  const double start = now_s();
-  f();
-  double elapsed = now_s() - start, slowest = 0;
-  MPI_Allreduce(&elapsed, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  return slowest;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 }  // namespace

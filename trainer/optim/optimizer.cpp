@@ -41,4 +41,21 @@ std::vector<AdamW::StateTensor> AdamW::state_tensors() {
   return out;
 }
 
+std::vector<ckpt::TensorSlice> AdamW::state_slices() {
+  std::vector<ckpt::TensorSlice> out;
+  for (const StateTensor& s : state_tensors()) {
+    const int64_t n = s.tensor->numel();
+    out.push_back({s.name, {n}, {0}, s.tensor->view({n})});
+  }
+  return out;
+}
+
+std::vector<ckpt::LoadRequest> AdamW::state_requests() {
+  std::vector<ckpt::LoadRequest> out;
+  for (ckpt::TensorSlice& s : state_slices()) {  // the whole flattened tensors, read back in place
+    out.push_back({std::move(s.name), std::move(s.global_shape), std::move(s.offset), std::move(s.data)});
+  }
+  return out;
+}
+
 }  // namespace dsx

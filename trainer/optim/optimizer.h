@@ -1,6 +1,12 @@
-// AdamW over a ParameterStore: fp32 (or f64) master weights are the store's values, moments
-// in the recipe's precision (fp32 or bf16), decoupled weight decay only where both the
-// parameter's spec and the recipe's no_decay patterns allow it, global-norm clipping.
+// The optimizer interface the training loop drives, and AdamW over a ParameterStore in one
+// process: fp32 (or f64) master weights are the store's values, moments in the recipe's
+// precision (fp32 or bf16), decoupled weight decay only where both the parameter's spec and the
+// recipe's no_decay patterns allow it, global-norm clipping. The data-parallel version (gradient
+// buckets, ZeRO-1) is trainer/optim/distributed_optimizer.h.
+//
+// Checkpointed state: the moments as 1-D slices of the flattened tensors, named
+// "optim.exp_avg.<param>" / "optim.exp_avg_sq.<param>" with global shape {numel}, so a shard of
+// any layout (a ZeRO range of a flattened bucket) is a box and loads into any other layout.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -8,19 +14,37 @@
 
 #include "kernels/ops/adamw.h"
 #include "kernels/tensor.h"
+#include "trainer/checkpoint/checkpoint.h"
 #include "trainer/model/parameters.h"
 #include "trainer/recipe/recipe.h"
 
 namespace dsx {
 
-class AdamW {
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  // The gradient of p is final for this step (reported during the last micro-batch's backward).
+  virtual void grad_ready(Parameter& p) { (void)p; }
+  // Clip, update; returns the global gradient norm before clipping.
+  virtual double step(double lr) = 0;
+  virtual int64_t steps_taken() const = 0;
+  virtual void set_steps_taken(int64_t step) = 0;
+  virtual std::vector<ckpt::TensorSlice> state_slices() = 0;   // what this rank writes
+  virtual std::vector<ckpt::LoadRequest> state_requests() = 0;  // what this rank reads back
+  // Seconds blocked on gradient/parameter communication since the last call.
+  virtual double take_exposed_comm_s() { return 0; }
+};
+
+class AdamW : public Optimizer {
  public:
   AdamW(ParameterStore& params, const OptimSection& config);
 
   // Clips the gradients to optim.grad_clip (global norm over every trainable parameter), then
   // updates every trainable parameter with learning rate lr. Returns the norm before clipping.
-  double step(double lr);
-  int64_t steps_taken() const { return step_; }
+  double step(double lr) override;
+  int64_t steps_taken() const override { return step_; }
+  std::vector<ckpt::TensorSlice> state_slices() override;
+  std::vector<ckpt::LoadRequest> state_requests() override;
 
   // Optimizer state for checkpoints: names "optim.exp_avg.<param>" / "optim.exp_avg_sq.<param>".
   struct StateTensor {
@@ -28,7 +52,7 @@ class AdamW {
     Tensor* tensor;
   };
   std::vector<StateTensor> state_tensors();
-  void set_steps_taken(int64_t step) { step_ = step; }
+  void set_steps_taken(int64_t step) override { step_ = step; }
   bool decays(const Parameter& p) const;
 
  private:
