@@ -14,7 +14,7 @@ std::string layer_prefix(int64_t layer) {
 }  // namespace
 
 DecoderLayer::DecoderLayer(ParameterStore& params, int64_t layer, const ModelConfig& config,
-                           const RecomputePolicy& recompute)
+                           const RecomputePolicy& recompute, const ModelParallel& parallel)
     : recompute_(recompute),
       input_norm_(params.at(layer_prefix(layer) + "input_layernorm.weight"), config.rms_norm_eps),
       post_attention_norm_(params.at(layer_prefix(layer) + "post_attention_layernorm.weight"), config.rms_norm_eps),
@@ -22,7 +22,7 @@ DecoderLayer::DecoderLayer(ParameterStore& params, int64_t layer, const ModelCon
       bf16_residual_(params.at(layer_prefix(layer) + "input_layernorm.weight").precision.bf16_output) {
   const std::string p = layer_prefix(layer) + "mlp.";
   if (config.is_moe_layer(layer)) {
-    moe_.emplace(params, p, layer, config, recompute);
+    moe_.emplace(params, p, layer, config, recompute, parallel);
   } else {
     mlp_.emplace(params.at(p + "gate_proj.weight"), params.at(p + "up_proj.weight"), params.at(p + "down_proj.weight"),
                  /*recompute_act=*/false);

@@ -24,7 +24,8 @@ struct DecoderLayerContext {
 
 class DecoderLayer {
  public:
-  DecoderLayer(ParameterStore& params, int64_t layer, const ModelConfig& config, const RecomputePolicy& recompute);
+  DecoderLayer(ParameterStore& params, int64_t layer, const ModelConfig& config, const RecomputePolicy& recompute,
+               const ModelParallel& parallel = {});
   // Returns the output; ctx.balance_loss holds the layer's balance loss.
   Tensor forward(const Tensor& x, const SequenceInfo& seq, DecoderLayerContext& ctx);
   Tensor backward_input(const Tensor& x, const Tensor& dy, const SequenceInfo& seq, double loss_scale,

@@ -38,7 +38,7 @@ double mean_loss_grad(const ops::CrossEntropyResult& ce, double weight) {
 }  // namespace
 
 Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, RecomputePolicy recompute,
-             const PrecisionPolicy& precision)
+             const PrecisionPolicy& precision, const ModelParallel& parallel)
     : config_(config),
       dtype_(compute_dtype),
       params_(compute_dtype),
@@ -51,7 +51,13 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
     throw std::invalid_argument(
         "Model: FP8 GEMMs and bf16 activations need compute dtype f32 (f64 is the reference path)");
   }
-  for (ParamSpec& spec : model_param_specs(config_)) params_.add(std::move(spec));
+  const LocalExperts local = config_.n_routed_experts > 0
+                                 ? local_experts(config_.n_routed_experts, parallel.ep_size(), parallel.ep_rank())
+                                 : LocalExperts{};
+  for (ParamSpec& spec : model_param_specs(config_)) {
+    if (spec.shard.axis == ShardAxis::expert && !local.holds(spec.shard.expert_index)) continue;  // another EP rank's
+    params_.add(std::move(spec));
+  }
   params_.initialize(seed);
   // before the modules are built: they read their weights' precision
   for (Parameter& p : params_) p.precision = precision.for_parameter(p.spec.name);
@@ -60,11 +66,33 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
   Parameter& head_weight = params_.at(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
   layers_.reserve(static_cast<size_t>(config_.num_hidden_layers));
   mtp_.reserve(static_cast<size_t>(config_.num_nextn_predict_layers));
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) layers_.emplace_back(params_, l, config_, recompute);
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) layers_.emplace_back(params_, l, config_, recompute, parallel);
   head_.emplace(params_.at("model.norm.weight"), head_weight, config_.rms_norm_eps);
   for (int64_t k = 0; k < config_.num_nextn_predict_layers; ++k) {
-    mtp_.emplace_back(params_, config_.num_hidden_layers + k, config_, recompute, *embedding_, head_weight);
+    mtp_.emplace_back(params_, config_.num_hidden_layers + k, config_, recompute, *embedding_, head_weight, parallel);
   }
+  group_params_by_module();
+}
+
+void Model::group_params_by_module() {
+  const std::string layer_prefix = "model.layers.";
+  layer_params_.assign(static_cast<size_t>(config_.num_hidden_layers + config_.num_nextn_predict_layers), {});
+  for (Parameter& p : params_) {
+    if (!p.spec.trainable) continue;
+    const std::string& name = p.spec.name;
+    if (name == "model.embed_tokens.weight") {
+      embedding_params_.push_back(&p);
+    } else if (name.starts_with(layer_prefix)) {
+      layer_params_.at(std::stoul(name.substr(layer_prefix.size()))).push_back(&p);
+    } else {
+      head_params_.push_back(&p);  // model.norm, lm_head
+    }
+  }
+}
+
+void Model::grads_ready(const std::vector<Parameter*>& params) const {
+  if (!grad_ready_hook_) return;
+  for (Parameter* p : params) grad_ready_hook_(*p);
 }
 
 SequenceInfo Model::sequence_info(const Batch& batch) {
@@ -153,15 +181,19 @@ void Model::backward(double loss_scale) {
     MtpContext& ctx = mb.mtp[k];
     d_next = mtp_[k].backward_input(h_prev, mean_loss_grad(ctx.head.ce, mtp_weight), d_next, mb.seq, loss_scale, ctx);
     mtp_[k].backward_weight(h_prev, ctx);
+    grads_ready(layer_params_[static_cast<size_t>(L) + k]);
   }
 
   Tensor dh = head_->backward_input(mb.hidden[L], mean_loss_grad(mb.head.ce, loss_scale), d_next, mb.head);
   head_->backward_weight(mb.hidden[L], mb.head);
+  grads_ready(head_params_);
   for (int64_t l = L - 1; l >= 0; --l) {
     dh = layers_[l].backward_input(mb.hidden[l], dh, mb.seq, loss_scale, mb.layers[l]);
     layers_[l].backward_weight(mb.hidden[l], mb.layers[l]);
+    grads_ready(layer_params_[static_cast<size_t>(l)]);
   }
   embedding_->backward_weight(mb.ids, dh);
+  grads_ready(embedding_params_);
   micro_batch_.reset();
 }
 

@@ -8,11 +8,13 @@
 namespace dsx {
 
 Moe::Moe(ParameterStore& params, const std::string& prefix, int64_t layer, const ModelConfig& config,
-         const RecomputePolicy& recompute)
+         const RecomputePolicy& recompute, const ModelParallel& parallel)
     : layer_(layer),
       balance_alpha_(config.seq_aux_loss_alpha),
       gate_(&params.at(prefix + "gate.weight")),
       bias_(&params.at(prefix + "gate.e_score_correction_bias")),
+      parallel_(parallel),
+      routes_(config.n_routed_experts, parallel),
       load_(static_cast<size_t>(config.n_routed_experts), 0),
       last_load_(static_cast<size_t>(config.n_routed_experts), 0) {
   router_.n_experts = config.n_routed_experts;
@@ -23,7 +25,8 @@ Moe::Moe(ParameterStore& params, const std::string& prefix, int64_t layer, const
       config.scoring_func == "softmax" ? ops::RouterConfig::Scoring::softmax : ops::RouterConfig::Scoring::sigmoid;
   router_.norm_topk_prob = config.norm_topk_prob;
   router_.routed_scaling_factor = config.routed_scaling_factor;
-  for (int64_t e = 0; e < config.n_routed_experts; ++e) {
+  const LocalExperts& local = routes_.local();
+  for (int64_t e = local.first; e < local.first + local.count; ++e) {
     const std::string p = prefix + "experts." + std::to_string(e) + ".";
     experts_.emplace_back(params.at(p + "gate_proj.weight"), params.at(p + "up_proj.weight"),
                           params.at(p + "down_proj.weight"), recompute.moe_act);
@@ -33,6 +36,35 @@ Moe::Moe(ParameterStore& params, const std::string& prefix, int64_t layer, const
     shared_.emplace(params.at(p + "gate_proj.weight"), params.at(p + "up_proj.weight"),
                     params.at(p + "down_proj.weight"), recompute.moe_act);
   }
+}
+
+namespace {
+
+// Token ranges of the chunks: two halves with overlap (when there are two tokens), else one.
+std::vector<ExpertRouter::TokenRange> chunk_ranges(int64_t T, bool overlap) {
+  if (!overlap || T < 2) return {{0, T}};
+  return {{0, T / 2}, {T / 2, T}};
+}
+
+}  // namespace
+
+// Lets every chunk's transfer in flight advance (between pieces of compute).
+void Moe::progress(MoeContext& ctx) const {
+  for (MoeChunk& c : ctx.chunks) routes_.progress(c.dispatch);
+}
+
+// Each local expert computes its contiguous rows of chunk.expert_x.
+void Moe::run_experts(MoeChunk& chunk, MoeContext& ctx) const {
+  const std::vector<int64_t>& off = chunk.dispatch.local_offsets;
+  Tensor expert_y = empty_like(chunk.expert_x, chunk.expert_x.shape());
+  chunk.experts.assign(experts_.size(), MlpContext{});
+  for (size_t j = 0; j < experts_.size(); ++j) {
+    if (off[j] == off[j + 1]) continue;  // no token chose this expert
+    Tensor rows_out = expert_y.slice(off[j], off[j + 1]);
+    experts_[j].forward(chunk.expert_x.slice(off[j], off[j + 1]), chunk.experts[j], rows_out);
+    progress(ctx);
+  }
+  chunk.in_flight = routes_.start_from_experts(expert_y, chunk.dispatch);
 }
 
 Tensor Moe::forward(const Tensor& x, const SequenceInfo& seq, MoeContext& ctx, bool record_load) {
@@ -46,24 +78,36 @@ Tensor Moe::forward(const Tensor& x, const SequenceInfo& seq, MoeContext& ctx, b
                          ? ops::balance_loss_forward(router_, ctx.scores, ctx.expert_ids, seq.batch, balance_alpha_)
                          : 0.0;
 
-  ctx.plan = ops::moe_plan(ctx.expert_ids, E);
-  ctx.permuted_x = empty_like(x, {T * K, x.dim(1)});
-  ops::moe_permute(x, ctx.plan, ctx.permuted_x);
-  ctx.permuted_y = empty_like(x, {T * K, x.dim(1)});
-  ctx.experts.assign(static_cast<size_t>(E), MlpContext{});
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t begin = ctx.plan.expert_offsets[e], end = ctx.plan.expert_offsets[e + 1];
-    if (begin == end) continue;  // no token chose this expert
-    Tensor rows_out = ctx.permuted_y.slice(begin, end);
-    experts_[e].forward(ctx.permuted_x.slice(begin, end), ctx.experts[e], rows_out);
+  // dispatch every chunk, then compute each as its rows arrive and send the outputs back
+  const std::vector<ExpertRouter::TokenRange> ranges = chunk_ranges(T, parallel_.overlap_a2a);
+  std::vector<Dispatch> routes = routes_.plan(ctx.expert_ids, ranges);
+  ctx.chunks.resize(ranges.size());
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    MoeChunk& c = ctx.chunks[i];
+    c.begin = ranges[i].begin;
+    c.end = ranges[i].end;
+    c.dispatch = std::move(routes[i]);
+    c.permuted_x = empty_like(x, {(c.end - c.begin) * K, x.dim(1)});
+    ops::moe_permute(x.slice(c.begin, c.end), c.dispatch.plan, c.permuted_x);
+    c.in_flight = routes_.start_to_experts(c.permuted_x, c.dispatch, Transfer::dispatch);
+  }
+  Tensor shared_y;
+  if (shared_) {  // while the dispatches are in flight
+    shared_y = empty_like(x, x.shape());
+    shared_->forward(x, ctx.shared, shared_y);
+  }
+  for (MoeChunk& c : ctx.chunks) {
+    c.expert_x = routes_.finish_to_experts(c.dispatch, c.in_flight);
+    run_experts(c, ctx);  // starts the combine
   }
   Tensor y = empty_like(x, x.shape());
-  ops::moe_unpermute(ctx.permuted_y, ctx.weights, ctx.plan, y);
-  if (shared_) {
-    Tensor shared_y = empty_like(x, x.shape());
-    shared_->forward(x, ctx.shared, shared_y);
-    ops::add_(y, shared_y);
+  for (MoeChunk& c : ctx.chunks) {
+    c.permuted_y = routes_.finish_from_experts(c.dispatch, c.in_flight, x.dtype());
+    c.in_flight = Tensor();
+    Tensor y_rows = y.slice(c.begin, c.end);
+    ops::moe_unpermute(c.permuted_y, ctx.weights.slice(c.begin, c.end), c.dispatch.plan, y_rows);
   }
+  if (shared_) ops::add_(y, shared_y);
 
   if (record_load) {
     Tensor counts = Tensor::empty({E}, DType::i64, x.device());
@@ -75,24 +119,44 @@ Tensor Moe::forward(const Tensor& x, const SequenceInfo& seq, MoeContext& ctx, b
   return y;
 }
 
-Tensor Moe::backward_input(const Tensor& dy, const SequenceInfo& seq, double balance_loss_grad, MoeContext& ctx) const {
-  const int64_t T = dy.dim(0), K = router_.top_k, E = router_.n_experts;
-  Tensor dx = Tensor::zeros(dy.shape(), dy.dtype(), dy.device());
-  if (shared_) shared_->backward_input(dy, ctx.shared, dx);
-
-  Tensor d_permuted_y = empty_like(dy, {T * K, dy.dim(1)});
-  Tensor d_weights = empty_like(dy, {T, K});
-  ops::moe_unpermute_backward(dy, ctx.permuted_y, ctx.weights, ctx.plan, d_permuted_y, d_weights);
-  Tensor d_permuted_x = empty_like(dy, {T * K, dy.dim(1)});
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t begin = ctx.plan.expert_offsets[e], end = ctx.plan.expert_offsets[e + 1];
-    if (begin == end) continue;
-    Tensor rows_dx = d_permuted_x.slice(begin, end);
-    experts_[e].backward_input(d_permuted_y.slice(begin, end), ctx.experts[e], rows_dx);
+// Gradient of the local experts' input rows; starts sending it back to the tokens' ranks.
+Tensor Moe::experts_backward_input(MoeChunk& chunk, const Tensor& d_expert_y, MoeContext& ctx) const {
+  const std::vector<int64_t>& off = chunk.dispatch.local_offsets;
+  Tensor d_expert_x = empty_like(d_expert_y, d_expert_y.shape());
+  for (size_t j = 0; j < experts_.size(); ++j) {
+    if (off[j] == off[j + 1]) continue;
+    Tensor rows_dx = d_expert_x.slice(off[j], off[j + 1]);
+    experts_[j].backward_input(d_expert_y.slice(off[j], off[j + 1]), chunk.experts[j], rows_dx);
+    progress(ctx);
   }
-  Tensor d_routed = empty_like(dy, dy.shape());
-  ops::moe_permute_backward(d_permuted_x, ctx.plan, d_routed);
-  ops::add_(dx, d_routed);
+  return routes_.start_from_experts(d_expert_x, chunk.dispatch);
+}
+
+Tensor Moe::backward_input(const Tensor& dy, const SequenceInfo& seq, double balance_loss_grad, MoeContext& ctx) const {
+  const int64_t T = dy.dim(0), K = router_.top_k;
+  Tensor d_weights = empty_like(dy, {T, K});
+  for (MoeChunk& c : ctx.chunks) {  // the combine's backward: output gradients to the experts
+    Tensor d_permuted_y = empty_like(dy, {(c.end - c.begin) * K, dy.dim(1)});
+    Tensor d_weight_rows = d_weights.slice(c.begin, c.end);
+    ops::moe_unpermute_backward(dy.slice(c.begin, c.end), c.permuted_y, ctx.weights.slice(c.begin, c.end),
+                                c.dispatch.plan, d_permuted_y, d_weight_rows);
+    c.permuted_y = Tensor();
+    c.in_flight = routes_.start_to_experts(d_permuted_y, c.dispatch, Transfer::combine);
+  }
+  Tensor dx = Tensor::zeros(dy.shape(), dy.dtype(), dy.device());
+  if (shared_) shared_->backward_input(dy, ctx.shared, dx);  // while the gradients travel to the experts
+  for (MoeChunk& c : ctx.chunks) {  // the experts' backward, then the dispatch's backward
+    const Tensor d_expert_y = routes_.finish_to_experts(c.dispatch, c.in_flight);
+    c.in_flight = experts_backward_input(c, d_expert_y, ctx);
+  }
+  for (MoeChunk& c : ctx.chunks) {
+    const Tensor d_permuted_x = routes_.finish_from_experts(c.dispatch, c.in_flight, dy.dtype());
+    Tensor d_routed = empty_like(dy, {c.end - c.begin, dy.dim(1)});
+    ops::moe_permute_backward(d_permuted_x, c.dispatch.plan, d_routed);
+    c.in_flight = Tensor();
+    Tensor dx_rows = dx.slice(c.begin, c.end);
+    ops::add_(dx_rows, d_routed);
+  }
 
   // The router: gradient through the chosen experts' gate weights and the balance loss.
   ctx.d_logits = empty_like(dy, ctx.scores.shape());
@@ -102,22 +166,30 @@ Tensor Moe::backward_input(const Tensor& dy, const SequenceInfo& seq, double bal
                                ctx.d_logits);
   }
   ops::add_(dx, linear_input_grad(ctx.d_logits, *gate_));
-  ctx.permuted_y = Tensor();
   return dx;
 }
 
 void Moe::backward_weight(const Tensor& x, MoeContext& ctx) const {
   linear_weight_grad(ctx.d_logits, x, *gate_);
-  for (size_t e = 0; e < experts_.size(); ++e) {
-    const int64_t begin = ctx.plan.expert_offsets[e], end = ctx.plan.expert_offsets[e + 1];
-    if (begin == end) continue;
-    experts_[e].backward_weight(ctx.permuted_x.slice(begin, end), ctx.experts[e]);
+  for (MoeChunk& c : ctx.chunks) {
+    const std::vector<int64_t>& off = c.dispatch.local_offsets;
+    for (size_t j = 0; j < experts_.size(); ++j) {
+      if (off[j] == off[j + 1]) continue;
+      experts_[j].backward_weight(c.expert_x.slice(off[j], off[j + 1]), c.experts[j]);
+    }
   }
   if (shared_) shared_->backward_weight(x, ctx.shared);
   ctx = {};
 }
 
 void Moe::update_bias(double gamma) {
+  if (parallel_.dp && parallel_.dp->size() > 1) {
+    Tensor global = Tensor::from<int64_t>(std::span<const int64_t>(load_), {router_.n_experts});
+    CommHandle h = parallel_.dp->all_reduce(global);
+    timed_wait(h, parallel_.timer);
+    const int64_t* g = global.data<int64_t>();
+    load_.assign(g, g + router_.n_experts);
+  }
   Tensor counts = Tensor::from<int64_t>(std::span<const int64_t>(load_), {router_.n_experts});
   ops::router_update_bias(counts, gamma, bias_->value);
   last_load_ = load_;

@@ -7,13 +7,13 @@
 namespace dsx {
 
 MtpModule::MtpModule(ParameterStore& params, int64_t layer, const ModelConfig& config, const RecomputePolicy& recompute,
-                     const Embedding& embedding, Parameter& head_weight)
+                     const Embedding& embedding, Parameter& head_weight, const ModelParallel& parallel)
     : hidden_(config.hidden_size),
       embedding_(&embedding),
       enorm_(params.at("model.layers." + std::to_string(layer) + ".enorm.weight"), config.rms_norm_eps),
       hnorm_(params.at("model.layers." + std::to_string(layer) + ".hnorm.weight"), config.rms_norm_eps),
       eh_proj_(&params.at("model.layers." + std::to_string(layer) + ".eh_proj.weight")),
-      block_(params, layer, config, recompute),
+      block_(params, layer, config, recompute, parallel),
       head_(params.at("model.layers." + std::to_string(layer) + ".shared_head.norm.weight"), head_weight,
             config.rms_norm_eps) {}
 

@@ -33,7 +33,7 @@ struct MtpContext {
 class MtpModule {
  public:
   MtpModule(ParameterStore& params, int64_t layer, const ModelConfig& config, const RecomputePolicy& recompute,
-            const Embedding& embedding, Parameter& head_weight);
+            const Embedding& embedding, Parameter& head_weight, const ModelParallel& parallel = {});
   // h_prev [T, D]; ctx.ids and ctx.targets must be set. The loss is in ctx.head.ce.
   void forward(const Tensor& h_prev, const SequenceInfo& seq, MtpContext& ctx);
   // Returns the gradient for h_prev. loss_grad as for OutputHead; d_normed_extra: gradient from
