@@ -50,7 +50,8 @@ TEST_CASE("MoE layers split into two overlapping chunks give the same losses and
   const ModelConfig config = test::tiny_config();
   const StepResult whole = accumulate_two_micro_batches(config, DType::f64, {});
   const StepResult chunked = accumulate_two_micro_batches(config, DType::f64, {}, ModelParallel{.overlap_a2a = true});
-  for (size_t i = 0; i < whole.losses.size(); ++i) CHECK(chunked.losses[i].total == Approx(whole.losses[i].total).epsilon(1e-13));
+  for (size_t i = 0; i < whole.losses.size(); ++i)
+    CHECK(chunked.losses[i].total == Approx(whole.losses[i].total).epsilon(1e-13));
   REQUIRE(chunked.grads.size() == whole.grads.size());
   for (const auto& [name, grad] : chunked.grads) {
     INFO(name);

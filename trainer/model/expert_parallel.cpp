@@ -15,8 +15,9 @@ void timed_wait(CommHandle& h, CommTimer* timer) {
 
 LocalExperts local_experts(int64_t n_routed_experts, int ep_size, int ep_rank) {
   if (ep_size < 1 || n_routed_experts % ep_size != 0) {
-    throw UserError("parallel.ep: " + std::to_string(n_routed_experts) + " routed experts cannot be split evenly over " +
-                    std::to_string(ep_size) + " expert-parallel ranks");
+    throw UserError("parallel.ep: " + std::to_string(n_routed_experts) +
+                    " routed experts cannot be split evenly over " + std::to_string(ep_size) +
+                    " expert-parallel ranks");
   }
   const int64_t count = n_routed_experts / ep_size;
   return {count * ep_rank, count};

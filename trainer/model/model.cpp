@@ -66,7 +66,8 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
   Parameter& head_weight = params_.at(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
   layers_.reserve(static_cast<size_t>(config_.num_hidden_layers));
   mtp_.reserve(static_cast<size_t>(config_.num_nextn_predict_layers));
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) layers_.emplace_back(params_, l, config_, recompute, parallel);
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l)
+    layers_.emplace_back(params_, l, config_, recompute, parallel);
   head_.emplace(params_.at("model.norm.weight"), head_weight, config_.rms_norm_eps);
   for (int64_t k = 0; k < config_.num_nextn_predict_layers; ++k) {
     mtp_.emplace_back(params_, config_.num_hidden_layers + k, config_, recompute, *embedding_, head_weight, parallel);

@@ -145,7 +145,7 @@ Tensor Moe::backward_input(const Tensor& dy, const SequenceInfo& seq, double bal
   }
   Tensor dx = Tensor::zeros(dy.shape(), dy.dtype(), dy.device());
   if (shared_) shared_->backward_input(dy, ctx.shared, dx);  // while the gradients travel to the experts
-  for (MoeChunk& c : ctx.chunks) {  // the experts' backward, then the dispatch's backward
+  for (MoeChunk& c : ctx.chunks) {                           // the experts' backward, then the dispatch's backward
     const Tensor d_expert_y = routes_.finish_to_experts(c.dispatch, c.in_flight);
     c.in_flight = experts_backward_input(c, d_expert_y, ctx);
   }

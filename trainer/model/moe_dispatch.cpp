@@ -33,7 +33,9 @@ void regroup(const Tensor& src, Tensor& dst, std::span<const int64_t> counts, in
 }  // namespace
 
 ExpertRouter::ExpertRouter(int64_t n_experts, const ModelParallel& parallel)
-    : parallel_(parallel), n_experts_(n_experts), local_(local_experts(n_experts, parallel.ep_size(), parallel.ep_rank())) {}
+    : parallel_(parallel),
+      n_experts_(n_experts),
+      local_(local_experts(n_experts, parallel.ep_size(), parallel.ep_rank())) {}
 
 std::vector<Dispatch> ExpertRouter::plan(const Tensor& expert_ids, std::span<const TokenRange> chunks) const {
   const auto C = static_cast<int64_t>(chunks.size());

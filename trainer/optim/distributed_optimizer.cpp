@@ -24,8 +24,8 @@ struct DistributedAdamW::Bucket {
   // and writes to checkpoints. The update range is the partition with zero1, else [0, used).
   int64_t own_begin = 0, own_end = 0;
   int64_t update_begin = 0, update_end = 0;
-  Tensor update_grads;           // gradients of the update range (zero1: the reduced shard)
-  Tensor exp_avg, exp_avg_sq;    // moments of the update range
+  Tensor update_grads;         // gradients of the update range (zero1: the reduced shard)
+  Tensor exp_avg, exp_avg_sq;  // moments of the update range
   std::vector<Piece> update_pieces, own_pieces;
   int64_t waiting_for = 0;  // parameters not yet reported final in this step
   bool started = false;
@@ -52,7 +52,9 @@ void fnv_mix(uint64_t& h, const void* data, size_t n) {
   }
 }
 
-Tensor flat_view(const Tensor& flat, int64_t begin, int64_t length) { return flat.slice(begin, begin + length); }
+Tensor flat_view(const Tensor& flat, int64_t begin, int64_t length) {
+  return flat.slice(begin, begin + length);
+}
 
 }  // namespace
 
@@ -73,7 +75,9 @@ DistributedAdamW::DistributedAdamW(ParameterStore& params, const OptimSection& c
 
 DistributedAdamW::~DistributedAdamW() = default;
 
-bool DistributedAdamW::decays(const Parameter& p) const { return p.spec.weight_decay && config_.decays(p.spec.name); }
+bool DistributedAdamW::decays(const Parameter& p) const {
+  return p.spec.weight_decay && config_.decays(p.spec.name);
+}
 
 // Reverse registration order, one open bucket per group, closed when the next parameter would
 // overflow it.
@@ -185,9 +189,9 @@ void DistributedAdamW::check_layouts_agree() {
     for (int r = 0; r < g.comm->size(); ++r) {
       if (!std::equal(mine, mine + 3, a + 3 * r)) {
         throw std::logic_error("distributed optimizer: group '" + g.comm->name() + "' rank " +
-                               std::to_string(g.comm->rank()) + " packed " + std::to_string(mine[0]) +
-                               " buckets of " + std::to_string(mine[1]) + " elements but rank " + std::to_string(r) +
-                               " packed " + std::to_string(a[3 * r]) + " of " + std::to_string(a[3 * r + 1]) +
+                               std::to_string(g.comm->rank()) + " packed " + std::to_string(mine[0]) + " buckets of " +
+                               std::to_string(mine[1]) + " elements but rank " + std::to_string(r) + " packed " +
+                               std::to_string(a[3 * r]) + " of " + std::to_string(a[3 * r + 1]) +
                                " (or other parameter names): the ranks hold different parameters");
       }
     }
@@ -338,7 +342,9 @@ std::vector<ckpt::TensorSlice> DistributedAdamW::moment_boxes(bool own_only) {
   return out;
 }
 
-std::vector<ckpt::TensorSlice> DistributedAdamW::state_slices() { return moment_boxes(/*own_only=*/true); }
+std::vector<ckpt::TensorSlice> DistributedAdamW::state_slices() {
+  return moment_boxes(/*own_only=*/true);
+}
 
 std::vector<ckpt::LoadRequest> DistributedAdamW::state_requests() {
   std::vector<ckpt::LoadRequest> out;
@@ -348,6 +354,8 @@ std::vector<ckpt::LoadRequest> DistributedAdamW::state_requests() {
   return out;
 }
 
-int64_t DistributedAdamW::bucket_count() const { return static_cast<int64_t>(buckets_.size()); }
+int64_t DistributedAdamW::bucket_count() const {
+  return static_cast<int64_t>(buckets_.size());
+}
 
 }  // namespace dsx

@@ -8,12 +8,14 @@ AdamW::AdamW(ParameterStore& params, const OptimSection& config) : config_(confi
   const DType moment_dtype = config.moments == MomentPrecision::bf16 ? DType::bf16 : params.dtype();
   for (Parameter& p : params) {
     if (!p.spec.trainable) continue;
-    slots_.push_back({&p, Tensor::zeros(p.value.shape(), moment_dtype), Tensor::zeros(p.value.shape(), moment_dtype),
-                      decays(p)});
+    slots_.push_back(
+        {&p, Tensor::zeros(p.value.shape(), moment_dtype), Tensor::zeros(p.value.shape(), moment_dtype), decays(p)});
   }
 }
 
-bool AdamW::decays(const Parameter& p) const { return p.spec.weight_decay && config_.decays(p.spec.name); }
+bool AdamW::decays(const Parameter& p) const {
+  return p.spec.weight_decay && config_.decays(p.spec.name);
+}
 
 double AdamW::step(double lr) {
   std::vector<Tensor> grads;
