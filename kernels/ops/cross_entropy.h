@@ -21,4 +21,17 @@ CrossEntropyResult cross_entropy_forward(const Tensor& logits, const Tensor& tar
 void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t ignore_index,
                             double scale, Tensor& dlogits);
 
+// Per-token policy terms for RL (kernels/cpu/cross_entropy_weighted.cpp), from the logits and
+// the lse saved by cross_entropy_forward:
+//   logp [N] (overwritten)    = logits[n, target] - lse[n] = log softmax(logits)[target], 0 on ignored rows
+//   entropy [N] (overwritten) = lse[n] - Σ_j softmax_j · logits[n, j], 0 on ignored rows; may be undefined
+// logp and entropy are f32 or f64 whatever the logits' dtype.
+void token_logprobs(const Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t ignore_index, Tensor& logp,
+                    Tensor& entropy);
+// The cross-entropy backward with one scale per row: dlogits [N, V] (overwritten) =
+// row_scale[n] · (softmax(logits) - onehot(target)) on counted rows, 0 on ignored ones.
+// row_scale is [N], f32 or f64. With row_scale = -g, dlogits is the gradient of Σ_n g_n · logp_n.
+void cross_entropy_backward_weighted(const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                                     int64_t ignore_index, const Tensor& row_scale, Tensor& dlogits);
+
 }  // namespace dsx::ops
