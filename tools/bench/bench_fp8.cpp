@@ -1,7 +1,8 @@
-// bench_fp8: the CPU cost of emulating DeepSeek-V3's FP8 GEMMs. Quantization throughput
-// (1×128 tiles, 128×128 blocks, transposed 1×128 tiles) and fp8_gemm GFLOP/s next to a bare
-// cblas_sgemm of the same shape, measured in the same process; the ratio fp8/sgemm is the
-// figure of merit (the emulation's slowdown over the f32 GEMM it replaces on the CPU).
+// bench_fp8: the CPU cost of emulating DeepSeek-V3's FP8 GEMMs and the bf16 GEMM. Quantization
+// throughput (1×128 tiles, 128×128 blocks, transposed 1×128 tiles), and fp8_gemm and bf16_gemm
+// GFLOP/s next to a bare cblas_sgemm of the same shape, measured in the same process; the ratio
+// to sgemm is the figure of merit (the emulation's slowdown over the f32 GEMM it replaces on the
+// CPU).
 #include <cblas.h>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/ops/bf16_gemm.h"
 #include "kernels/ops/fp8.h"
 #include "kernels/tensor.h"
 #include "tools/bench/bench_common.h"
@@ -39,11 +41,12 @@ const std::vector<Size> kQuickSizes = {{512, 1024, 1024}};
 
 void print_help() {
   std::puts(
-      "bench_fp8: CPU cost of the FP8 (E4M3, DeepSeek-V3 fine-grained) emulation.\n"
+      "bench_fp8: CPU cost of the FP8 (E4M3, DeepSeek-V3 fine-grained) and bf16 GEMM emulations.\n"
       "  quantize: GB/s of f32 input read by fp8_quantize (1x128 tiles, 128x128 blocks) and\n"
       "            fp8_quantize_transposed (1x128 tiles of the transpose).\n"
       "  gemm:     GFLOP/s of fp8_gemm d[M,N] = a[M,K]·b[N,K]^T (a 1x128 tiles, b 128x128 blocks or\n"
-      "            1x128 tiles, f32 out) next to cblas_sgemm of the same shape, and fp8/sgemm.\n"
+      "            1x128 tiles, f32 out) and of bf16_gemm (f32 operands rounded to bf16 per call,\n"
+      "            fp32 sums, f32 out) next to cblas_sgemm of the same shape, and the ratio.\n"
       "\n"
       "usage: bench_fp8 [--quick] [--reps N] [--help]\n"
       "  --quick   one small shape, 2 repetitions\n"
@@ -90,8 +93,12 @@ void bench_quantize(const Size& s, int repetitions) {
   row("quantize transposed", best_seconds(repetitions, [&] { dsx::ops::fp8_quantize_transposed(x, transposed); }));
 }
 
-// Returns the lowest fp8/sgemm ratio of the shape.
-double bench_gemm(const Size& s, int repetitions) {
+struct Ratios {
+  double fp8 = std::numeric_limits<double>::infinity();   // lowest fp8 / sgemm
+  double bf16 = std::numeric_limits<double>::infinity();  // lowest bf16 / sgemm
+};
+
+Ratios bench_gemm(const Size& s, int repetitions) {
   const Tensor x = random_matrix(s.m, s.k, 2), w = random_matrix(s.n, s.k, 3);
   Fp8Matrix a = Fp8Matrix::empty(s.m, s.k, Fp8Scaling::tile_1x128);
   Fp8Matrix b_blocks = Fp8Matrix::empty(s.n, s.k, Fp8Scaling::block_128x128);
@@ -109,21 +116,25 @@ double bench_gemm(const Size& s, int repetitions) {
                 d_ref.data(), n);
   });
   const double sgemm_gflops = flops / sgemm * 1e-9;
-  double worst = std::numeric_limits<double>::infinity();
-  const auto row = [&](const char* what, double seconds) {
+  Ratios ratios;
+  const auto row = [&](const char* what, double seconds, double& worst) {
     const double gflops = flops / seconds * 1e-9;
     worst = std::min(worst, gflops / sgemm_gflops);
     std::printf("%-18s %-22s %10.1f GFLOP/s %10.1f GFLOP/s %8.3f\n", shape_name(s).c_str(), what, gflops, sgemm_gflops,
                 gflops / sgemm_gflops);
   };
-  row("gemm 1x128 x 128x128", best_seconds(repetitions, [&] { dsx::ops::fp8_gemm(a, b_blocks, d); }));
-  row("gemm 1x128 x 1x128", best_seconds(repetitions, [&] { dsx::ops::fp8_gemm(a, b_tiles, d); }));
+  row("gemm 1x128 x 128x128", best_seconds(repetitions, [&] { dsx::ops::fp8_gemm(a, b_blocks, d); }), ratios.fp8);
+  row("gemm 1x128 x 1x128", best_seconds(repetitions, [&] { dsx::ops::fp8_gemm(a, b_tiles, d); }), ratios.fp8);
   // A whole Fprop as the emulation runs it: activations quantized per call, weights cached.
   row("quantize x + gemm", best_seconds(repetitions, [&] {
         dsx::ops::fp8_quantize(x, a);
         dsx::ops::fp8_gemm(a, b_blocks, d);
-      }));
-  return worst;
+      }),
+      ratios.fp8);
+  // precision.gemm: bf16 Fprop: both f32 operands rounded to bf16 on every call, one sgemm.
+  row("bf16 (round + sgemm)", best_seconds(repetitions, [&] { dsx::ops::bf16_gemm(false, true, x, w, d); }),
+      ratios.bf16);
+  return ratios;
 }
 
 }  // namespace
@@ -138,9 +149,15 @@ int main(int argc, char** argv) {
   const std::vector<Size>& sizes = options.quick ? kQuickSizes : kFullSizes;
   std::printf("%-18s %-22s %15s %18s\n", "M x K x N", "quantize (x [M, K])", "f32 read", "elements");
   for (const Size& s : sizes) bench_quantize(s, options.repetitions);
-  std::printf("\n%-18s %-22s %18s %18s %8s\n", "M x K x N", "op", "fp8 emulated", "cblas_sgemm", "fp8/sgemm");
-  double worst = std::numeric_limits<double>::infinity();
-  for (const Size& s : sizes) worst = std::min(worst, bench_gemm(s, options.repetitions));
-  std::printf("\nlowest fp8/sgemm ratio: %.3f (the CPU emulation's throughput relative to f32 BLAS)\n", worst);
+  std::printf("\n%-18s %-22s %18s %18s %8s\n", "M x K x N", "op", "emulated", "cblas_sgemm", "/sgemm");
+  Ratios worst;
+  for (const Size& s : sizes) {
+    const Ratios r = bench_gemm(s, options.repetitions);
+    worst.fp8 = std::min(worst.fp8, r.fp8);
+    worst.bf16 = std::min(worst.bf16, r.bf16);
+  }
+  std::printf("\nlowest fp8/sgemm ratio: %.3f, bf16/sgemm ratio: %.3f (the CPU emulations' throughput relative to "
+              "f32 BLAS)\n",
+              worst.fp8, worst.bf16);
   return 0;
 }

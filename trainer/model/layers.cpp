@@ -2,7 +2,6 @@
 
 #include "kernels/ops/elementwise.h"
 #include "kernels/ops/embedding.h"
-#include "kernels/ops/linear.h"
 #include "kernels/ops/rmsnorm.h"
 #include "kernels/ops/swiglu.h"
 #include "trainer/model/precision.h"
@@ -14,11 +13,7 @@ void round_output(const Parameter& weight, Tensor& out) {
 }
 
 void linear_into(const Tensor& x, const Parameter& weight, Tensor& y) {
-  if (weight.precision.fp8_gemm) {
-    fp8_linear_forward(x, weight.value, y);
-  } else {
-    ops::linear_forward(x, weight.value, y);
-  }
+  linear_forward_in(weight.precision.gemm, x, weight.value, y);
   round_output(weight, y);
 }
 
@@ -29,11 +24,7 @@ Tensor linear(const Tensor& x, const Parameter& weight) {
 }
 
 void linear_input_grad_into(const Tensor& dy, const Parameter& weight, Tensor& dx) {
-  if (weight.precision.fp8_gemm) {
-    fp8_linear_backward_input(dy, weight.value, dx);
-  } else {
-    ops::linear_backward_input(dy, weight.value, dx);
-  }
+  linear_backward_input_in(weight.precision.gemm, dy, weight.value, dx);
 }
 
 Tensor linear_input_grad(const Tensor& dy, const Parameter& weight) {
@@ -43,11 +34,7 @@ Tensor linear_input_grad(const Tensor& dy, const Parameter& weight) {
 }
 
 void linear_weight_grad(const Tensor& dy, const Tensor& x, Parameter& weight) {
-  if (weight.precision.fp8_gemm) {
-    fp8_linear_backward_weight(dy, x, weight.grad);
-  } else {
-    ops::linear_backward_weight(dy, x, weight.grad);
-  }
+  linear_backward_weight_in(weight.precision.gemm, dy, x, weight.grad);
 }
 
 Tensor add(const Tensor& a, const Tensor& b) {

@@ -22,8 +22,8 @@ namespace dsx {
 inline Tensor empty_like(const Tensor& ref, Shape shape) {
   return Tensor::empty(std::move(shape), ref.dtype(), ref.device());
 }
-// The linear helpers follow weight.precision: FP8 GEMMs when fp8_gemm, and a bf16-rounded
-// output (y only: gradients are not activations) when bf16_output.
+// The linear helpers follow weight.precision: the GEMMs in its gemm (fp32, bf16 or FP8), and a
+// bf16-rounded output (y only: gradients are not activations) when bf16_output.
 // y [N, out] = x [N, in] · Wᵀ
 Tensor linear(const Tensor& x, const Parameter& weight);
 void linear_into(const Tensor& x, const Parameter& weight, Tensor& y);  // y overwritten

@@ -1,10 +1,15 @@
 #include "trainer/model/precision.h"
 
+#include <fnmatch.h>
+
 #include <stdexcept>
 #include <string>
 
 #include "kernels/codecs.h"
+#include "kernels/ops/bf16_gemm.h"
 #include "kernels/ops/fp8.h"
+#include "kernels/ops/linear.h"
+#include "trainer/model/parameters.h"
 #include "trainer/recipe/recipe.h"
 
 namespace dsx {
@@ -33,6 +38,21 @@ ops::Fp8Matrix quantize_transposed(const Tensor& x) {
   return qt;
 }
 
+GemmKind gemm_kind(GemmPrecision p) {
+  switch (p) {
+    case GemmPrecision::fp32: return GemmKind::fp32;
+    case GemmPrecision::bf16: return GemmKind::bf16;
+    case GemmPrecision::fp8_blockwise: return GemmKind::fp8_blockwise;
+  }
+  throw std::invalid_argument("precision_policy: unknown GemmPrecision");
+}
+
+// The matrices the model multiplies by: every 2-D parameter except the embedding table, which
+// is one only when it doubles as the output head.
+bool is_gemm_weight(const ParamSpec& spec, bool tie_word_embeddings) {
+  return spec.shape.size() == 2 && (tie_word_embeddings || spec.name != "model.embed_tokens.weight");
+}
+
 }  // namespace
 
 bool is_fp8_gemm_weight(std::string_view name) {
@@ -44,18 +64,56 @@ bool is_fp8_gemm_weight(std::string_view name) {
   return projection && attention_or_ffn;
 }
 
+bool name_matches(std::string_view pattern, std::string_view name) {
+  return fnmatch(std::string(pattern).c_str(), std::string(name).c_str(), 0) == 0;
+}
+
+bool PrecisionPolicy::full_precision() const {
+  if (gemm != GemmKind::fp32 || bf16_activations) return false;
+  for (const GemmException& e : exceptions)
+    if (e.gemm != GemmKind::fp32) return false;
+  return true;
+}
+
 LinearPrecision PrecisionPolicy::for_parameter(std::string_view name) const {
+  LinearPrecision p;
+  p.gemm = is_fp8_gemm_weight(name) ? gemm : GemmKind::fp32;
+  for (const GemmException& e : exceptions) {
+    if (name_matches(e.pattern, name)) {
+      p.gemm = e.gemm;
+      break;
+    }
+  }
   // The router's logits stay in the compute dtype: V3 keeps the gating in high precision, and a
   // bf16 rounding would create ties in the top-k selection.
-  const bool router_gate = ends_with(name, ".mlp.gate.weight");
-  return {fp8_gemm && is_fp8_gemm_weight(name), bf16_activations && !router_gate};
+  p.bf16_output = bf16_activations && !ends_with(name, ".mlp.gate.weight");
+  return p;
 }
 
 PrecisionPolicy precision_policy(const PrecisionSection& section) {
   PrecisionPolicy p;
-  p.fp8_gemm = section.gemm == GemmPrecision::fp8_blockwise;
+  p.gemm = gemm_kind(section.gemm);
   p.bf16_activations = section.activations == ActivationPrecision::bf16;
+  for (const PrecisionException& e : section.exceptions) p.exceptions.push_back({e.modules, gemm_kind(e.gemm)});
   return p;
+}
+
+std::vector<ExceptionMatches> exception_matches(const PrecisionSection& section, const ModelConfig& config) {
+  const auto& exceptions = section.exceptions;
+  std::vector<ExceptionMatches> out(exceptions.size());
+  for (const ParamSpec& spec : model_param_specs(config)) {
+    const bool gemm_weight = is_gemm_weight(spec, config.tie_word_embeddings);
+    bool decided = false;  // by an earlier exception
+    for (size_t i = 0; i < exceptions.size(); ++i) {
+      if (!name_matches(exceptions[i].modules, spec.name)) continue;
+      ++out[i].parameters;
+      if (!gemm_weight) continue;
+      ++out[i].gemm_weights;
+      if (!decided) ++out[i].decided;
+      decided = true;
+    }
+  }
+  return out;
 }
 
 void round_to_bf16_(Tensor& x) {
@@ -87,6 +145,52 @@ void fp8_linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dw) {
   check_f32(dw, "fp8_linear_backward_weight", "dw");
   // K is the token dimension: both operands re-quantized from high precision in 1×128 tiles along it.
   ops::fp8_gemm(quantize_transposed(dy), quantize_transposed(x), dw, /*accumulate=*/true);
+}
+
+void bf16_linear_forward(const Tensor& x, const Tensor& w, Tensor& y) {
+  check_f32(x, "bf16_linear_forward", "x");
+  check_f32(w, "bf16_linear_forward", "w");
+  check_f32(y, "bf16_linear_forward", "y");
+  ops::bf16_gemm(false, true, x, w, y);
+}
+
+void bf16_linear_backward_input(const Tensor& dy, const Tensor& w, Tensor& dx) {
+  check_f32(dy, "bf16_linear_backward_input", "dy");
+  check_f32(w, "bf16_linear_backward_input", "w");
+  check_f32(dx, "bf16_linear_backward_input", "dx");
+  ops::bf16_gemm(false, false, dy, w, dx);
+}
+
+void bf16_linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dw) {
+  check_f32(dy, "bf16_linear_backward_weight", "dy");
+  check_f32(x, "bf16_linear_backward_weight", "x");
+  check_f32(dw, "bf16_linear_backward_weight", "dw");
+  // dW [out, in] += dyᵀ · x: the fp32 gradient accumulates in fp32 (fp32 master gradients, V3 §3.3).
+  ops::bf16_gemm(true, false, dy, x, dw, /*accumulate=*/true);
+}
+
+void linear_forward_in(GemmKind gemm, const Tensor& x, const Tensor& w, Tensor& y) {
+  switch (gemm) {
+    case GemmKind::fp32: return ops::linear_forward(x, w, y);
+    case GemmKind::bf16: return bf16_linear_forward(x, w, y);
+    case GemmKind::fp8_blockwise: return fp8_linear_forward(x, w, y);
+  }
+}
+
+void linear_backward_input_in(GemmKind gemm, const Tensor& dy, const Tensor& w, Tensor& dx) {
+  switch (gemm) {
+    case GemmKind::fp32: return ops::linear_backward_input(dy, w, dx);
+    case GemmKind::bf16: return bf16_linear_backward_input(dy, w, dx);
+    case GemmKind::fp8_blockwise: return fp8_linear_backward_input(dy, w, dx);
+  }
+}
+
+void linear_backward_weight_in(GemmKind gemm, const Tensor& dy, const Tensor& x, Tensor& dw) {
+  switch (gemm) {
+    case GemmKind::fp32: return ops::linear_backward_weight(dy, x, dw);
+    case GemmKind::bf16: return bf16_linear_backward_weight(dy, x, dw);
+    case GemmKind::fp8_blockwise: return fp8_linear_backward_weight(dy, x, dw);
+  }
 }
 
 }  // namespace dsx
