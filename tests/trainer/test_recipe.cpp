@@ -470,3 +470,58 @@ TEST_CASE("the check summary reports shape, parameter counts, tokens per step an
   CHECK(human_count(512) == "512");
   CHECK(human_count(14.8e12) == "14.8T");
 }
+
+TEST_CASE("precision.exceptions: read, written back, listed by explain and checked against the model",
+          "[recipe][precision]") {
+  const std::string yaml =
+      "precision:\n"
+      "  gemm: fp8_blockwise\n"
+      "  exceptions:\n"
+      "    - {modules: \"*.mlp.experts.*\", gemm: fp32}\n"
+      "    - {modules: \"model.layers.0.*\", gemm: bf16}\n";
+  const Recipe r = parse_recipe(yaml, "exceptions.yaml");
+  REQUIRE(r.precision.exceptions.size() == 2);
+  CHECK(r.precision.exceptions[0] == PrecisionException{"*.mlp.experts.*", GemmPrecision::fp32});
+  CHECK(r.precision.exceptions[1] == PrecisionException{"model.layers.0.*", GemmPrecision::bf16});
+  CHECK(parse_recipe(to_yaml(r), "again.yaml") == r);
+  CHECK(parse_recipe("", "empty.yaml").precision.exceptions.empty());  // default: none
+
+  const std::string explained = schema::explain("precision");
+  CHECK(explained.find("precision.exceptions  (list of {modules, gemm}; default [])") != std::string::npos);
+  CHECK(explained.find("precision.exceptions[].modules") != std::string::npos);
+  CHECK(explained.find("precision.exceptions[].gemm") != std::string::npos);
+
+  const auto error_of = [](const std::string& exceptions, const std::vector<std::string>& sets = {}) {
+    return user_error_of([&] { parse_recipe("precision:\n  exceptions: " + exceptions + "\n", "x.yaml", sets); });
+  };
+  // The default model: 4 layers (0-3), untied embedding.
+  const std::string no_match = error_of("[{modules: \"model.layers.7.*\", gemm: bf16}]");
+  CHECK(no_match.starts_with("x.yaml:2:"));  // the line of the pattern
+  CHECK(no_match.ends_with(": `precision.exceptions[0].modules` (\"model.layers.7.*\") matches no parameter of the "
+                           "model (fnmatch on Hugging Face names such as model.layers.1.mlp.experts.0.up_proj.weight)"));
+  CHECK(error_of("[{modules: lm_head.weight, gemm: bf16}, {modules: \"*norm.weight\", gemm: bf16}]")
+            .find("`precision.exceptions[1].modules` (\"*norm.weight\") matches only parameters without a GEMM") !=
+        std::string::npos);
+  CHECK(error_of("[{modules: \"*\", gemm: bf16}, {modules: \"*.o_proj.weight\", gemm: fp32}]")
+            .find("`precision.exceptions[1].modules` (\"*.o_proj.weight\") sets no weight") != std::string::npos);
+  CHECK(error_of("[{modules: \"\", gemm: bf16}]").find("`precision.exceptions[0].modules` is an empty pattern") !=
+        std::string::npos);
+  CHECK(error_of("[{modules: lm_head.weight, gemm: fp16}]").find("`precision.exceptions[0].gemm` must be one of") !=
+        std::string::npos);
+  CHECK(error_of("[{modules: lm_head.weight}]").find("`precision.exceptions[0]` is missing `gemm`") !=
+        std::string::npos);
+  CHECK(error_of("[{module: lm_head.weight, gemm: bf16}]")
+            .find("unknown key `precision.exceptions[0].module`; did you mean `precision.exceptions[].modules`?") !=
+        std::string::npos);
+  CHECK(error_of("[{modules: lm_head.weight, gemm: bf16}]", {"model.dtype=f64"})
+            .find("so `precision.exceptions[0].gemm` must be fp32, got bf16") != std::string::npos);
+  CHECK(error_of("[{modules: lm_head.weight, gemm: fp32}]", {"model.dtype=f64"}).empty());
+  // The pattern is checked against this model: with tied embeddings lm_head.weight does not exist.
+  CHECK(error_of("[{modules: lm_head.weight, gemm: bf16}]", {"model.tie_word_embeddings=true"})
+            .find("matches no parameter") != std::string::npos);
+  CHECK(error_of("[{modules: model.embed_tokens.weight, gemm: bf16}]", {"model.tie_word_embeddings=true"}).empty());
+  // --set replaces the whole list and is named in the message.
+  CHECK(user_error_of([] {
+          parse_recipe("", "x.yaml", {"precision.exceptions=[{modules: nothing, gemm: bf16}]"});
+        }).starts_with("--set precision.exceptions="));
+}

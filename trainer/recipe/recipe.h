@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernels/dtype.h"
+#include "trainer/grpo/grpo_loss.h"
 #include "trainer/model/config.h"
 
 namespace dsx {
@@ -205,11 +206,20 @@ struct OptimSection {
   bool decays(std::string_view parameter_name) const;  // false if a no_decay pattern matches
 };
 
+// One entry of precision.exceptions: the GEMM weights whose HF name matches `modules` (fnmatch,
+// as optim.no_decay) run `gemm` instead of precision.gemm; the first matching entry wins.
+struct PrecisionException {
+  std::string modules;
+  GemmPrecision gemm = GemmPrecision::fp32;
+  bool operator==(const PrecisionException&) const = default;
+};
+
 struct PrecisionSection {
   ActivationPrecision activations = ActivationPrecision::fp32;
-  GemmPrecision gemm = GemmPrecision::fp32;
+  GemmPrecision gemm = GemmPrecision::fp32;  // DeepSeek-V3's FP8 GEMM set (trainer/model/precision.h)
   DispatchPrecision dispatch = DispatchPrecision::fp32;
   CombinePrecision combine = CombinePrecision::fp32;
+  std::vector<PrecisionException> exceptions;
 };
 
 struct CheckpointSection {
@@ -223,7 +233,90 @@ struct LoggingSection {
   int64_t interval = 10;
   std::string run_dir;  // "" = runs/<recipe file stem> (resolved at load)
   bool jsonl = true;
+  bool rank_logs = false;  // every rank writes <run_dir>/logs/rank-NNNNN.log
   double peak_flops = 0;  // per device, FLOP/s; 0 = no MFU column
+};
+
+// ---- the GRPO stage (`dsx grpo`; trainer/grpo/grpo_trainer.h) ----------------------------
+
+enum class GrpoTask : uint8_t { none, addition };
+// Negative controls for tests and debugging: the advantages as computed, all zero, or randomly
+// permuted over the batch (same magnitudes, no relation to the rewards).
+enum class GrpoAdvantages : uint8_t { normal, zero, shuffled };
+
+constexpr auto enum_names(GrpoTask) {
+  return std::to_array<EnumTable<GrpoTask>>({{GrpoTask::none, "none"}, {GrpoTask::addition, "addition"}});
+}
+constexpr auto enum_names(GrpoAdvantages) {
+  return std::to_array<EnumTable<GrpoAdvantages>>(
+      {{GrpoAdvantages::normal, "normal"}, {GrpoAdvantages::zero, "zero"}, {GrpoAdvantages::shuffled, "shuffled"}});
+}
+namespace grpo {  // found by argument-dependent lookup for the enums of grpo_loss.h
+constexpr auto enum_names(ScaleRewards) {
+  return std::to_array<EnumTable<ScaleRewards>>(
+      {{ScaleRewards::group, "group"}, {ScaleRewards::batch, "batch"}, {ScaleRewards::none, "none"}});
+}
+constexpr auto enum_names(LossAggregation) {
+  return std::to_array<EnumTable<LossAggregation>>({{LossAggregation::grpo, "grpo"},
+                                                    {LossAggregation::dapo, "dapo"},
+                                                    {LossAggregation::dr_grpo, "dr_grpo"}});
+}
+}  // namespace grpo
+
+// One reward function: a built-in (answer_match, format, overlong_penalty) when `command` is
+// empty, otherwise an external program (argv) under any other name.
+struct GrpoReward {
+  std::string name;
+  double weight = 1.0;
+  std::vector<std::string> command;
+  double timeout_s = 60.0;
+  bool operator==(const GrpoReward&) const = default;
+};
+
+struct GrpoAdditionTask {
+  int64_t digits = 2;            // operands in [0, 10^digits)
+  double direct_fraction = 0.5;  // share of SFT sequences that answer without reasoning
+};
+
+struct GrpoEval {
+  std::string prompts;        // held-out JSONL prompt set; "" = the task's held-out prompts
+  int64_t count = 64;         // held-out prompts per evaluation; 0 = no evaluation
+  int64_t samples = 4;        // completions per prompt
+  double temperature = 1.0;   // 0 = greedy
+  int64_t interval = 10;      // evaluate every N steps (and before the first and after the last)
+};
+
+struct GrpoSection {
+  GrpoTask task = GrpoTask::none;  // built-in prompt source, or none with `prompts`
+  std::string prompts;             // JSONL prompt set (tokenized with data.tokenizer)
+  GrpoAdditionTask addition;
+  std::string init_checkpoint;  // parameters to start from ("" = the initialisation of train.seed)
+  int64_t sft_steps = 0;        // supervised steps on the task's reference completions first
+  int64_t sft_batch = 32;
+  double sft_lr = 1e-3;
+  int64_t prompts_per_step = 32;
+  int64_t group_size = 16;  // G completions per prompt
+  int64_t max_completion_length = 256;
+  double temperature = 1.0;
+  double top_p = 1.0;
+  int64_t top_k = 0;
+  double epsilon_low = 0.2;
+  double epsilon_high = 0.2;  // DAPO: 0.28
+  double beta = 0.0;          // KL coefficient; 0 = no reference model
+  int64_t mu = 1;             // optimizer steps per batch of rollouts
+  grpo::LossAggregation loss = grpo::LossAggregation::grpo;
+  grpo::ScaleRewards scale_rewards = grpo::ScaleRewards::group;
+  bool dynamic_sampling = false;  // drop groups whose rewards are all equal
+  int64_t resample_rounds = 0;    // extra generation rounds to refill dropped groups
+  int64_t ref_refresh_interval = 0;  // copy the policy into the reference every N steps; 0 = never
+  int64_t micro_batch = 0;           // sequences per forward/backward; 0 = all at once
+  int64_t overlong_cache = 0;        // overlong_penalty: soft-penalty span before the length limit
+  std::vector<GrpoReward> rewards = {{"answer_match", 1.0, {}, 60.0}, {"format", 0.1, {}, 60.0}};
+  int64_t seed = 1234;  // rollout and evaluation sampling, prompt-set order (the task uses data.seed)
+  GrpoAdvantages debug_advantages = GrpoAdvantages::normal;
+  GrpoEval eval;
+
+  bool enabled() const { return task != GrpoTask::none || !prompts.empty(); }
 };
 
 struct Recipe {
@@ -235,6 +328,7 @@ struct Recipe {
   PrecisionSection precision;
   CheckpointSection checkpoint;
   LoggingSection logging;
+  GrpoSection grpo;
 
   // Equal when every schema key holds the same value.
   bool operator==(const Recipe& other) const;

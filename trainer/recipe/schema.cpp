@@ -287,6 +287,15 @@ const Table<LrSegment>& segment_table() {
   return table;
 }
 
+const Table<PrecisionException>& precision_exception_table() {
+  static const Table<PrecisionException> table = {
+      required(key<PrecisionException>(DSX_KEY(modules),
+                                       "fnmatch pattern on Hugging Face parameter names, e.g. \"*.mlp.experts.*\"")),
+      required(key<PrecisionException>(DSX_KEY(gemm), "GEMM precision of the matching weights")),
+  };
+  return table;
+}
+
 Table<Recipe> model_keys() {
   return {
       key<Recipe>(DSX_KEY(model.device), "device holding the model and running its ops"),
@@ -434,9 +443,14 @@ Table<Recipe> optim_keys() {
 Table<Recipe> precision_keys() {
   return {
       key<Recipe>(DSX_KEY(precision.activations), "activations kept between ops (DeepSeek-V3: bf16)"),
-      key<Recipe>(DSX_KEY(precision.gemm), "GEMM inputs: fp32, bf16 or DeepSeek-V3 FP8 (1x128 / 128x128 blocks)"),
+      key<Recipe>(DSX_KEY(precision.gemm),
+                  "GEMMs of the attention projections, dense FFN and experts: fp32, bf16 (bf16 operands, fp32 "
+                  "sums) or DeepSeek-V3 FP8 (1x128 / 128x128 blocks)"),
       key<Recipe>(DSX_KEY(precision.dispatch), "expert all-to-all dispatch payload (DeepSeek-V3: fp8)"),
       key<Recipe>(DSX_KEY(precision.combine), "expert all-to-all combine payload (DeepSeek-V3: bf16)"),
+      records<Recipe>(DSX_KEY(precision.exceptions), precision_exception_table(),
+                      "per-module GEMM precision: the first entry whose pattern matches a weight's name wins "
+                      "(e.g. the output head or eh_proj)"),
   };
 }
 
@@ -458,7 +472,99 @@ Table<Recipe> logging_keys() {
                   "run directory (resolved recipe, metrics, checkpoints); \"\" = "
                   "runs/<recipe file name>"),
       key<Recipe>(DSX_KEY(logging.jsonl), "append metrics to <run_dir>/metrics.jsonl"),
+      key<Recipe>(DSX_KEY(logging.rank_logs),
+                  "multi-rank: every rank also appends its own step lines to <run_dir>/logs/rank-NNNNN.log"),
       key<Recipe>(DSX_KEY(logging.peak_flops), "peak FLOP/s of one device, for MFU; 0 = no MFU", {non_negative()}),
+  };
+}
+
+const Table<GrpoReward>& reward_table() {
+  static const Table<GrpoReward> table = {
+      required(key<GrpoReward>(DSX_KEY(name),
+                               "answer_match (1 when <answer> matches), format (1 for <think>…</think><answer>…"
+                               "</answer>), overlong_penalty (DAPO), or any name with a `command`")),
+      key<GrpoReward>(DSX_KEY(weight), "weight of this reward in the total"),
+      key<GrpoReward>(DSX_KEY(command),
+                      "external program (argv, no shell): one JSON object per sample on stdin, one number per "
+                      "line on stdout; [] = the built-in `name`"),
+      key<GrpoReward>(DSX_KEY(timeout_s), "an external program running longer is killed (error)", {positive()}),
+  };
+  return table;
+}
+
+Table<Recipe> grpo_keys() {
+  const Rule open_unit{"in (0, 1]", [](double v) { return v > 0 && v <= 1; }};
+  return {
+      key<Recipe>(DSX_KEY(grpo.task),
+                  "built-in prompt source: addition (the demonstration task; prompts and held-out split drawn "
+                  "with data.seed), or none with grpo.prompts"),
+      key<Recipe>(DSX_KEY(grpo.prompts), "JSONL prompt set ({prompt, answer, ...} per line), tokenized with "
+                                         "data.tokenizer; \"\" = use grpo.task"),
+      key<Recipe>(DSX_KEY(grpo.addition.digits), "addition task: operands have up to this many digits",
+                  {in_closed(1, 6)}),
+      key<Recipe>(DSX_KEY(grpo.addition.direct_fraction),
+                  "addition task: share of SFT completions that answer at once after an empty <think></think> "
+                  "(the rest show column sums); GRPO then learns to reason",
+                  {in_closed(0, 1)}),
+      key<Recipe>(DSX_KEY(grpo.init_checkpoint),
+                  "checkpoint directory whose parameters the policy starts from; \"\" = train.seed's "
+                  "initialisation"),
+      key<Recipe>(DSX_KEY(grpo.sft_steps), "supervised steps on the task's reference completions before GRPO",
+                  {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.sft_batch), "sequences per supervised step", {positive()}),
+      key<Recipe>(DSX_KEY(grpo.sft_lr), "peak LR of the supervised phase (warm-up then cosine to 10%)",
+                  {positive()}),
+      key<Recipe>(DSX_KEY(grpo.prompts_per_step), "prompts per GRPO step (R1-Zero: 32)", {positive()}),
+      key<Recipe>(DSX_KEY(grpo.group_size), "G: completions per prompt (R1-Zero: 16, DeepSeekMath: 64)",
+                  {at_least(2)}),
+      key<Recipe>(DSX_KEY(grpo.max_completion_length), "most tokens generated per completion", {positive()}),
+      key<Recipe>(DSX_KEY(grpo.temperature), "sampling temperature of the rollouts (R1-Zero: 1)", {positive()}),
+      key<Recipe>(DSX_KEY(grpo.top_p), "nucleus sampling: keep the smallest set of tokens with this mass",
+                  {open_unit}),
+      key<Recipe>(DSX_KEY(grpo.top_k), "keep only the k most likely tokens; 0 = off", {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.epsilon_low), "clip ratios below 1 − ε_low (GRPO: 0.2)", {in_half_open(0, 1)}),
+      key<Recipe>(DSX_KEY(grpo.epsilon_high), "clip ratios above 1 + ε_high (GRPO: 0.2, DAPO: 0.28)",
+                  {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.beta),
+                  "KL coefficient against the reference model, k3 estimator (R1-Zero: 0.001, DeepSeekMath: 0.04); "
+                  "0 = no reference model",
+                  {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.mu), "μ: optimizer steps on each batch of rollouts (ratios against π_old)",
+                  {positive()}),
+      key<Recipe>(DSX_KEY(grpo.loss),
+                  "loss aggregation: grpo (mean per sequence, then over sequences), dapo (token mean over the "
+                  "batch), dr_grpo (token sum / (sequences · max_completion_length))"),
+      key<Recipe>(DSX_KEY(grpo.scale_rewards),
+                  "advantages (r − group mean) divided by the group's std, the batch's std, or none (Dr. GRPO)"),
+      key<Recipe>(DSX_KEY(grpo.dynamic_sampling), "DAPO: drop groups whose rewards are all equal (no signal)"),
+      key<Recipe>(DSX_KEY(grpo.resample_rounds),
+                  "with dynamic_sampling: extra rounds of fresh prompts to refill the dropped groups",
+                  {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.ref_refresh_interval),
+                  "copy the policy into the reference model every N steps (R1-Zero: 400); 0 = never",
+                  {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.micro_batch), "sequences per forward/backward of the update; 0 = the whole batch",
+                  {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.overlong_cache),
+                  "overlong_penalty: the penalty grows linearly over the last N tokens before "
+                  "max_completion_length",
+                  {non_negative()}),
+      records<Recipe>(DSX_KEY(grpo.rewards), reward_table(), "reward functions, summed with their weights"),
+      key<Recipe>(DSX_KEY(grpo.seed), "seed of the rollout and evaluation sampling and of the prompt-set order",
+                  {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.debug_advantages),
+                  "negative controls: normal, zero (no learning signal) or shuffled (advantages permuted over "
+                  "the batch)"),
+      key<Recipe>(DSX_KEY(grpo.eval.prompts), "held-out JSONL prompt set; \"\" = the task's held-out prompts"),
+      key<Recipe>(DSX_KEY(grpo.eval.count), "held-out prompts per evaluation; 0 = no evaluation",
+                  {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.eval.samples), "completions per held-out prompt (accuracy is their mean)",
+                  {positive()}),
+      key<Recipe>(DSX_KEY(grpo.eval.temperature), "sampling temperature of the evaluation; 0 = greedy",
+                  {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.eval.interval), "evaluate every N steps, before the first and after the last; 0 = "
+                                               "only before and after",
+                  {non_negative()}),
   };
 }
 
@@ -468,7 +574,7 @@ const Table<Recipe>& recipe_table() {
   static const Table<Recipe> table = [] {
     Table<Recipe> all;
     for (auto part : {model_keys(), data_keys(), parallel_keys(), train_keys(), optim_keys(), precision_keys(),
-                      checkpoint_keys(), logging_keys()})
+                      checkpoint_keys(), logging_keys(), grpo_keys()})
       for (auto& field : part) all.push_back(std::move(field));
     return all;
   }();
@@ -506,6 +612,7 @@ const std::vector<SectionInfo>& sections() {
       {"precision", "mixed precision of activations, GEMMs and expert communication"},
       {"checkpoint", "saving and resuming"},
       {"logging", "console and JSONL metrics"},
+      {"grpo", "reinforcement learning with GRPO (`dsx grpo`): prompts, sampling, rewards, loss, evaluation"},
   };
   return list;
 }

@@ -9,6 +9,8 @@
 #include "data/dataset.h"
 #include "data/tokenizer.h"
 #include "kernels/error.h"
+#include "trainer/grpo/addition_task.h"
+#include "trainer/model/precision.h"
 #include "trainer/optim/lr_schedule.h"
 #include "trainer/recipe/recipe.h"
 #include "trainer/recipe/schema.h"
@@ -81,6 +83,40 @@ void check_precision(const Recipe& r, const Reporter& report) {
   fail_if(r.precision.dispatch != DispatchPrecision::fp32, "precision.dispatch", enum_name(r.precision.dispatch));
   fail_if(r.precision.combine != CombinePrecision::fp32, "precision.combine", enum_name(r.precision.combine));
   fail_if(r.optim.moments != MomentPrecision::fp32, "optim.moments", enum_name(r.optim.moments));
+  for (size_t i = 0; i < r.precision.exceptions.size(); ++i) {
+    const std::string key = fmt::format("precision.exceptions[{}].gemm", i);
+    fail_if(r.precision.exceptions[i].gemm != GemmPrecision::fp32, key.c_str(),
+            enum_name(r.precision.exceptions[i].gemm));
+  }
+}
+
+// Each precision.exceptions pattern must decide the GEMM precision of at least one weight of
+// this model: one that matches nothing, only weights without a GEMM, or only weights an earlier
+// entry already decides (the first match wins) would silently do nothing.
+void check_precision_exceptions(const Recipe& r, const Reporter& report) {
+  const auto& exceptions = r.precision.exceptions;
+  for (size_t i = 0; i < exceptions.size(); ++i)
+    if (exceptions[i].modules.empty())
+      report.fail(fmt::format("precision.exceptions[{}].modules", i),
+                  fmt::format("`precision.exceptions[{}].modules` is an empty pattern", i));
+  if (exceptions.empty()) return;
+  const std::vector<ExceptionMatches> matches = exception_matches(r.precision, r.model);
+  for (size_t i = 0; i < exceptions.size(); ++i) {
+    const std::string key = fmt::format("precision.exceptions[{}].modules", i);
+    const std::string what = fmt::format("`{}` (\"{}\")", key, exceptions[i].modules);
+    if (matches[i].parameters == 0)
+      report.fail(key, fmt::format("{} matches no parameter of the model (fnmatch on Hugging Face names such as "
+                                   "model.layers.1.mlp.experts.0.up_proj.weight)",
+                                   what));
+    if (matches[i].gemm_weights == 0)
+      report.fail(key, fmt::format("{} matches only parameters without a GEMM (norms, the embedding table, the "
+                                   "router bias)",
+                                   what));
+    if (matches[i].decided == 0)
+      report.fail(key, fmt::format("{} sets no weight: every GEMM weight it matches is matched by an earlier "
+                                   "entry (the first match wins)",
+                                   what));
+  }
 }
 
 void check_file(const std::string& key, const std::string& path, const Reporter& report) {
@@ -311,6 +347,108 @@ void check_checkpoint(const Recipe& r, const Reporter& report) {
         fmt::format("`checkpoint.resume`: no checkpoint at `{}` (use auto, never or an existing path)", resume));
 }
 
+// The prompt source and its tokenizer: exactly one of grpo.task / grpo.prompts, files that
+// exist, a vocabulary the model covers, prompts plus completions within the positions.
+void check_grpo_source(const Recipe& r, const Reporter& report) {
+  const GrpoSection& g = r.grpo;
+  if (g.task != GrpoTask::none && !g.prompts.empty())
+    report.fail({"grpo.prompts", "grpo.task"},
+                fmt::format("`grpo.prompts` and `grpo.task` ({}) are both set; choose one prompt source",
+                            enum_name(g.task)));
+  if (g.task == GrpoTask::addition) {
+    const grpo::AdditionTask task({.digits = g.addition.digits, .direct_fraction = 0, .seed = 0});
+    const auto vocab = static_cast<int64_t>(task.tokenizer().vocab_size());
+    if (vocab > r.model.vocab_size)
+      report.fail({"model.vocab_size", "grpo.task"},
+                  fmt::format("`model.vocab_size` ({}) is smaller than the addition task's vocabulary ({})",
+                              r.model.vocab_size, vocab));
+    int64_t largest = 1;
+    for (int64_t d = 0; d < g.addition.digits; ++d) largest *= 10;
+    --largest;
+    const auto prompt = static_cast<int64_t>(
+        grpo::encode_prompt(task.tokenizer(), grpo::AdditionTask::prompt_text(largest, largest)).size());
+    if (prompt + g.max_completion_length > r.model.max_position_embeddings)
+      report.fail({"grpo.max_completion_length", "model.max_position_embeddings"},
+                  fmt::format("`grpo.max_completion_length` ({}) plus the longest addition prompt ({} tokens) exceeds "
+                              "`model.max_position_embeddings` ({})",
+                              g.max_completion_length, prompt, r.model.max_position_embeddings));
+    if (g.eval.count > 0 && g.eval.prompts.empty() && g.eval.count > task.heldout_capacity())
+      report.fail("grpo.eval.count", fmt::format("`grpo.eval.count` ({}) exceeds the {} held-out prompts of the "
+                                                 "addition task with {} digits",
+                                                 g.eval.count, task.heldout_capacity(), g.addition.digits));
+    return;
+  }
+  check_file("grpo.prompts", g.prompts, report);
+  if (r.data.tokenizer.empty())
+    report.fail({"data.tokenizer", "grpo.prompts"},
+                "`grpo.prompts` needs `data.tokenizer`: the tokenizer.json that turns the prompts into tokens");
+  const auto vocab = static_cast<int64_t>(data::Tokenizer::load(r.data.tokenizer).vocab_size());
+  if (vocab > r.model.vocab_size)
+    report.fail({"model.vocab_size", "data.tokenizer"},
+                fmt::format("`model.vocab_size` ({}) is smaller than the vocabulary of `data.tokenizer` ({})",
+                            r.model.vocab_size, vocab));
+  if (g.sft_steps > 0)
+    report.fail({"grpo.sft_steps", "grpo.prompts"},
+                "`grpo.sft_steps` needs a built-in task (`grpo.task`), which provides the reference completions");
+  if (g.eval.count > 0 && g.eval.prompts.empty())
+    report.fail({"grpo.eval.prompts", "grpo.eval.count"},
+                "`grpo.eval.count` > 0 with `grpo.prompts` needs `grpo.eval.prompts` (a held-out JSONL prompt set); "
+                "or set `grpo.eval.count: 0`");
+}
+
+void check_grpo_rewards(const GrpoSection& g, const Reporter& report) {
+  if (g.rewards.empty()) report.fail("grpo.rewards", "`grpo.rewards` is empty; list at least one reward");
+  static constexpr std::string_view kBuiltIn[] = {"answer_match", "format", "overlong_penalty"};
+  for (size_t i = 0; i < g.rewards.size(); ++i) {
+    const GrpoReward& reward = g.rewards[i];
+    const std::string key = fmt::format("grpo.rewards[{}].name", i);
+    const bool built_in = std::find(std::begin(kBuiltIn), std::end(kBuiltIn), reward.name) != std::end(kBuiltIn);
+    if (reward.name.empty()) report.fail(key, fmt::format("`{}` is empty", key));
+    if (built_in && !reward.command.empty())
+      report.fail(key, fmt::format("`{}` ({}) is a built-in reward; give the external program in `command` another "
+                                   "name",
+                                   key, reward.name));
+    if (!built_in && reward.command.empty())
+      report.fail(key, fmt::format("`{}` ({}) is not a built-in reward (answer_match, format, overlong_penalty); "
+                                   "an external reward needs `grpo.rewards[{}].command`",
+                                   key, reward.name, i));
+    if (!std::isfinite(reward.weight))
+      report.fail(fmt::format("grpo.rewards[{}].weight", i),
+                  fmt::format("`grpo.rewards[{}].weight` must be a finite number", i));
+    for (size_t j = 0; j < i; ++j)
+      if (g.rewards[j].name == reward.name)
+        report.fail(key, fmt::format("`{}` ({}) repeats the name of `grpo.rewards[{}]`", key, reward.name, j));
+    if (reward.name == "overlong_penalty" && g.overlong_cache > g.max_completion_length)
+      report.fail({"grpo.overlong_cache", "grpo.max_completion_length"},
+                  fmt::format("`grpo.overlong_cache` ({}) exceeds `grpo.max_completion_length` ({})", g.overlong_cache,
+                              g.max_completion_length));
+  }
+}
+
+void check_grpo(const Recipe& r, const Reporter& report) {
+  const GrpoSection& g = r.grpo;
+  if (!g.enabled()) return;  // a pre-training recipe: the defaults are never used
+  check_grpo_source(r, report);
+  check_grpo_rewards(g, report);
+  if (r.train.tokens > 0)
+    report.fail("train.tokens", "the GRPO stage counts steps: set `train.steps` (GRPO steps) instead of "
+                                "`train.tokens`");
+  if (g.resample_rounds > 0 && !g.dynamic_sampling)
+    report.fail({"grpo.resample_rounds", "grpo.dynamic_sampling"},
+                "`grpo.resample_rounds` refills the groups dynamic sampling drops; set `grpo.dynamic_sampling: "
+                "true`");
+  if (g.ref_refresh_interval > 0 && g.beta == 0)
+    report.fail({"grpo.ref_refresh_interval", "grpo.beta"},
+                "`grpo.ref_refresh_interval` is set but `grpo.beta` is 0, so there is no reference model to refresh");
+  if (!g.init_checkpoint.empty() && !std::filesystem::exists(std::filesystem::path(g.init_checkpoint) / "manifest.json"))
+    report.fail("grpo.init_checkpoint",
+                fmt::format("`grpo.init_checkpoint`: `{}` is not a checkpoint directory (no manifest.json)",
+                            g.init_checkpoint));
+  if (!g.eval.prompts.empty()) check_file("grpo.eval.prompts", g.eval.prompts, report);
+  if (r.parallel.pp * r.parallel.dp * r.parallel.tp != 1)
+    report.fail("parallel.dp", "the GRPO stage runs in a single process; set parallel.pp, dp and tp to 1");
+}
+
 }  // namespace
 
 void validate(const Recipe& recipe, const schema::Locations* locations) {
@@ -320,11 +458,13 @@ void validate(const Recipe& recipe, const schema::Locations* locations) {
   check_experts(recipe.model, report);
   validate_model_config(recipe.model);  // the model's own invariants, should it know more than the above
   check_precision(recipe, report);
+  check_precision_exceptions(recipe, report);
   check_data(recipe, report);
   check_train(recipe, report);  // before the layout and schedule: they build the batch schedule
   check_layout(recipe, report);
   check_optim(recipe, report);
   check_checkpoint(recipe, report);
+  check_grpo(recipe, report);
 }
 
 void validate(const Recipe& recipe) {

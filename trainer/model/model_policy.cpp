@@ -1,0 +1,117 @@
+// The policy view of the model for RL (model.h, "Policy log-probabilities"): per-token
+// log-probabilities and entropies of the main head, and a backward driven by an arbitrary
+// per-token gradient d objective / d logp (GRPO weights every token by its advantage and
+// importance ratio, which the mean cross-entropy of Model::backward cannot express).
+//
+// The forward is Model::forward's trunk (embedding, layers, final norm and head) without the
+// MTP modules; the backward replaces the head's uniform cross-entropy gradient by
+//   d logits[t] = −g_t · (softmax(logits[t]) − onehot(target_t)),   g_t = d objective / d logp_t
+// (ops::cross_entropy_backward_weighted) and then runs the head, layers and embedding exactly
+// as Model::backward does.
+#include <stdexcept>
+#include <string>
+
+#include "kernels/ops/cross_entropy.h"
+#include "trainer/model/model.h"
+#include "trainer/model/param_count.h"
+
+namespace dsx {
+namespace {
+
+void check_policy_batch(const Batch& b) {
+  const auto check_ids = [](const Tensor& t, const char* name) {
+    if (!t.defined() || t.ndim() != 2 || t.dtype() != DType::i32) {
+      throw std::invalid_argument(std::string("Model::policy_forward: batch.") + name +
+                                  " must be a [B, S] i32 tensor, got " +
+                                  (t.defined() ? t.describe() : std::string("undefined")));
+    }
+  };
+  check_ids(b.inputs, "inputs");
+  check_ids(b.targets, "targets");
+  check_shape(b.targets, b.inputs.shape(), "Model::policy_forward", "batch.targets");
+  if (b.segment_ids.defined()) {
+    check_ids(b.segment_ids, "segment_ids");
+    check_shape(b.segment_ids, b.inputs.shape(), "Model::policy_forward", "batch.segment_ids");
+  }
+}
+
+}  // namespace
+
+Model::PolicyOutput Model::policy_forward(const Batch& batch) {
+  check_policy_batch(batch);
+  micro_batch_.emplace();
+  MicroBatch& mb = *micro_batch_;
+  mb.seq = sequence_info(batch);
+  if (mb.seq.seq_len != last_seq_len_) {
+    last_seq_len_ = mb.seq.seq_len;
+    flops_per_token_ = model_flops_per_token(config_, last_seq_len_);
+  }
+  const int64_t B = mb.seq.batch, S = mb.seq.seq_len, T = mb.seq.tokens(), L = config_.num_hidden_layers;
+  mb.ids = batch.inputs.view({T});
+
+  PolicyOutput out;
+  mb.hidden.push_back(embedding_->forward(mb.ids));
+  mb.layers.resize(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    mb.hidden.push_back(layers_[l].forward(mb.hidden[l], mb.seq, mb.layers[l]));
+    out.balance += mb.layers[l].balance_loss;
+  }
+  head_->forward(mb.hidden[L], batch.targets.view({T}), mb.head);
+  out.tokens = mb.head.ce.count;
+  out.logp = Tensor::empty({T}, DType::f64);
+  out.entropy = Tensor::empty({T}, DType::f64);
+  ops::token_logprobs(mb.head.logits, mb.head.targets, mb.head.lse, OutputHead::kIgnoreIndex, out.logp, out.entropy);
+  out.logp = out.logp.view({B, S});
+  out.entropy = out.entropy.view({B, S});
+  return out;
+}
+
+Model::PolicyOutput Model::policy_logprobs(const Batch& batch) {
+  PolicyOutput out = policy_forward(batch);
+  micro_batch_.reset();
+  return out;
+}
+
+void Model::policy_backward(const Tensor& grad_logp, double balance_scale) {
+  if (!micro_batch_) throw std::logic_error("Model::policy_backward: no policy_forward to differentiate");
+  MicroBatch& mb = *micro_batch_;
+  const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
+  check_shape(grad_logp, {mb.seq.batch, mb.seq.seq_len}, "Model::policy_backward", "grad_logp");
+  HeadContext& head = mb.head;
+  if (!head.logits.defined()) throw std::logic_error("Model::policy_backward: the last forward kept no logits");
+
+  // The MTP modules took no part: their gradients are complete as they are.
+  for (size_t k = 0; k < mtp_.size(); ++k) grads_ready(layer_params_[static_cast<size_t>(L) + k]);
+
+  Tensor row_scale = Tensor::empty({T}, DType::f64);
+  const std::vector<double> g = grad_logp.to_vector();
+  double* scale = row_scale.data<double>();
+  for (int64_t t = 0; t < T; ++t) scale[t] = -g[static_cast<size_t>(t)];
+
+  // The head's backward with per-row weights; the same steps as OutputHead::backward_input and
+  // backward_weight (its norm and projection are the parameters below).
+  Parameter& head_weight = params_.at(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+  const RmsNorm final_norm(params_.at("model.norm.weight"), config_.rms_norm_eps);
+  head.d_logits = empty_like(head.logits, head.logits.shape());
+  ops::cross_entropy_backward_weighted(head.logits, head.targets, head.lse, OutputHead::kIgnoreIndex, row_scale,
+                                       head.d_logits);
+  head.logits = Tensor();
+  head.lse = Tensor();
+  const Tensor d_normed = linear_input_grad(head.d_logits, head_weight);
+  Tensor dh = final_norm.backward_input(mb.hidden[L], d_normed, head.norm);
+  linear_weight_grad(head.d_logits, head.normed, head_weight);
+  final_norm.backward_weight(mb.hidden[L], head.norm);
+  head = {};
+  grads_ready(head_params_);
+
+  for (int64_t l = L - 1; l >= 0; --l) {
+    dh = layers_[l].backward_input(mb.hidden[l], dh, mb.seq, balance_scale, mb.layers[l]);
+    layers_[l].backward_weight(mb.hidden[l], mb.layers[l]);
+    grads_ready(layer_params_[static_cast<size_t>(l)]);
+  }
+  embedding_->backward_weight(mb.ids, dh);
+  grads_ready(embedding_params_);
+  micro_batch_.reset();
+}
+
+}  // namespace dsx
