@@ -16,8 +16,10 @@ struct TrainArgs {
 
 void add_train(CLI::App& app) {
   auto args = std::make_shared<TrainArgs>();
-  CLI::App* cmd = app.add_subcommand("train", "Train a model from a YAML recipe (resumes automatically from the "
-                                              "newest complete checkpoint unless checkpoint.resume says otherwise)");
+  CLI::App* cmd = app.add_subcommand("train",
+                                     "Train a model from a YAML recipe (resumes automatically from the "
+                                     "newest complete checkpoint unless checkpoint.resume says otherwise). Multi-rank: "
+                                     "mpirun -np N dsx train RECIPE with N = parallel.dp (data and expert parallel)");
   cmd->add_option("recipe", args->recipe, "Recipe file (YAML)")->required();
   cmd->add_option("--set", args->overrides, "Override a recipe key, e.g. --set train.steps=200 (repeatable)");
   cmd->add_option("--stop-after", args->stop_after,
@@ -27,6 +29,7 @@ void add_train(CLI::App& app) {
     options.stop_after_steps = args->stop_after;
     Trainer trainer(load_recipe(args->recipe, args->overrides), options);
     const TrainResult r = trainer.run();
+    if (!trainer.is_rank0()) return;
     fmt::print("done: step {} loss {:.4f}; run directory {}\n", r.last_step, r.final_loss, r.run_dir.string());
     if (r.last_checkpoint) fmt::print("last checkpoint: {}\n", r.last_checkpoint->string());
   });

@@ -19,14 +19,19 @@ nlohmann::json to_json(const StepMetrics& m) {
                       {"tokens", m.tokens},
                       {"tokens_per_s", m.tokens_per_s},
                       {"mfu", m.mfu},
-                      {"elapsed_s", m.elapsed_s}};
+                      {"elapsed_s", m.elapsed_s},
+                      {"step_s", m.step_s},
+                      {"exposed_comm_s", m.exposed_comm_s},
+                      {"exposed_comm_fraction", m.exposed_comm_fraction},
+                      {"moe_a2a_bytes", m.moe_a2a_bytes}};
   nlohmann::json loads = nlohmann::json::array();
   for (const auto& l : m.expert_load) {
     loads.push_back({{"layer", l.layer},
                      {"min_tokens", l.min_tokens},
                      {"max_tokens", l.max_tokens},
                      {"cv", l.cv},
-                     {"bias_spread", l.bias_spread}});
+                     {"bias_spread", l.bias_spread},
+                     {"ep_recv_max_over_mean", l.ep_recv_max_over_mean}});
   }
   j["expert_load"] = std::move(loads);
   return j;
@@ -40,14 +45,19 @@ std::string format_duration(double s) {
 }
 
 std::string console_line(const StepMetrics& m) {
-  double worst_cv = 0;
-  for (const auto& l : m.expert_load) worst_cv = std::max(worst_cv, l.cv);
+  double worst_cv = 0, worst_ep = 0;
+  for (const auto& l : m.expert_load) {
+    worst_cv = std::max(worst_cv, l.cv);
+    worst_ep = std::max(worst_ep, l.ep_recv_max_over_mean);
+  }
   std::string line = fmt::format("step {:>6}/{} | loss {:.4f} (lm {:.4f}", m.step, m.total_steps, m.loss, m.lm_loss);
   if (m.mtp_loss != 0) line += fmt::format(" mtp {:.4f}", m.mtp_loss);
   if (m.balance_loss != 0) line += fmt::format(" bal {:.2e}", m.balance_loss);
   line += fmt::format(") | gnorm {:.3f} | lr {:.3e} | {:.0f} tok/s", m.grad_norm, m.lr, m.tokens_per_s);
   if (m.mfu > 0) line += fmt::format(" | mfu {:.1f}%", 100 * m.mfu);
   if (!m.expert_load.empty()) line += fmt::format(" | load cv {:.2f}", worst_cv);
+  if (worst_ep > 0) line += fmt::format(" ep max/mean {:.2f}", worst_ep);
+  if (m.exposed_comm_s > 0) line += fmt::format(" | comm {:.0f}%", 100 * m.exposed_comm_fraction);
   line += fmt::format(" | {} elapsed, ETA {}", format_duration(m.elapsed_s), format_duration(m.eta_s));
   return line;
 }

@@ -15,6 +15,9 @@ struct LayerLoad {
   int64_t layer = 0;
   double min_tokens = 0, max_tokens = 0, cv = 0;  // tokens per expert over the interval
   double bias_spread = 0;                         // max - min of the router's selection bias
+  // Expert parallelism: tokens received per EP rank (the sum over its experts), max / mean.
+  // That ratio sets the all-to-all time: the busiest rank is the one everyone waits for.
+  double ep_recv_max_over_mean = 0;  // 0 without expert parallelism
 };
 
 struct StepMetrics {
@@ -28,6 +31,13 @@ struct StepMetrics {
   double mfu = 0;  // model FLOPs utilisation against the configured peak (0: no peak set)
   double elapsed_s = 0;
   double eta_s = 0;
+  // Multi-rank: seconds this rank spent blocked on communication during the step (MoE
+  // all-to-alls, gradient and parameter collectives, metric reductions) and the share of the
+  // step's time that is.
+  double exposed_comm_s = 0;
+  double exposed_comm_fraction = 0;
+  double step_s = 0;
+  int64_t moe_a2a_bytes = 0;  // bytes this rank sent in MoE all-to-alls during the step
   std::vector<LayerLoad> expert_load;
 };
 

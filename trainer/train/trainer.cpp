@@ -2,41 +2,25 @@
 
 #include <fmt/core.h>
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <csignal>
 #include <fstream>
+#include <tuple>
+#include <utility>
 
 #include "kernels/error.h"
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/model/param_count.h"
+#include "trainer/optim/distributed_optimizer.h"
 #include "trainer/train/schedule.h"
+#include "trainer/train/stop_signals.h"
 
 namespace dsx {
 namespace {
-
-volatile std::sig_atomic_t g_stop_requested = 0;
-extern "C" void request_stop(int) { g_stop_requested = 1; }
-
-// Ctrl-C / SIGTERM (what Slurm sends before a time limit) ends the run after the current step
-// with a checkpoint, instead of losing the work since the last one.
-class StopSignals {
- public:
-  StopSignals() {
-    g_stop_requested = 0;
-    old_int_ = std::signal(SIGINT, request_stop);
-    old_term_ = std::signal(SIGTERM, request_stop);
-  }
-  ~StopSignals() {
-    std::signal(SIGINT, old_int_);
-    std::signal(SIGTERM, old_term_);
-  }
-  StopSignals(const StopSignals&) = delete;
-  StopSignals& operator=(const StopSignals&) = delete;
-
- private:
-  void (*old_int_)(int);
-  void (*old_term_)(int);
-};
 
 RecomputePolicy recompute_policy(const TrainSection& t) {
   return {.rmsnorm = t.recomputes(RecomputeKind::rmsnorm),
@@ -61,26 +45,57 @@ Trainer::Trainer(Recipe recipe, TrainerOptions options)
   if (recipe_.model.device != Device::cpu) {
     throw UserError("model.device: cuda needs the CUDA backend, which this build does not have");
   }
-  if (recipe_.parallel.pp * recipe_.parallel.dp * recipe_.parallel.tp != 1) {
-    throw UserError("parallel: this build trains in a single process; set parallel.pp, dp and tp to 1");
-  }
+  parallel_ = start_train_parallel(recipe_);  // checks the world size before any work
+  options_.console = options_.console && is_rank0();
   std::filesystem::create_directories(run_dir_);
-  std::ofstream(run_dir_ / "recipe.yaml") << to_yaml(recipe_);
-  model_ = std::make_unique<Model>(recipe_.model, recipe_.model.dtype, static_cast<uint64_t>(recipe_.train.seed),
-                                   recompute_policy(recipe_.train), precision_policy(recipe_.precision));
-  optimizer_ = std::make_unique<AdamW>(model_->parameters(), recipe_.optim);
-  data_ = make_data_feed(recipe_, 0, 1);
-  if (recipe_.logging.jsonl) metrics_log_ = std::make_unique<MetricsLog>((run_dir_ / "metrics.jsonl").string());
+  if (is_rank0()) std::ofstream(run_dir_ / "recipe.yaml") << to_yaml(recipe_);
+  const ModelParallel model_parallel =
+      parallel_ ? parallel_->model_parallel(recipe_.parallel, recipe_.precision) : ModelParallel{};
+  model_ =
+      std::make_unique<Model>(recipe_.model, recipe_.model.dtype, static_cast<uint64_t>(recipe_.train.seed),
+                              recompute_policy(recipe_.train), precision_policy(recipe_.precision), model_parallel);
+  if (parallel_) {
+    MeshComms& c = parallel_->comms;
+    optimizer_ = std::make_unique<DistributedAdamW>(model_->parameters(), recipe_.optim, *c.dp, *c.edp, *c.world,
+                                                    DistributedOptimizerOptions{.zero1 = recipe_.parallel.zero >= 1});
+  } else {
+    optimizer_ = std::make_unique<AdamW>(model_->parameters(), recipe_.optim);
+  }
+  model_->set_grad_ready_hook([this](Parameter& p) {
+    if (last_backward_) optimizer_->grad_ready(p);
+  });
+  data_ = make_data_feed(recipe_, parallel_ ? parallel_->mesh.coords.dp : 0, dp_size());
+  if (recipe_.logging.jsonl && is_rank0()) {
+    metrics_log_ = std::make_unique<MetricsLog>((run_dir_ / "metrics.jsonl").string());
+  }
+  if (recipe_.logging.rank_logs && parallel_) {
+    std::filesystem::create_directories(run_dir_ / "logs");
+    const auto path = run_dir_ / "logs" / fmt::format("rank-{:05}.log", parallel_->world_rank());
+    rank_log_ = std::make_unique<std::ofstream>(path, std::ios::app);
+    if (!*rank_log_) throw UserError("logging.rank_logs: cannot open " + path.string() + " for appending");
+    *rank_log_ << describe_launch(parallel_->launch) << ", mesh " << describe_mesh(parallel_->mesh.sizes) << '\n';
+  }
   resume_if_requested();
 }
 
 Trainer::~Trainer() = default;
 
+// checkpoint.resume: auto. Rank 0 picks the newest complete checkpoint (and removes stale
+// temporary directories, which only one rank may do); every rank resumes from the same step.
+std::optional<std::filesystem::path> Trainer::find_resume_checkpoint() {
+  std::optional<std::filesystem::path> dir;
+  if (is_rank0()) dir = ckpt::latest(checkpoint_root_, {.remove_stale = true});
+  if (!parallel_) return dir;
+  const int64_t step = parallel_->broadcast_from_rank0(dir ? ckpt::read_manifest(*dir).step : -1);
+  if (step < 0) return std::nullopt;
+  return checkpoint_root_ / ckpt::step_dir_name(step);
+}
+
 void Trainer::resume_if_requested() {
   const std::string& resume = recipe_.checkpoint.resume;
   if (resume == "never") return;
   if (resume == "auto") {
-    if (auto dir = ckpt::latest(checkpoint_root_, {.remove_stale = true})) restore_from(*dir);
+    if (auto dir = find_resume_checkpoint()) restore_from(*dir);
     return;
   }
   if (!ckpt::is_checkpoint_dir(resume)) {
@@ -92,9 +107,7 @@ void Trainer::resume_if_requested() {
 void Trainer::restore_from(const std::filesystem::path& dir) {
   std::vector<ckpt::LoadRequest> requests;
   for (Parameter& p : model_->parameters()) requests.push_back({p.spec.name, p.value.shape(), {}, p.value});
-  for (const auto& s : optimizer_->state_tensors()) {
-    requests.push_back({s.name, s.tensor->shape(), {}, *s.tensor});
-  }
+  for (ckpt::LoadRequest& r : optimizer_->state_requests()) requests.push_back(std::move(r));
   const ckpt::CheckpointState state = ckpt::load(dir, requests);
   step_ = state.step;
   tokens_ = state.metadata.at("tokens").get<int64_t>();
@@ -105,10 +118,20 @@ void Trainer::restore_from(const std::filesystem::path& dir) {
   if (options_.console) fmt::print("resumed from {} at step {}\n", dir.string(), step_);
 }
 
+// Each tensor is written once: dense parameters by DP rank 0, an EP rank's experts by its EDP
+// rank 0; the optimizer decides which moment ranges each rank writes.
+bool Trainer::writes_parameter(const Parameter& p) const {
+  if (!parallel_) return true;
+  const MeshCoords& c = parallel_->mesh.coords;
+  return p.spec.shard.axis == ShardAxis::expert ? c.edp == 0 : c.dp == 0;
+}
+
 std::filesystem::path Trainer::save_checkpoint(int64_t step) {
   std::vector<ckpt::TensorSlice> slices;
-  for (Parameter& p : model_->parameters()) slices.push_back({p.spec.name, p.value.shape(), {}, p.value});
-  for (const auto& s : optimizer_->state_tensors()) slices.push_back({s.name, s.tensor->shape(), {}, *s.tensor});
+  for (Parameter& p : model_->parameters()) {
+    if (writes_parameter(p)) slices.push_back({p.spec.name, p.value.shape(), {}, p.value});
+  }
+  for (ckpt::TensorSlice& s : optimizer_->state_slices()) slices.push_back(std::move(s));
   ckpt::CheckpointState state;
   state.step = step;
   state.metadata = {{"tokens", tokens_},
@@ -118,6 +141,12 @@ std::filesystem::path Trainer::save_checkpoint(int64_t step) {
   state.recipe_yaml = to_yaml(recipe_);
   ckpt::SaveOptions save_options;
   save_options.keep_last = static_cast<int>(recipe_.checkpoint.keep_last);
+  if (parallel_) {
+    save_options.writer_index = parallel_->world_rank();
+    save_options.n_writers = parallel_->world_size();
+    save_options.barrier = [this] { parallel_->barrier(); };
+    save_options.attempt_id = std::to_string(parallel_->broadcast_from_rank0(static_cast<int64_t>(::getpid())));
+  }
   const auto dir = ckpt::save(checkpoint_root_, state, slices, save_options);
   last_checkpoint_ = dir;
   last_saved_step_ = step;
@@ -129,6 +158,9 @@ StepMetrics Trainer::train_step(int64_t step) {
   const double lr = lr_schedule_.lr(step, tokens_);
   std::vector<Batch> micro_batches = data_->next_step(global_batch);
   const auto n_micro = static_cast<int64_t>(micro_batches.size());
+  // Every micro-batch weighs 1 / (micro-batches in the global batch), on every DP rank.
+  const double micro_weight = 1.0 / static_cast<double>(n_micro * dp_size());
+  const auto step_start = std::chrono::steady_clock::now();
 
   model_->parameters().zero_grad();
   StepMetrics m;
@@ -137,22 +169,37 @@ StepMetrics Trainer::train_step(int64_t step) {
     switch (a.kind) {
       case Action::Kind::forward: {
         const Losses l = model_->forward(micro_batches[static_cast<size_t>(a.micro_batch)]);
-        m.loss += l.total / static_cast<double>(n_micro);
-        m.lm_loss += l.lm / static_cast<double>(n_micro);
-        m.mtp_loss += l.mtp / static_cast<double>(n_micro);
-        m.balance_loss += l.balance / static_cast<double>(n_micro);
+        m.loss += l.total * micro_weight;
+        m.lm_loss += l.lm * micro_weight;
+        m.mtp_loss += l.mtp * micro_weight;
+        m.balance_loss += l.balance * micro_weight;
         break;
       }
-      case Action::Kind::backward: model_->backward(1.0 / static_cast<double>(n_micro)); break;
-      case Action::Kind::optimizer_step: grad_norm = optimizer_->step(lr); break;
-      default: throw std::logic_error("single-process schedule produced " + to_string(a));
+      case Action::Kind::backward:
+        last_backward_ = a.micro_batch == n_micro - 1;
+        model_->backward(micro_weight);
+        last_backward_ = false;
+        break;
+      case Action::Kind::optimizer_step:
+        grad_norm = optimizer_->step(lr);
+        break;
+      default:
+        throw std::logic_error("data-parallel schedule produced " + to_string(a));
     }
   }
-  for (const ExpertLoad& l : model_->expert_load().layers) {
-    m.expert_load.push_back({l.layer, static_cast<double>(l.min_tokens), static_cast<double>(l.max_tokens), l.cv,
-                             l.bias_spread});
+  if (parallel_) {  // the losses of the whole global batch
+    std::array<double, 4> losses{m.loss, m.lm_loss, m.mtp_loss, m.balance_loss};
+    parallel_->sum_over_dp(losses);
+    std::tie(m.loss, m.lm_loss, m.mtp_loss, m.balance_loss) = std::tuple(losses[0], losses[1], losses[2], losses[3]);
   }
   model_->update_router_biases(recipe_.model.bias_update_rate);
+  add_expert_load_metrics(m);
+  m.step_s = seconds_since(step_start);
+  if (parallel_) {
+    m.exposed_comm_s = parallel_->timer.take_exposed() + optimizer_->take_exposed_comm_s();
+    m.exposed_comm_fraction = m.step_s > 0 ? m.exposed_comm_s / m.step_s : 0;
+    m.moe_a2a_bytes = std::exchange(parallel_->timer.bytes_sent, 0);
+  }
   tokens_ += global_batch * recipe_.train.seq_len;
   step_ = step + 1;
   m.step = step_;
@@ -160,6 +207,28 @@ StepMetrics Trainer::train_step(int64_t step) {
   m.lr = lr;
   m.tokens = tokens_;
   return m;
+}
+
+// Per MoE layer: tokens per expert over the global batch (the loads the bias update used) and,
+// with expert parallelism, how unevenly the EP ranks receive tokens.
+void Trainer::add_expert_load_metrics(StepMetrics& m) const {
+  const int64_t ep = recipe_.parallel.ep;
+  for (const ExpertLoad& l : model_->expert_load().layers) {
+    LayerLoad load{l.layer, static_cast<double>(l.min_tokens), static_cast<double>(l.max_tokens), l.cv, l.bias_spread};
+    if (ep > 1) {
+      const auto per_rank = static_cast<int64_t>(l.tokens_per_expert.size()) / ep;
+      double max_rank = 0, sum = 0;
+      for (int64_t p = 0; p < ep; ++p) {
+        double received = 0;
+        for (int64_t e = p * per_rank; e < (p + 1) * per_rank; ++e)
+          received += static_cast<double>(l.tokens_per_expert[e]);
+        max_rank = std::max(max_rank, received);
+        sum += received;
+      }
+      load.ep_recv_max_over_mean = sum > 0 ? max_rank / (sum / static_cast<double>(ep)) : 0;
+    }
+    m.expert_load.push_back(load);
+  }
 }
 
 TrainResult Trainer::run() {
@@ -171,13 +240,22 @@ TrainResult Trainer::run() {
     fmt::print("dsx train: {} parameters ({} active per token, {} MTP), {} steps from step {}\n", counts.total,
                counts.active, counts.mtp, total, first);
     fmt::print("  data: {}\n  run dir: {}\n", data_->describe(), run_dir_.string());
+    if (parallel_) {
+      fmt::print("  layout: {} (zero {}, overlap_a2a {}), launched by {}\n", describe_mesh(parallel_->mesh.sizes),
+                 recipe_.parallel.zero, recipe_.parallel.overlap_a2a, parallel_->launch.launcher);
+    }
   }
   auto run_start = std::chrono::steady_clock::now();
   auto interval_start = run_start;
   int64_t interval_tokens = 0;
   double last_loss = 0;
   int64_t ran = 0;
-  while (step_ < total && !g_stop_requested) {
+  // A signal may reach the ranks at different steps: they stop together, at the first step
+  // boundary where any of them has seen it.
+  const auto stop_requested = [this] {
+    return parallel_ ? parallel_->any_rank(StopSignals::stop_requested()) : StopSignals::stop_requested();
+  };
+  while (step_ < total && !stop_requested()) {
     const int64_t tokens_before = tokens_;
     StepMetrics m = train_step(step_);
     ++ran;
@@ -194,6 +272,7 @@ TrainResult Trainer::run() {
     const bool log_now = step_ % recipe_.logging.interval == 0 || step_ == total || step_ == first + 1;
     if (log_now) {
       if (options_.console) fmt::print("{}\n", console_line(m));
+      if (rank_log_) *rank_log_ << console_line(m) << std::endl;
       if (metrics_log_) metrics_log_->write(m);
       interval_start = std::chrono::steady_clock::now();
       interval_tokens = 0;
@@ -205,7 +284,7 @@ TrainResult Trainer::run() {
     }
     if (stop_here) break;
   }
-  if (g_stop_requested && last_saved_step_ != step_) {
+  if (stop_requested() && last_saved_step_ != step_) {
     save_checkpoint(step_);
     if (options_.console) fmt::print("stopped by signal at step {}; checkpoint saved\n", step_);
   }

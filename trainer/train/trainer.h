@@ -1,17 +1,25 @@
-// The single-process training loop (the orchestrator, llm.c style: read it top to bottom).
+// The training loop (the orchestrator, llm.c style: read it top to bottom).
 //
 //   for each step:
 //     lr, global batch  <- schedules(step, tokens consumed)
-//     micro-batches     <- data feed
+//     micro-batches     <- data feed (this data-parallel rank's share of the global batch)
 //     actions           <- gradient-accumulation schedule
-//     run actions: forward / backward per micro-batch, then the optimizer step
-//     router biases     <- aux-loss-free update from this step's expert loads
+//     run actions: forward / backward per micro-batch (MoE layers exchange tokens over the EP
+//                  group; during the last backward the optimizer starts reducing gradient
+//                  buckets as they complete), then the optimizer step
+//     router biases     <- aux-loss-free update from this step's expert loads (summed over DP)
 //     metrics, checkpoint
+//
+// Multi-rank (`mpirun -np N dsx train RECIPE`): every rank runs this same loop; the loss is
+// scaled by 1 / (micro-batches per rank · DP) so that gradients summed over the DP group are the
+// single-process gradients of the same global batch. Rank 0 prints and writes metrics.jsonl;
+// every rank writes its shards of each checkpoint.
 //
 // The run directory holds the resolved recipe (recipe.yaml), metrics.jsonl and checkpoints/.
 #pragma once
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -23,6 +31,7 @@
 #include "trainer/recipe/recipe.h"
 #include "trainer/train/data_feed.h"
 #include "trainer/train/metrics.h"
+#include "trainer/train/train_parallel.h"
 
 namespace dsx {
 
@@ -47,21 +56,29 @@ class Trainer {
   TrainResult run();
 
   Model& model() { return *model_; }
+  bool is_rank0() const { return !parallel_ || parallel_->world_rank() == 0; }
 
  private:
   void resume_if_requested();
   std::filesystem::path save_checkpoint(int64_t step);
   void restore_from(const std::filesystem::path& dir);
   StepMetrics train_step(int64_t step);
+  std::optional<std::filesystem::path> find_resume_checkpoint();
+  bool writes_parameter(const Parameter& p) const;
+  int dp_size() const { return parallel_ ? parallel_->mesh.sizes.dp : 1; }
+  void add_expert_load_metrics(StepMetrics& m) const;
 
   Recipe recipe_;
   TrainerOptions options_;
+  std::unique_ptr<TrainParallel> parallel_;  // null: one process; destroyed after the model
   std::filesystem::path run_dir_;
   std::filesystem::path checkpoint_root_;
   std::unique_ptr<Model> model_;
-  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<Optimizer> optimizer_;
+  bool last_backward_ = false;  // the step's last micro-batch backward is running
   std::unique_ptr<DataFeed> data_;
   std::unique_ptr<MetricsLog> metrics_log_;
+  std::unique_ptr<std::ofstream> rank_log_;  // logging.rank_logs: this rank's own step lines
   LrSchedule lr_schedule_;
   BatchSchedule batch_schedule_;
   int64_t step_ = 0;    // completed steps

@@ -1,0 +1,44 @@
+#!/bin/sh
+# SIGKILL one rank of a running `mpirun -np 4 dsx train` (EP4) mid-training and check that the
+# whole job ends non-zero within parallel.comm_timeout_s + 10 s, naming the dead rank, and that
+# no dsx process of the job is left behind.
+#
+#   kill_rank.sh DSX MPIEXEC WORK VICTIM TIMEOUT_S
+set -u
+dsx=$1 mpiexec=$2 work=$3 victim=$4 timeout_s=$5
+recipe="$(dirname "$0")/../../../recipes/tiny.yaml"
+run="$work/kill_rank"
+rm -rf "$run" && mkdir -p "$run"
+out="$run/output.txt"
+fail() { cat "$out"; echo "FAIL: $*"; exit 1; }
+
+timeout -s KILL 300 "$mpiexec" --oversubscribe --bind-to none -np 4 "$dsx" train "$recipe" \
+  --set parallel.dp=4 --set parallel.ep=4 --set parallel.comm_timeout_s="$timeout_s" \
+  --set train.steps=100000 --set train.global_batch=8 --set train.micro_batch=1 --set train.seq_len=32 \
+  --set logging.interval=1 --set checkpoint.interval=100000 --set logging.run_dir="$run" >"$out" 2>&1 &
+job=$!
+
+# Wait until training is under way (two steps logged), then kill the victim rank.
+i=0
+until [ "$(grep -c '^step' "$out" 2>/dev/null)" -ge 2 ]; do
+  i=$((i + 1)); [ "$i" -le 600 ] || fail "training did not start"; sleep 0.1
+done
+pid=""
+for p in $(pgrep -f "$dsx train $recipe"); do
+  if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$victim"; then pid=$p; fi
+done
+[ -n "$pid" ] || fail "no process of rank $victim found"
+start_ns=$(date +%s%N)
+kill -KILL "$pid"
+wait "$job"
+rc=$?
+elapsed_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+limit_ms=$(( (timeout_s + 10) * 1000 ))
+echo "---- exit status $rc, $elapsed_ms ms after SIGKILL of rank $victim (limit $limit_ms ms)"
+[ "$rc" -ne 0 ] || fail "the job exited 0"
+[ "$elapsed_ms" -le "$limit_ms" ] || fail "the job took $elapsed_ms ms to end"
+grep -Eq "process rank $victim .*signal 9|Never arrived: ranks \[$victim\]" "$out" || fail "the dead rank is not named"
+sleep 1
+if pgrep -f "$dsx train $recipe" >/dev/null; then pgrep -af "$dsx train $recipe"; fail "processes left behind"; fi
+tail -5 "$out"
+echo "PASS"

@@ -1,0 +1,82 @@
+# `mpirun -np N dsx train` gives the single-process result (issue: multi-rank training).
+# Every layout trains the tiny recipe (8 routed experts, MTP, 6 steps of 8 sequences) and must
+# match the single-process run of the same recipe in every step's loss and in every parameter
+# and optimizer moment of the final checkpoint, relative error ≤ 1e-5.
+#
+# Why 1e-5 in fp32: the layouts sum the same gradients in another order (over micro-batches,
+# then over ranks) and run the experts' GEMMs on differently batched rows, so results differ by
+# a few fp32 roundings (~1e-7 relative) per step; AdamW's normalised update keeps that from
+# growing much over 6 steps. What the test must catch — a token routed to the wrong rank, a
+# gradient reduced over the wrong group or not scaled, a moment shard misplaced — gives errors
+# of 1e-2 or more.
+add_executable(compare_runs ${CMAKE_CURRENT_LIST_DIR}/parallel/compare_runs.cpp)
+target_link_libraries(compare_runs PRIVATE dsx_trainer)
+
+set(DSX_LAYOUT_WORK ${CMAKE_CURRENT_BINARY_DIR}/parallel_runs)
+set(DSX_LAYOUT_RUN sh ${CMAKE_CURRENT_LIST_DIR}/parallel/run_layout.sh $<TARGET_FILE:dsx> ${MPIEXEC_EXECUTABLE}
+                   $<TARGET_FILE:compare_runs> ${DSX_LAYOUT_WORK})
+set(DSX_LAYOUT_ENV "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1")
+set(DSX_LAYOUT_RTOL 1e-5)
+
+add_test(NAME parallel_train.reference COMMAND ${DSX_LAYOUT_RUN} reference 0 0)
+set_tests_properties(parallel_train.reference PROPERTIES FIXTURES_SETUP layout_reference)
+
+# name  ranks  recipe overrides
+set(DSX_LAYOUTS
+    "dp2|2|--set parallel.dp=2 --set parallel.zero=0"
+    "dp2_zero1|2|--set parallel.dp=2 --set parallel.zero=1 --set logging.rank_logs=true"
+    "dp2_ep2|2|--set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1"
+    "dp4_ep4|4|--set parallel.dp=4 --set parallel.ep=4 --set parallel.zero=0"
+    "dp4_ep4_no_overlap|4|--set parallel.dp=4 --set parallel.ep=4 --set parallel.zero=0 --set parallel.overlap_a2a=false"
+    "dp4_ep2|4|--set parallel.dp=4 --set parallel.ep=2 --set parallel.zero=1"
+    "dp8_ep4_zero1|8|--set parallel.dp=8 --set parallel.ep=4 --set parallel.zero=1")
+set(DSX_LAYOUT_TESTS parallel_train.reference)
+foreach(layout ${DSX_LAYOUTS})
+  string(REPLACE "|" ";" fields "${layout}")
+  list(GET fields 0 name)
+  list(GET fields 1 np)
+  list(GET fields 2 overrides)
+  separate_arguments(overrides UNIX_COMMAND "${overrides}")
+  add_test(NAME parallel_train.${name} COMMAND ${DSX_LAYOUT_RUN} ${name} ${np} ${DSX_LAYOUT_RTOL} ${overrides})
+  set_tests_properties(parallel_train.${name} PROPERTIES FIXTURES_REQUIRED layout_reference)
+  list(APPEND DSX_LAYOUT_TESTS parallel_train.${name})
+endforeach()
+
+# DeepSeek-V3's wire formats: tokens dispatched in FP8 (1×128 scales), combined in bf16. The
+# numerics differ from the reference on purpose; the loss curve must stay within 1%: one E4M3
+# rounding (≤ 6.25% per element, ~2% RMS) of the experts' inputs and one bf16 rounding of their
+# outputs move a 6-step loss of ~8 by about 1e-3 relative.
+add_test(NAME parallel_train.dp2_ep2_fp8_dispatch
+         COMMAND ${DSX_LAYOUT_RUN} dp2_ep2_fp8_dispatch 2 1e-2L --set parallel.dp=2 --set parallel.ep=2
+                 --set precision.dispatch=fp8 --set precision.combine=bf16)
+set_tests_properties(parallel_train.dp2_ep2_fp8_dispatch PROPERTIES FIXTURES_REQUIRED layout_reference)
+list(APPEND DSX_LAYOUT_TESTS parallel_train.dp2_ep2_fp8_dispatch)
+
+# A checkpoint written by 4 ranks (EP4) at step 3 resumes with 2 ranks (EP2) and with 1 process,
+# and both continue the reference's loss curve to the same final state.
+add_test(NAME parallel_train.ep4_writer COMMAND ${DSX_LAYOUT_RUN} ep4_writer 4 ${DSX_LAYOUT_RTOL}
+         --set parallel.dp=4 --set parallel.ep=4 --set parallel.zero=1 --stop-after 3)
+set_tests_properties(parallel_train.ep4_writer PROPERTIES FIXTURES_REQUIRED layout_reference
+                     FIXTURES_SETUP ep4_checkpoint)
+foreach(target "ep2|2|--set parallel.dp=2 --set parallel.ep=2" "single|0|")
+  string(REPLACE "|" ";" fields "${target}")
+  list(GET fields 0 name)
+  list(GET fields 1 np)
+  list(GET fields 2 overrides)
+  separate_arguments(overrides UNIX_COMMAND "${overrides}")
+  add_test(NAME parallel_train.resume_ep4_as_${name}
+           COMMAND sh -c "rm -rf \"$1\" && mkdir -p \"$1\" && cp -r \"$2/checkpoints\" \"$1/\" && shift 2 && exec \"$@\""
+                   resume ${DSX_LAYOUT_WORK}/resume-${name} ${DSX_LAYOUT_WORK}/ep4_writer
+                   ${DSX_LAYOUT_RUN} resume-${name} ${np} ${DSX_LAYOUT_RTOL} ${overrides})
+  set_tests_properties(parallel_train.resume_ep4_as_${name} PROPERTIES FIXTURES_REQUIRED "layout_reference;ep4_checkpoint")
+  list(APPEND DSX_LAYOUT_TESTS parallel_train.resume_ep4_as_${name})
+endforeach()
+set_tests_properties(${DSX_LAYOUT_TESTS} PROPERTIES ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300 LABELS parallel
+                     RESOURCE_LOCK mpi_cores)
+
+# A rank SIGKILLed mid-training ends the whole job within comm_timeout_s + 10 s, naming it.
+add_test(NAME parallel_train.sigkill_rank_ends_job
+         COMMAND sh ${CMAKE_CURRENT_LIST_DIR}/parallel/kill_rank.sh $<TARGET_FILE:dsx> ${MPIEXEC_EXECUTABLE}
+                 ${DSX_LAYOUT_WORK} 2 4)
+set_tests_properties(parallel_train.sigkill_rank_ends_job PROPERTIES ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300
+                     LABELS parallel RESOURCE_LOCK mpi_cores)

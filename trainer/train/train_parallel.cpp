@@ -1,0 +1,70 @@
+#include "trainer/train/train_parallel.h"
+
+#include <algorithm>
+#include <array>
+
+#include "kernels/error.h"
+
+namespace dsx {
+
+ModelParallel TrainParallel::model_parallel(const ParallelSection& p, const PrecisionSection& precision) {
+  ModelParallel mp;
+  if (p.ep > 1) mp.ep = comms.ep.get();
+  if (p.dp > 1) mp.dp = comms.dp.get();
+  mp.overlap_a2a = p.overlap_a2a && p.ep > 1;
+  mp.dispatch = precision.dispatch == DispatchPrecision::fp8    ? WireFormat::fp8_e4m3
+                : precision.dispatch == DispatchPrecision::bf16 ? WireFormat::bf16
+                                                                : WireFormat::f32;
+  mp.combine = precision.combine == CombinePrecision::bf16 ? WireFormat::bf16 : WireFormat::f32;
+  mp.timer = &timer;
+  return mp;
+}
+
+void TrainParallel::sum_over_dp(std::span<double> values) {
+  Tensor t = Tensor::from<double>(std::span<const double>(values.data(), values.size()),
+                                  {static_cast<int64_t>(values.size())});
+  CommHandle h = comms.dp->all_reduce(t);
+  timed_wait(h, &timer);
+  const double* sums = t.data<double>();
+  std::copy(sums, sums + values.size(), values.begin());
+}
+
+int64_t TrainParallel::broadcast_from_rank0(int64_t value) {
+  Tensor t = Tensor::from<int64_t>(std::span<const int64_t>(&value, 1), {1});
+  comms.world->broadcast(t, 0).wait();
+  return t.data<int64_t>()[0];
+}
+
+bool TrainParallel::any_rank(bool flag) {
+  Tensor t = Tensor::from<int64_t>(std::span<const int64_t>(std::array<int64_t, 1>{flag ? 1 : 0}), {1});
+  comms.world->all_reduce(t).wait();
+  return t.data<int64_t>()[0] > 0;
+}
+
+void TrainParallel::barrier() {
+  comms.world->barrier().wait();
+}
+
+std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
+  const ParallelSection& p = recipe.parallel;
+  const MeshSizes sizes{.pp = static_cast<int>(p.pp),
+                        .dp = static_cast<int>(p.dp),
+                        .tp = static_cast<int>(p.tp),
+                        .ep = static_cast<int>(p.ep)};
+  const LaunchEnv launch = read_launch_env();
+  if (sizes.world() == 1 && launch.world_size == 1) return nullptr;
+  if (p.pp > 1 || p.tp > 1) {
+    throw UserError(
+        "parallel.pp / parallel.tp: pipeline and tensor-parallel layers are not built yet; "
+        "train with data and expert parallelism (parallel.dp, parallel.ep) and pp = tp = 1");
+  }
+  auto tp = std::make_unique<TrainParallel>();
+  tp->launch = launch;
+  tp->mpi = std::make_unique<MpiSession>();
+  check_world_size(sizes, recipe.model.n_routed_experts);
+  tp->mesh = build_mesh(sizes, tp->mpi->world_rank());
+  tp->comms = make_mpi_mesh_comms(tp->mesh, p.comm_timeout_s);
+  return tp;
+}
+
+}  // namespace dsx

@@ -1,0 +1,49 @@
+// The ranks of a training run as the loop sees them: started from the launcher's variables
+// (mpirun or srun), the recipe's layout checked against the world size before any work, the
+// mesh's communicators, and the few collectives the loop itself needs (metrics, checkpoints).
+//
+// A run whose recipe asks for one rank and that was not launched as several processes has no
+// TrainParallel at all (start_train_parallel returns null) and never initialises MPI.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "parallel/comm.h"
+#include "parallel/comm_mpi.h"
+#include "parallel/launch_env.h"
+#include "parallel/mesh.h"
+#include "trainer/model/expert_parallel.h"
+#include "trainer/recipe/recipe.h"
+
+namespace dsx {
+
+struct TrainParallel {
+  std::unique_ptr<MpiSession> mpi;  // declared first: finalised after the communicators are gone
+  LaunchEnv launch;
+  Mesh mesh;
+  MeshComms comms;
+  CommTimer timer;
+
+  int world_rank() const { return mesh.rank; }
+  int world_size() const { return mesh.sizes.world(); }
+  // What the model's MoE layers use: the EP group (when ep > 1) and the DP group for the loads.
+  // The wire formats of the MoE all-to-alls follow precision.dispatch / precision.combine.
+  ModelParallel model_parallel(const ParallelSection& p, const PrecisionSection& precision);
+
+  // Element-wise sums over the data-parallel group (blocking).
+  void sum_over_dp(std::span<double> values);
+  // Rank 0's value on every rank (blocking).
+  int64_t broadcast_from_rank0(int64_t value);
+  void barrier();
+  // True on every rank when `flag` is true on any rank (blocking).
+  bool any_rank(bool flag);
+};
+
+// Null for a single process; otherwise initialises MPI, checks the world size against the
+// recipe's layout (dsx::UserError on every rank when they differ), builds the mesh and its
+// communicators. Throws dsx::UserError for layouts this build cannot train yet (pp, tp > 1).
+std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe);
+
+}  // namespace dsx
