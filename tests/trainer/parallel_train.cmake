@@ -80,3 +80,16 @@ add_test(NAME parallel_train.sigkill_rank_ends_job
                  ${DSX_LAYOUT_WORK} 2 4)
 set_tests_properties(parallel_train.sigkill_rank_ends_job PROPERTIES ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300
                      LABELS parallel RESOURCE_LOCK mpi_cores)
+
+# Layouts that do not fit how the job was started fail before any work, saying what to do.
+add_test(NAME parallel_train.started_alone
+         COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "started alone; launch it with mpirun -np 2" --
+                 $<TARGET_FILE:dsx> train ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --set parallel.dp=2
+                 --set logging.run_dir=${DSX_LAYOUT_WORK}/started_alone)
+add_test(NAME parallel_train.world_size_mismatch
+         COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "the launcher started 2 ranks but the recipe's layout" --
+                 ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -np 2 $<TARGET_FILE:dsx> train
+                 ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --set parallel.dp=4 --set train.micro_batch=4
+                 --set logging.run_dir=${DSX_LAYOUT_WORK}/world_size_mismatch)
+set_tests_properties(parallel_train.started_alone parallel_train.world_size_mismatch
+                     PROPERTIES ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 60 LABELS parallel)

@@ -53,6 +53,11 @@ std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
                         .ep = static_cast<int>(p.ep)};
   const LaunchEnv launch = read_launch_env();
   if (sizes.world() == 1 && launch.world_size == 1) return nullptr;
+  if (launch.launcher == "none") {  // started alone: say how to launch before touching MPI
+    throw UserError("parallel: the recipe's layout " + describe_mesh(sizes) +
+                    " needs that many processes, but this one was started alone; launch it with mpirun -np " +
+                    std::to_string(sizes.world()) + " (or srun -n " + std::to_string(sizes.world()) + ")");
+  }
   if (p.pp > 1 || p.tp > 1) {
     throw UserError(
         "parallel.pp / parallel.tp: pipeline and tensor-parallel layers are not built yet; "
