@@ -106,6 +106,20 @@ TEST_CASE("Model::logits are the logits the training forward's loss is taken of"
   CHECK(ce.loss_sum / static_cast<double>(ce.count) == Approx(lm).epsilon(1e-13));
 }
 
+TEST_CASE("Model::logits leaves the expert loads that move the router biases alone", "[generate]") {
+  const ModelConfig config = test::tiny_config();
+  Model model(config, DType::f64, 3);
+  model.forward(test::make_batch(config, 2, 8, 11));  // a training forward counts its tokens
+  const ExpertLoadStats before = model.expert_load();
+  model.logits(test::make_batch(config, 2, 8, 12));
+  const ExpertLoadStats after = model.expert_load();
+  REQUIRE(after.layers.size() == before.layers.size());
+  REQUIRE_FALSE(before.layers.empty());
+  for (size_t l = 0; l < before.layers.size(); ++l) {
+    CHECK(after.layers[l].tokens_per_expert == before.layers[l].tokens_per_expert);
+  }
+}
+
 TEST_CASE("cached decoding reproduces the full forward at every position", "[generate]") {
   // Relative to the largest logit. The absorbed attention reorders the same sums, so only rounding
   // separates the two paths: measured at most 1.7e-15 in f64 (1.1e-16 per operation) and 6.2e-7

@@ -53,8 +53,8 @@ Tensor DecoderLayer::run_forward(const Tensor& x, const SequenceInfo& seq, Decod
   return out;
 }
 
-Tensor DecoderLayer::forward(const Tensor& x, const SequenceInfo& seq, DecoderLayerContext& ctx) {
-  Tensor out = run_forward(x, seq, ctx, /*record_load=*/true);
+Tensor DecoderLayer::forward(const Tensor& x, const SequenceInfo& seq, DecoderLayerContext& ctx, bool record_load) {
+  Tensor out = run_forward(x, seq, ctx, record_load);
   if (recompute_.full) {
     const double balance_loss = ctx.balance_loss;
     ctx = {};  // only x (owned by the caller) survives until backward

@@ -26,8 +26,9 @@ class DecoderLayer {
  public:
   DecoderLayer(ParameterStore& params, int64_t layer, const ModelConfig& config, const RecomputePolicy& recompute,
                const ModelParallel& parallel = {});
-  // Returns the output; ctx.balance_loss holds the layer's balance loss.
-  Tensor forward(const Tensor& x, const SequenceInfo& seq, DecoderLayerContext& ctx);
+  // Returns the output; ctx.balance_loss holds the layer's balance loss. record_load: count the
+  // routed tokens into the MoE load that drives the router-bias update (false for inference).
+  Tensor forward(const Tensor& x, const SequenceInfo& seq, DecoderLayerContext& ctx, bool record_load = true);
   Tensor backward_input(const Tensor& x, const Tensor& dy, const SequenceInfo& seq, double loss_scale,
                         DecoderLayerContext& ctx);
   void backward_weight(const Tensor& x, DecoderLayerContext& ctx) const;

@@ -1,9 +1,9 @@
 // Model::logits (model.h): the logits of the main head at every position, for references and
 // tools (the KV-cached generator is tested against it). It runs the very modules Model::forward
 // runs (embedding, decoder layers, the output head) with contexts local to the call, so a
-// forward/backward pair in progress is left untouched and nothing is kept. Like every forward,
-// the MoE layers add the tokens they route to their expert loads (the aux-loss-free bias update
-// reads them).
+// forward/backward pair in progress is left untouched and nothing is kept. Unlike a training
+// forward, the MoE layers do not count these tokens into their expert loads, so looking at the
+// model never moves its router biases.
 #include <stdexcept>
 #include <string>
 
@@ -33,7 +33,7 @@ Tensor Model::logits(const Batch& batch) {
   Tensor h = embedding_->forward(batch.inputs.view({T}));
   for (DecoderLayer& layer : layers_) {
     DecoderLayerContext ctx;
-    h = layer.forward(h, seq, ctx);
+    h = layer.forward(h, seq, ctx, /*record_load=*/false);  // inference: the router loads stay untouched
   }
   // The head computes its logits on the way to the loss; with every target ignored the loss is
   // empty and the logits are all that is left.
