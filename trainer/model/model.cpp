@@ -10,19 +10,20 @@ namespace dsx {
 
 namespace {
 
-void check_batch(const Batch& b) {
+// op names the caller in messages ("Model::forward", "Model::policy_forward").
+void check_batch(const Batch& b, const char* op) {
   const auto check_ids = [&](const Tensor& t, const char* name) {
     if (!t.defined() || t.ndim() != 2 || t.dtype() != DType::i32) {
-      throw std::invalid_argument(std::string("Model::forward: batch.") + name + " must be a [B, S] i32 tensor, got " +
+      throw std::invalid_argument(std::string(op) + ": batch." + name + " must be a [B, S] i32 tensor, got " +
                                   (t.defined() ? t.describe() : std::string("undefined")));
     }
   };
   check_ids(b.inputs, "inputs");
   check_ids(b.targets, "targets");
-  check_shape(b.targets, b.inputs.shape(), "Model::forward", "batch.targets");
+  check_shape(b.targets, b.inputs.shape(), op, "batch.targets");
   if (b.segment_ids.defined()) {
     check_ids(b.segment_ids, "segment_ids");
-    check_shape(b.segment_ids, b.inputs.shape(), "Model::forward", "batch.segment_ids");
+    check_shape(b.segment_ids, b.inputs.shape(), op, "batch.segment_ids");
   }
 }
 
@@ -132,8 +133,10 @@ void Model::prepare_mtp_inputs(const Batch& batch, int64_t depth, MtpContext& ct
   }
 }
 
-Losses Model::forward(const Batch& batch) {
-  check_batch(batch);
+// Starts a micro-batch and runs embedding, decoder layers and the main head (what forward and
+// policy_forward share); returns the layers' summed balance loss.
+double Model::forward_trunk(const Batch& batch, const char* op) {
+  check_batch(batch, op);
   micro_batch_.emplace();
   MicroBatch& mb = *micro_batch_;
   mb.seq = sequence_info(batch);
@@ -143,15 +146,21 @@ Losses Model::forward(const Batch& batch) {
   }
   const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
   mb.ids = batch.inputs.view({T});
-
-  Losses losses;
+  double balance = 0;
   mb.hidden.push_back(embedding_->forward(mb.ids));
   mb.layers.resize(static_cast<size_t>(L));
   for (int64_t l = 0; l < L; ++l) {
     mb.hidden.push_back(layers_[l].forward(mb.hidden[l], mb.seq, mb.layers[l]));
-    losses.balance += mb.layers[l].balance_loss;
+    balance += mb.layers[l].balance_loss;
   }
   head_->forward(mb.hidden[L], batch.targets.view({T}), mb.head);
+  return balance;
+}
+
+Losses Model::forward(const Batch& batch) {
+  Losses losses;
+  losses.balance = forward_trunk(batch, "Model::forward");
+  MicroBatch& mb = *micro_batch_;
   losses.lm = mean_loss(mb.head.ce);
   losses.tokens = mb.head.ce.count;
 
@@ -188,8 +197,15 @@ void Model::backward(double loss_scale) {
   Tensor dh = head_->backward_input(mb.hidden[L], mean_loss_grad(mb.head.ce, loss_scale), d_next, mb.head);
   head_->backward_weight(mb.hidden[L], mb.head);
   grads_ready(head_params_);
-  for (int64_t l = L - 1; l >= 0; --l) {
-    dh = layers_[l].backward_input(mb.hidden[l], dh, mb.seq, loss_scale, mb.layers[l]);
+  backward_trunk(dh, loss_scale);
+}
+
+// From the gradient of the last layer's output: the decoder layers, last first, then the
+// embedding; ends the micro-batch. balance_scale: d objective / d balance losses.
+void Model::backward_trunk(Tensor dh, double balance_scale) {
+  MicroBatch& mb = *micro_batch_;
+  for (int64_t l = config_.num_hidden_layers - 1; l >= 0; --l) {
+    dh = layers_[l].backward_input(mb.hidden[l], dh, mb.seq, balance_scale, mb.layers[l]);
     layers_[l].backward_weight(mb.hidden[l], mb.layers[l]);
     grads_ready(layer_params_[static_cast<size_t>(l)]);
   }

@@ -113,6 +113,8 @@ class Model {
   };
 
   SequenceInfo sequence_info(const Batch& batch);
+  double forward_trunk(const Batch& batch, const char* op);
+  void backward_trunk(Tensor dh, double balance_scale);
   void prepare_mtp_inputs(const Batch& batch, int64_t depth, MtpContext& ctx) const;
   std::vector<Moe*> moe_layers();
   std::vector<const Moe*> moe_layers() const;

@@ -13,50 +13,13 @@
 
 #include "kernels/ops/cross_entropy.h"
 #include "trainer/model/model.h"
-#include "trainer/model/param_count.h"
 
 namespace dsx {
-namespace {
-
-void check_policy_batch(const Batch& b) {
-  const auto check_ids = [](const Tensor& t, const char* name) {
-    if (!t.defined() || t.ndim() != 2 || t.dtype() != DType::i32) {
-      throw std::invalid_argument(std::string("Model::policy_forward: batch.") + name +
-                                  " must be a [B, S] i32 tensor, got " +
-                                  (t.defined() ? t.describe() : std::string("undefined")));
-    }
-  };
-  check_ids(b.inputs, "inputs");
-  check_ids(b.targets, "targets");
-  check_shape(b.targets, b.inputs.shape(), "Model::policy_forward", "batch.targets");
-  if (b.segment_ids.defined()) {
-    check_ids(b.segment_ids, "segment_ids");
-    check_shape(b.segment_ids, b.inputs.shape(), "Model::policy_forward", "batch.segment_ids");
-  }
-}
-
-}  // namespace
-
 Model::PolicyOutput Model::policy_forward(const Batch& batch) {
-  check_policy_batch(batch);
-  micro_batch_.emplace();
-  MicroBatch& mb = *micro_batch_;
-  mb.seq = sequence_info(batch);
-  if (mb.seq.seq_len != last_seq_len_) {
-    last_seq_len_ = mb.seq.seq_len;
-    flops_per_token_ = model_flops_per_token(config_, last_seq_len_);
-  }
-  const int64_t B = mb.seq.batch, S = mb.seq.seq_len, T = mb.seq.tokens(), L = config_.num_hidden_layers;
-  mb.ids = batch.inputs.view({T});
-
   PolicyOutput out;
-  mb.hidden.push_back(embedding_->forward(mb.ids));
-  mb.layers.resize(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) {
-    mb.hidden.push_back(layers_[l].forward(mb.hidden[l], mb.seq, mb.layers[l]));
-    out.balance += mb.layers[l].balance_loss;
-  }
-  head_->forward(mb.hidden[L], batch.targets.view({T}), mb.head);
+  out.balance = forward_trunk(batch, "Model::policy_forward");
+  MicroBatch& mb = *micro_batch_;
+  const int64_t B = mb.seq.batch, S = mb.seq.seq_len, T = mb.seq.tokens();
   out.tokens = mb.head.ce.count;
   out.logp = Tensor::empty({T}, DType::f64);
   out.entropy = Tensor::empty({T}, DType::f64);
@@ -104,14 +67,7 @@ void Model::policy_backward(const Tensor& grad_logp, double balance_scale) {
   head = {};
   grads_ready(head_params_);
 
-  for (int64_t l = L - 1; l >= 0; --l) {
-    dh = layers_[l].backward_input(mb.hidden[l], dh, mb.seq, balance_scale, mb.layers[l]);
-    layers_[l].backward_weight(mb.hidden[l], mb.layers[l]);
-    grads_ready(layer_params_[static_cast<size_t>(l)]);
-  }
-  embedding_->backward_weight(mb.ids, dh);
-  grads_ready(embedding_params_);
-  micro_batch_.reset();
+  backward_trunk(dh, balance_scale);
 }
 
 }  // namespace dsx
