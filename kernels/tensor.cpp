@@ -9,6 +9,10 @@
 #include <stdexcept>
 
 #include "kernels/dispatch.h"
+#include "kernels/error.h"
+#if DSX_HAVE_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
 
 namespace dsx {
 
@@ -55,8 +59,35 @@ Allocator& cpu_allocator() {
   return alloc;
 }
 
+Allocator& allocator_for(Device device) {
+  if (device == Device::cpu) return cpu_allocator();
+#if DSX_HAVE_CUDA
+  return cuda::device_allocator();
+#else
+  throw UserError("device cuda: this dsx was built without CUDA (configure with -DDSX_CUDA=ON on a machine with nvcc)");
+#endif
+}
+
+namespace {
+// Byte copy between any devices (host memcpy when both are host memory).
+void copy_raw(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes) {
+  if (bytes == 0) return;
+  if (dst_device == Device::cpu && src_device == Device::cpu) {
+    std::memmove(dst, src, bytes);
+    return;
+  }
+#if DSX_HAVE_CUDA
+  cuda::copy_bytes(dst, dst_device, src, src_device, bytes);
+#else
+  throw std::logic_error("copy_raw: a cuda tensor exists in a build without CUDA");
+#endif
+}
+}  // namespace
+
 Storage::Storage(size_t bytes, Allocator& alloc) : ptr_(alloc.allocate(bytes)), bytes_(bytes), alloc_(&alloc) {}
-Storage::~Storage() { alloc_->deallocate(ptr_, bytes_); }
+Storage::~Storage() {
+  alloc_->deallocate(ptr_, bytes_);
+}
 
 void check(bool ok, std::string_view op, const std::string& what) {
   if (!ok) throw std::invalid_argument(std::string(op) + ": " + what);
@@ -71,20 +102,21 @@ void check_shape(const Tensor& t, const Shape& expected, std::string_view op, st
 void check_cpu(const Tensor& t, std::string_view op, std::string_view name) {
   if (t.defined() && t.device() == Device::cpu) return;
   check(t.defined(), op, [&] { return std::string(name) + " is undefined"; });
-  check(false, op, std::string(name) + " is on " + std::string(device_name(t.device())) +
-                       "; this build has only the CPU implementation of this op");
+  check(
+      false, op,
+      std::string(name) + " is on " + std::string(device_name(t.device())) + "; this op has only a CPU implementation");
 }
 
 Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
   for (int64_t d : shape) {
     if (d < 0) throw std::invalid_argument("Tensor::empty: negative dimension in " + shape_str(shape));
   }
-  if (device != Device::cpu) throw std::invalid_argument("Tensor::empty: no allocator for device cuda in this build");
+  Allocator& alloc = allocator_for(device);
   Tensor t;
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;
   t.device_ = device;
-  t.storage_ = std::make_shared<Storage>(t.nbytes(), cpu_allocator());
+  t.storage_ = std::make_shared<Storage>(t.nbytes(), alloc);
   return t;
 }
 
@@ -163,19 +195,28 @@ Tensor Tensor::slice(int64_t begin, int64_t end) const {
 
 Tensor Tensor::clone() const {
   Tensor t = empty(shape_, dtype_, device_);
-  if (nbytes()) std::memcpy(t.raw(), raw(), nbytes());
+  copy_raw(t.raw(), device_, raw(), device_, nbytes());
   return t;
 }
 
 void Tensor::copy_from(const Tensor& src) {
-  check_cpu(*this, "Tensor::copy_from", "destination");
-  check_cpu(src, "Tensor::copy_from", "source");
+  check(defined() && src.defined(), "Tensor::copy_from", "undefined tensor");
   check(src.numel() == numel(), "Tensor::copy_from",
         "source " + shape_str(src.shape()) + " vs destination " + shape_str(shape_));
   if (src.dtype() == dtype_) {
-    if (nbytes()) std::memmove(raw(), src.raw(), nbytes());
+    copy_raw(raw(), device_, src.raw(), src.device(), nbytes());
     return;
   }
+  if (src.device() != device_) {  // convert on the source's device, then move the bytes
+    copy_from(src.to(dtype_));
+    return;
+  }
+#if DSX_HAVE_CUDA
+  if (device_ == Device::cuda) {
+    cuda::convert_elements(src.raw(), src.dtype(), raw(), dtype_, numel());
+    return;
+  }
+#endif
   dispatch_any(dtype_, [&]<class To>() {
     dispatch_any(src.dtype(), [&]<class From>() {
       const From* s = src.data<From>();
@@ -192,8 +233,20 @@ Tensor Tensor::to(DType dtype) const {
   return t;
 }
 
+Tensor Tensor::to(Device device) const {
+  Tensor t = empty(shape_, dtype_, device);
+  t.copy_from(*this);
+  return t;
+}
+
 void Tensor::fill(double value) {
-  check_cpu(*this, "Tensor::fill", "tensor");
+  check(defined(), "Tensor::fill", "undefined tensor");
+#if DSX_HAVE_CUDA
+  if (device_ == Device::cuda) {
+    cuda::fill_elements(raw(), dtype_, value, numel());
+    return;
+  }
+#endif
   dispatch_any(dtype_, [&]<class T>() {
     const T v = convert_element<T>(value);
     T* d = data<T>();
@@ -203,11 +256,18 @@ void Tensor::fill(double value) {
 }
 
 void Tensor::zero() {
-  check_cpu(*this, "Tensor::zero", "tensor");
+  check(defined(), "Tensor::zero", "undefined tensor");
+#if DSX_HAVE_CUDA
+  if (device_ == Device::cuda) {
+    cuda::zero_bytes(raw(), nbytes());
+    return;
+  }
+#endif
   if (nbytes()) std::memset(raw(), 0, nbytes());
 }
 
 std::vector<double> Tensor::to_vector() const {
+  if (defined() && device_ != Device::cpu) return to(Device::cpu).to_vector();
   check_cpu(*this, "Tensor::to_vector", "tensor");
   std::vector<double> out(static_cast<size_t>(numel()));
   dispatch_any(dtype_, [&]<class T>() {

@@ -28,6 +28,9 @@ class Allocator {
   virtual Device device() const = 0;
 };
 Allocator& cpu_allocator();  // 64-byte aligned host memory
+// The allocator of a device: host memory, or the CUDA caching pool (kernels/cuda/runtime.h).
+// Throws UserError for cuda in a build without CUDA.
+Allocator& allocator_for(Device device);
 
 class Storage {
  public:
@@ -81,11 +84,13 @@ class Tensor {
   Tensor clone() const;
   // A new tensor with every element converted to dtype (round-to-nearest-even for narrow floats).
   Tensor to(DType dtype) const;
-  // Copies src's elements (same shape, any dtypes) into this tensor, converting.
+  // A copy on another device (a device-to-host copy waits for the device's current stream).
+  Tensor to(Device device) const;
+  // Copies src's elements (same numel, any dtypes, any devices) into this tensor, converting.
   void copy_from(const Tensor& src);
   void fill(double value);
   void zero();
-  // Elements converted to double, for tests and checks (CPU only).
+  // Elements converted to double, for tests and checks (device tensors are copied to the host).
   std::vector<double> to_vector() const;
   double item() const;  // the single element of a 1-element tensor
 
@@ -105,7 +110,7 @@ class Tensor {
 // message as a callable (`check(ok, op, [&] { return ...; })`) when it has to be formatted.
 void check(bool ok, std::string_view op, const std::string& what);
 template <class MakeMessage>
-  requires std::is_invocable_r_v<std::string, MakeMessage>
+requires std::is_invocable_r_v<std::string, MakeMessage>
 inline void check(bool ok, std::string_view op, MakeMessage&& make_message) {
   if (!ok) check(false, op, make_message());
 }
