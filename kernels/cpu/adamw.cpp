@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "kernels/codecs.h"
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 
 namespace dsx::ops {
@@ -102,6 +103,7 @@ void check_config(const AdamWConfig& c, int64_t step, std::string_view op) {
 }  // namespace
 
 void adamw_step(const AdamWConfig& config, int64_t step, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v) {
+  DSX_ROUTE_TO_CUDA(param, adamw_step(config, step, param, grad, m, v));
   constexpr std::string_view op = "adamw_step";
   check_config(config, step, op);
   check_cpu(param, op, "param");

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 #include "kernels/ops/attention.h"
 
@@ -281,6 +282,7 @@ void check_same(const Tensor& t, const Shape& shape, DType dtype, std::string_vi
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& segment_ids,
                        Tensor& out, Tensor& lse) {
+  DSX_ROUTE_TO_CUDA(q, attention_forward(q, k, v, scale, segment_ids, out, lse));
   constexpr std::string_view op = "attention_forward";
   const Dims d = check_inputs(q, k, v, segment_ids, op);
   check_same(out, v.shape(), q.dtype(), op, "out");
@@ -293,6 +295,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& dout, double scale, const Tensor& segment_ids, Tensor& dq, Tensor& dk,
                         Tensor& dv) {
+  DSX_ROUTE_TO_CUDA(q, attention_backward(q, k, v, out, lse, dout, scale, segment_ids, dq, dk, dv));
   constexpr std::string_view op = "attention_backward";
   const Dims d = check_inputs(q, k, v, segment_ids, op);
   check_same(out, v.shape(), q.dtype(), op, "out");

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kernels/codecs.h"
+#include "kernels/cuda/route.h"
 #include "kernels/ops/gemm.h"
 
 namespace dsx::ops {
@@ -53,6 +54,7 @@ void store_bf16(const Tensor& sum, bool accumulate, Tensor& c) {
 }  // namespace
 
 void bf16_gemm(bool trans_a, bool trans_b, const Tensor& a, const Tensor& b, Tensor& c, bool accumulate) {
+  DSX_ROUTE_TO_CUDA(c, bf16_gemm(trans_a, trans_b, a, b, c, accumulate));
   check_cpu(c, kOp, "c");
   check(c.dtype() == DType::f32 || c.dtype() == DType::bf16, kOp,
         [&] { return "c must be f32 or bf16, got " + c.describe(); });

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 #include "kernels/ops/cross_entropy.h"
 
@@ -112,6 +113,7 @@ void backward_impl(const Tensor& logits, const std::vector<int64_t>& targets, co
 
 CrossEntropyResult cross_entropy_forward(const Tensor& logits, const Tensor& targets, int64_t ignore_index,
                                          Tensor& lse) {
+  DSX_ROUTE_TO_CUDA(logits, cross_entropy_forward(logits, targets, ignore_index, lse));
   constexpr std::string_view op = "cross_entropy_forward";
   check_logits_targets(logits, targets, op);
   check_lse(lse, logits, op);
@@ -125,6 +127,7 @@ CrossEntropyResult cross_entropy_forward(const Tensor& logits, const Tensor& tar
 
 void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t ignore_index,
                             double scale, Tensor& dlogits) {
+  DSX_ROUTE_TO_CUDA(logits, cross_entropy_backward(logits, targets, lse, ignore_index, scale, dlogits));
   constexpr std::string_view op = "cross_entropy_backward";
   check_logits_targets(logits, targets, op);
   check_lse(lse, logits, op);

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 #include "kernels/ops/cross_entropy.h"
 
@@ -108,6 +109,7 @@ void weighted_backward_impl(const Tensor& logits, const std::vector<int64_t>& ta
 
 void token_logprobs(const Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t ignore_index, Tensor& logp,
                     Tensor& entropy) {
+  DSX_ROUTE_TO_CUDA(logits, token_logprobs(logits, targets, lse, ignore_index, logp, entropy));
   constexpr std::string_view op = "token_logprobs";
   check_inputs(logits, targets, lse, op);
   const int64_t rows = logits.dim(0);
@@ -131,6 +133,7 @@ void token_logprobs(const Tensor& logits, const Tensor& targets, const Tensor& l
 
 void cross_entropy_backward_weighted(const Tensor& logits, const Tensor& targets, const Tensor& lse,
                                      int64_t ignore_index, const Tensor& row_scale, Tensor& dlogits) {
+  DSX_ROUTE_TO_CUDA(logits, cross_entropy_backward_weighted(logits, targets, lse, ignore_index, row_scale, dlogits));
   constexpr std::string_view op = "cross_entropy_backward_weighted";
   check_inputs(logits, targets, lse, op);
   check_row_tensor(row_scale, logits.dim(0), op, "row_scale");

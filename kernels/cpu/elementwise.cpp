@@ -8,11 +8,11 @@
 #include <string>
 #include <type_traits>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 
 namespace dsx::ops {
 namespace {
-
 
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 15;
@@ -42,10 +42,10 @@ Rows check_columns(std::string_view op, const Tensor& wide, std::string_view wid
            narrow.describe();
   };
   check(wide.ndim() >= 1 && wide.ndim() == narrow.ndim(), op,
-         [&] { return pair() + " must have the same number (>= 1) of dimensions"; });
+        [&] { return pair() + " must have the same number (>= 1) of dimensions"; });
   check(wide.dtype() == narrow.dtype(), op, [&] { return pair() + ": dtypes differ"; });
   check(std::equal(wide.shape().begin(), wide.shape().end() - 1, narrow.shape().begin()), op,
-         [&] { return pair() + ": leading dimensions differ"; });
+        [&] { return pair() + ": leading dimensions differ"; });
   const int64_t width = narrow.dim(-1), total = wide.dim(-1);
   check(begin >= 0 && begin + width <= total, op, [&] {
     return "columns [" + std::to_string(begin) + ", " + std::to_string(begin + width) + ") are outside [0, " +
@@ -59,6 +59,7 @@ Rows check_columns(std::string_view op, const Tensor& wide, std::string_view wid
 }  // namespace
 
 void add_(Tensor& y, const Tensor& x, double alpha) {
+  DSX_ROUTE_TO_CUDA(y, add_(y, x, alpha));
   constexpr std::string_view op = "add_";
   check_cpu(y, op, "y");
   check_cpu(x, op, "x");
@@ -78,6 +79,7 @@ void add_(Tensor& y, const Tensor& x, double alpha) {
 }
 
 void scale_(Tensor& y, double alpha) {
+  DSX_ROUTE_TO_CUDA(y, scale_(y, alpha));
   constexpr std::string_view op = "scale_";
   check_cpu(y, op, "y");
   dispatch_float(y.dtype(), op, [&]<class T>() {
@@ -98,6 +100,7 @@ void scale_(Tensor& y, double alpha) {
 }
 
 void copy_columns(const Tensor& x, int64_t begin, Tensor& out) {
+  DSX_ROUTE_TO_CUDA(x, copy_columns(x, begin, out));
   const Rows rows = check_columns("copy_columns", x, "x", out, "out", begin);
   const size_t elem = dtype_size(x.dtype());
   const auto* src = static_cast<const char*>(x.raw());
@@ -111,6 +114,7 @@ void copy_columns(const Tensor& x, int64_t begin, Tensor& out) {
 }
 
 void set_columns(Tensor& dst, int64_t begin, const Tensor& src, bool accumulate) {
+  DSX_ROUTE_TO_CUDA(dst, set_columns(dst, begin, src, accumulate));
   constexpr std::string_view op = "set_columns";
   const Rows rows = check_columns(op, dst, "dst", src, "src", begin);
   if (rows.narrow_width == 0) return;

@@ -4,11 +4,11 @@
 #include <cstring>
 #include <string>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 
 namespace dsx::ops {
 namespace {
-
 
 // Below this many copied elements a parallel region costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 15;
@@ -29,13 +29,14 @@ void check_ids_in_range(const Index* ids, int64_t n, int64_t vocab, std::string_
 void check_ids(const Tensor& ids, std::string_view op) {
   check_cpu(ids, op, "ids");
   check(ids.dtype() == DType::i32 || ids.dtype() == DType::i64, op,
-         [&] { return "ids must be i32 or i64, got " + std::string(dtype_name(ids.dtype())); });
+        [&] { return "ids must be i32 or i64, got " + std::string(dtype_name(ids.dtype())); });
   check(ids.ndim() == 1, op, [&] { return "ids must be 1-D [N], got " + shape_str(ids.shape()); });
 }
 
 }  // namespace
 
 void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) {
+  DSX_ROUTE_TO_CUDA(table, embedding_forward(ids, table, out));
   constexpr std::string_view op = "embedding_forward";
   check_ids(ids, op);
   check_cpu(table, op, "table");
@@ -44,7 +45,7 @@ void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) {
   const int64_t n = ids.dim(0), vocab = table.dim(0), d = table.dim(1);
   check_shape(out, {n, d}, op, "out");
   check(out.dtype() == table.dtype(), op,
-         [&] { return "out " + out.describe() + " and table " + table.describe() + " dtypes differ"; });
+        [&] { return "out " + out.describe() + " and table " + table.describe() + " dtypes differ"; });
   dispatch_float(table.dtype(), op, [&]<class T>() {
     dispatch_index(ids.dtype(), op, [&]<class Index>() {
       const Index* id = ids.data<Index>();
@@ -61,6 +62,7 @@ void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) {
 }
 
 void embedding_backward_weight(const Tensor& ids, const Tensor& dout, Tensor& dtable) {
+  DSX_ROUTE_TO_CUDA(dtable, embedding_backward_weight(ids, dout, dtable));
   constexpr std::string_view op = "embedding_backward_weight";
   check_ids(ids, op);
   check_cpu(dout, op, "dout");
@@ -69,7 +71,7 @@ void embedding_backward_weight(const Tensor& ids, const Tensor& dout, Tensor& dt
   const int64_t n = ids.dim(0), vocab = dtable.dim(0), d = dtable.dim(1);
   check_shape(dout, {n, d}, op, "dout");
   check(dout.dtype() == dtable.dtype(), op,
-         [&] { return "dout " + dout.describe() + " and dtable " + dtable.describe() + " dtypes differ"; });
+        [&] { return "dout " + dout.describe() + " and dtable " + dtable.describe() + " dtypes differ"; });
   dispatch_float(dtable.dtype(), op, [&]<class T>() {
     dispatch_index(ids.dtype(), op, [&]<class Index>() {
       const Index* id = ids.data<Index>();

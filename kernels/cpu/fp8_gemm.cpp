@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/codecs.h"
+#include "kernels/cuda/route.h"
 #include "kernels/fp8_quant_rules.h"
 #include "kernels/ops/fp8.h"
 
@@ -123,6 +124,7 @@ void store_panel(const std::vector<float>& acc, int64_t r0, int64_t rows, int64_
 }  // namespace
 
 void fp8_gemm(const Fp8Matrix& a, const Fp8Matrix& b, Tensor& d, bool accumulate) {
+  DSX_ROUTE_TO_CUDA(d, fp8_gemm(a, b, d, accumulate));
   constexpr std::string_view op = "fp8_gemm";
   check_operand(a, "a");
   check_operand(b, "b");

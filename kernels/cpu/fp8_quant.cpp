@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/route.h"
 #include "kernels/fp8_quant_rules.h"
 #include "kernels/ops/fp8.h"
 
@@ -128,12 +129,13 @@ Shape fp8_scale_shape(int64_t rows, int64_t cols, Fp8Scaling scaling) {
   return {tile_count(rows), tile_count(cols)};
 }
 
-Fp8Matrix Fp8Matrix::empty(int64_t rows, int64_t cols, Fp8Scaling scaling) {
-  return {Tensor::empty({rows, cols}, DType::fp8_e4m3), Tensor::empty(fp8_scale_shape(rows, cols, scaling), DType::f32),
-          scaling};
+Fp8Matrix Fp8Matrix::empty(int64_t rows, int64_t cols, Fp8Scaling scaling, Device device) {
+  return {Tensor::empty({rows, cols}, DType::fp8_e4m3, device),
+          Tensor::empty(fp8_scale_shape(rows, cols, scaling), DType::f32, device), scaling};
 }
 
 void fp8_quantize(const Tensor& x, Fp8Matrix& q, const Fp8QuantOptions& options) {
+  DSX_ROUTE_TO_CUDA(x, fp8_quantize(x, q, options));
   constexpr std::string_view op = "fp8_quantize";
   check_source(x, op);
   const int64_t rows = x.dim(0), cols = x.dim(1);
@@ -150,6 +152,7 @@ void fp8_quantize(const Tensor& x, Fp8Matrix& q, const Fp8QuantOptions& options)
 }
 
 void fp8_quantize_transposed(const Tensor& x, Fp8Matrix& qt, const Fp8QuantOptions& options) {
+  DSX_ROUTE_TO_CUDA(x, fp8_quantize_transposed(x, qt, options));
   constexpr std::string_view op = "fp8_quantize_transposed";
   check_source(x, op);
   const int64_t rows = x.dim(0), cols = x.dim(1);
@@ -162,6 +165,7 @@ void fp8_quantize_transposed(const Tensor& x, Fp8Matrix& qt, const Fp8QuantOptio
 }
 
 void fp8_dequantize(const Fp8Matrix& q, Tensor& x) {
+  DSX_ROUTE_TO_CUDA(q.data, fp8_dequantize(q, x));
   constexpr std::string_view op = "fp8_dequantize";
   const int64_t rows = q.data.dim(0), cols = q.data.dim(1);
   check_fp8_matrix(q, rows, cols, op, "q");
@@ -182,6 +186,7 @@ void fp8_dequantize(const Fp8Matrix& q, Tensor& x) {
 }
 
 Fp8Matrix fp8_transpose_blocks(const Fp8Matrix& w) {
+  DSX_ROUTE_TO_CUDA(w.data, fp8_transpose_blocks(w));
   constexpr std::string_view op = "fp8_transpose_blocks";
   check(w.scaling == Fp8Scaling::block_128x128, op,
         [&] { return std::string("w must use block_128x128 scaling, got ") + scaling_name(w.scaling); });

@@ -6,16 +6,16 @@
 #include <string>
 #include <type_traits>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 
 namespace dsx::ops {
 namespace {
 
-
 // OpenBLAS takes blasint (32-bit in Debian's build) sizes and leading dimensions.
 blasint blas_size(int64_t n, std::string_view op) {
   check(n <= static_cast<int64_t>(INT_MAX), op,
-         [&] { return "dimension " + std::to_string(n) + " exceeds the BLAS int range"; });
+        [&] { return "dimension " + std::to_string(n) + " exceeds the BLAS int range"; });
   return static_cast<blasint>(n);
 }
 
@@ -36,14 +36,15 @@ std::string operands(const Tensor& a, const Tensor& b, const Tensor& c) {
 }  // namespace
 
 void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta, Tensor& c) {
+  DSX_ROUTE_TO_CUDA(c, gemm(trans_a, trans_b, alpha, a, b, beta, c));
   constexpr std::string_view op = "gemm";
   check_cpu(a, op, "a");
   check_cpu(b, op, "b");
   check_cpu(c, op, "c");
   check(a.ndim() == 2 && b.ndim() == 2 && c.ndim() == 2, op,
-         [&] { return "a, b and c must be 2-D, got " + operands(a, b, c); });
+        [&] { return "a, b and c must be 2-D, got " + operands(a, b, c); });
   check(a.dtype() == c.dtype() && b.dtype() == c.dtype(), op,
-         [&] { return "a, b and c must share one dtype, got " + operands(a, b, c); });
+        [&] { return "a, b and c must share one dtype, got " + operands(a, b, c); });
   const int64_t m = trans_a ? a.dim(1) : a.dim(0);
   const int64_t k = trans_a ? a.dim(0) : a.dim(1);
   const int64_t k_b = trans_b ? b.dim(1) : b.dim(0);

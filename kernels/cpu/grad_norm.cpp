@@ -6,6 +6,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 
 namespace dsx::ops {
@@ -41,6 +42,7 @@ double block_sum_of_squares(const T* x, int64_t n) {
 }  // namespace
 
 double sum_of_squares(const Tensor& t) {
+  DSX_ROUTE_TO_CUDA(t, sum_of_squares(t));
   double total = 0;
   dispatch_grad(t, "sum_of_squares", [&]<class T>() {
     const T* x = t.data<T>();
@@ -58,12 +60,14 @@ double sum_of_squares(const Tensor& t) {
 }
 
 double global_norm(std::span<const Tensor> tensors) {
+  DSX_ROUTE_TO_CUDA(tensors.empty() ? Tensor() : tensors.front(), global_norm(tensors));
   double total = 0;
   for (const Tensor& t : tensors) total += sum_of_squares(t);
   return std::sqrt(total);
 }
 
 double clip_grad_norm(std::span<Tensor> grads, double max_norm) {
+  DSX_ROUTE_TO_CUDA(grads.empty() ? Tensor() : grads.front(), clip_grad_norm(grads, max_norm));
   const double norm = global_norm(grads);
   if (!(max_norm > 0) || !std::isfinite(norm) || norm <= max_norm) return norm;
   const double scale = max_norm / (norm + 1e-6);

@@ -2,12 +2,12 @@
 
 #include <string>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 #include "kernels/ops/gemm.h"
 
 namespace dsx::ops {
 namespace {
-
 
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 15;
@@ -35,13 +35,13 @@ Tensor as_compute(const Tensor& t, DType compute, std::string_view op, std::stri
 void check_compute(const Tensor& out, std::string_view op, std::string_view name) {
   check_cpu(out, op, name);
   check(out.dtype() == DType::f32 || out.dtype() == DType::f64, op,
-         [&] { return std::string(name) + " must be f32 or f64 (it sets the compute dtype), got " + out.describe(); });
+        [&] { return std::string(name) + " must be f32 or f64 (it sets the compute dtype), got " + out.describe(); });
 }
 
 void check_2d(const Tensor& t, std::string_view op, std::string_view name, std::string_view layout) {
   check_cpu(t, op, name);
   check(t.ndim() == 2, op,
-         [&] { return std::string(name) + " must be 2-D " + std::string(layout) + ", got " + shape_str(t.shape()); });
+        [&] { return std::string(name) + " must be 2-D " + std::string(layout) + ", got " + shape_str(t.shape()); });
 }
 
 std::string disagree(std::string_view a_name, const Tensor& a, std::string_view b_name, const Tensor& b,
@@ -53,6 +53,7 @@ std::string disagree(std::string_view a_name, const Tensor& a, std::string_view 
 }  // namespace
 
 void linear_forward(const Tensor& x, const Tensor& weight, Tensor& y) {
+  DSX_ROUTE_TO_CUDA(y, linear_forward(x, weight, y));
   constexpr std::string_view op = "linear_forward";
   check_compute(y, op, "y");
   check_2d(x, op, "x", "[N, in]");
@@ -63,6 +64,7 @@ void linear_forward(const Tensor& x, const Tensor& weight, Tensor& y) {
 }
 
 void linear_backward_input(const Tensor& dy, const Tensor& weight, Tensor& dx) {
+  DSX_ROUTE_TO_CUDA(dx, linear_backward_input(dy, weight, dx));
   constexpr std::string_view op = "linear_backward_input";
   check_compute(dx, op, "dx");
   check_2d(dy, op, "dy", "[N, out]");
@@ -73,6 +75,7 @@ void linear_backward_input(const Tensor& dy, const Tensor& weight, Tensor& dx) {
 }
 
 void linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dweight) {
+  DSX_ROUTE_TO_CUDA(dweight, linear_backward_weight(dy, x, dweight));
   constexpr std::string_view op = "linear_backward_weight";
   check_compute(dweight, op, "dweight");
   check_2d(dy, op, "dy", "[N, out]");

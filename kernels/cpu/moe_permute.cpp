@@ -4,6 +4,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 
 namespace dsx::ops {
@@ -48,6 +49,7 @@ void check_same_dtype(const Tensor& a, const Tensor& b, std::string_view op) {
 }  // namespace
 
 MoePlan moe_plan(const Tensor& expert_ids, int64_t n_experts) {
+  DSX_ROUTE_TO_CUDA(expert_ids, moe_plan(expert_ids, n_experts));
   constexpr std::string_view op = "moe_plan";
   check_cpu(expert_ids, op, "expert_ids");
   check(expert_ids.ndim() == 2, op, "expert_ids must be [T, K], got " + shape_str(expert_ids.shape()));
@@ -77,6 +79,7 @@ MoePlan moe_plan(const Tensor& expert_ids, int64_t n_experts) {
 }
 
 void moe_permute(const Tensor& x, const MoePlan& plan, Tensor& xp) {
+  DSX_ROUTE_TO_CUDA(x, moe_permute(x, plan, xp));
   constexpr std::string_view op = "moe_permute";
   permuted_rows(plan, op);
   const int64_t d = check_rows(x, plan.n_tokens, op, "x");
@@ -97,6 +100,7 @@ void moe_permute(const Tensor& x, const MoePlan& plan, Tensor& xp) {
 }
 
 void moe_permute_backward(const Tensor& dxp, const MoePlan& plan, Tensor& dx) {
+  DSX_ROUTE_TO_CUDA(dxp, moe_permute_backward(dxp, plan, dx));
   constexpr std::string_view op = "moe_permute_backward";
   const std::vector<int64_t> row_of = permuted_rows(plan, op);
   const int64_t d = check_rows(dxp, plan.n_tokens * plan.top_k, op, "dxp");
@@ -120,6 +124,7 @@ void moe_permute_backward(const Tensor& dxp, const MoePlan& plan, Tensor& dx) {
 }
 
 void moe_unpermute(const Tensor& yp, const Tensor& weights, const MoePlan& plan, Tensor& y) {
+  DSX_ROUTE_TO_CUDA(yp, moe_unpermute(yp, weights, plan, y));
   constexpr std::string_view op = "moe_unpermute";
   const std::vector<int64_t> row_of = permuted_rows(plan, op);
   const int64_t d = check_rows(yp, plan.n_tokens * plan.top_k, op, "yp");
@@ -149,6 +154,7 @@ void moe_unpermute(const Tensor& yp, const Tensor& weights, const MoePlan& plan,
 
 void moe_unpermute_backward(const Tensor& dy, const Tensor& yp, const Tensor& weights, const MoePlan& plan, Tensor& dyp,
                             Tensor& dweights) {
+  DSX_ROUTE_TO_CUDA(dy, moe_unpermute_backward(dy, yp, weights, plan, dyp, dweights));
   constexpr std::string_view op = "moe_unpermute_backward";
   const std::vector<int64_t> row_of = permuted_rows(plan, op);
   const int64_t d = check_rows(yp, plan.n_tokens * plan.top_k, op, "yp");

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 
 namespace dsx::ops {
@@ -11,7 +12,6 @@ namespace {
 
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 15;
-
 
 struct Dims {
   int64_t rows;
@@ -50,6 +50,7 @@ T sum_of_products(const T* a, const T* b, int64_t n) {
 }  // namespace
 
 void rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor& y, Tensor& rstd) {
+  DSX_ROUTE_TO_CUDA(x, rmsnorm_forward(x, weight, eps, y, rstd));
   constexpr std::string_view op = "rmsnorm_forward";
   const Dims dims = check_rmsnorm(op, x, rstd, {{&rstd, "rstd"}, {&weight, "weight"}, {&y, "y"}});
   check_shape(weight, {dims.cols}, op, "weight");
@@ -77,6 +78,7 @@ void rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor& 
 // With r = (mean(x²) + eps)^(-1/2) and y_j = x_j r w_j:
 //   dx_k = r w_k dy_k - (r³ / D) x_k Σ_j dy_j w_j x_j
 void rmsnorm_backward_input(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy, Tensor& dx) {
+  DSX_ROUTE_TO_CUDA(x, rmsnorm_backward_input(x, weight, rstd, dy, dx));
   constexpr std::string_view op = "rmsnorm_backward_input";
   const Dims dims = check_rmsnorm(op, x, rstd, {{&rstd, "rstd"}, {&weight, "weight"}, {&dy, "dy"}, {&dx, "dx"}});
   check_shape(weight, {dims.cols}, op, "weight");
@@ -106,6 +108,7 @@ void rmsnorm_backward_input(const Tensor& x, const Tensor& weight, const Tensor&
 }
 
 void rmsnorm_backward_weight(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dweight) {
+  DSX_ROUTE_TO_CUDA(x, rmsnorm_backward_weight(x, rstd, dy, dweight));
   constexpr std::string_view op = "rmsnorm_backward_weight";
   const Dims dims = check_rmsnorm(op, x, rstd, {{&rstd, "rstd"}, {&dy, "dy"}, {&dweight, "dweight"}});
   check_shape(dy, x.shape(), op, "dy");

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 #include "kernels/ops/rope.h"
 
@@ -163,10 +164,12 @@ double rope_softmax_scale_factor(const RopeConfig& config) {
 }
 
 void rope_forward(const Tensor& x, const Tensor& positions, const RopeTable& table, Tensor& out) {
+  DSX_ROUTE_TO_CUDA(x, rope_forward(x, positions, table, out));
   rope_apply(x, positions, table, out, "rope_forward", 1.0);
 }
 
 void rope_backward(const Tensor& dout, const Tensor& positions, const RopeTable& table, Tensor& dx) {
+  DSX_ROUTE_TO_CUDA(dout, rope_backward(dout, positions, table, dx));
   rope_apply(dout, positions, table, dx, "rope_backward", -1.0);
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 
 namespace dsx::ops {
@@ -220,6 +221,7 @@ void check_balance_inputs(const RouterConfig& c, const Tensor& scores, const Ten
 
 void router_forward(const RouterConfig& config, const Tensor& logits, const Tensor& bias, Tensor& scores,
                     Tensor& expert_ids, Tensor& weights) {
+  DSX_ROUTE_TO_CUDA(logits, router_forward(config, logits, bias, scores, expert_ids, weights));
   constexpr std::string_view op = "router_forward";
   check_config(config, op);
   const int64_t tokens = check_token_matrix(config, logits, op, "logits");
@@ -257,6 +259,7 @@ void router_forward(const RouterConfig& config, const Tensor& logits, const Tens
 
 void router_backward(const RouterConfig& config, const Tensor& scores, const Tensor& expert_ids, const Tensor& dweights,
                      Tensor& dlogits) {
+  DSX_ROUTE_TO_CUDA(scores, router_backward(config, scores, expert_ids, dweights, dlogits));
   constexpr std::string_view op = "router_backward";
   check_config(config, op);
   const int64_t tokens = check_token_matrix(config, scores, op, "scores");
@@ -286,6 +289,7 @@ void router_backward(const RouterConfig& config, const Tensor& scores, const Ten
 }
 
 void expert_counts(const Tensor& expert_ids, int64_t n_experts, Tensor& counts) {
+  DSX_ROUTE_TO_CUDA(expert_ids, expert_counts(expert_ids, n_experts, counts));
   constexpr std::string_view op = "expert_counts";
   check_cpu(expert_ids, op, "expert_ids");
   check(n_experts >= 1, op, "n_experts must be >= 1, got " + std::to_string(n_experts));
@@ -304,6 +308,7 @@ void expert_counts(const Tensor& expert_ids, int64_t n_experts, Tensor& counts) 
 }
 
 void router_update_bias(const Tensor& counts, double gamma, Tensor& bias) {
+  DSX_ROUTE_TO_CUDA(bias, router_update_bias(counts, gamma, bias));
   constexpr std::string_view op = "router_update_bias";
   check_cpu(counts, op, "counts");
   check_cpu(bias, op, "bias");
@@ -333,6 +338,7 @@ void router_update_bias(const Tensor& counts, double gamma, Tensor& bias) {
 // on the thread count.
 double balance_loss_forward(const RouterConfig& config, const Tensor& scores, const Tensor& expert_ids, int64_t n_seq,
                             double alpha) {
+  DSX_ROUTE_TO_CUDA(scores, balance_loss_forward(config, scores, expert_ids, n_seq, alpha));
   constexpr std::string_view op = "balance_loss_forward";
   check_balance_inputs(config, scores, expert_ids, n_seq, op);
   const int64_t tokens = scores.dim(0);
@@ -365,6 +371,7 @@ double balance_loss_forward(const RouterConfig& config, const Tensor& scores, co
 //   ∂loss/∂s_j = (g_j - Σ_i g_i s'_i) / Σs, then through the sigmoid/softmax.
 void balance_loss_backward(const RouterConfig& config, const Tensor& scores, const Tensor& expert_ids, int64_t n_seq,
                            double alpha, double dloss, Tensor& dlogits) {
+  DSX_ROUTE_TO_CUDA(scores, balance_loss_backward(config, scores, expert_ids, n_seq, alpha, dloss, dlogits));
   constexpr std::string_view op = "balance_loss_backward";
   check_balance_inputs(config, scores, expert_ids, n_seq, op);
   check_shape(dlogits, scores.shape(), op, "dlogits");

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 
 namespace dsx::ops {
@@ -10,7 +11,6 @@ namespace {
 
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 14;
-
 
 struct Named {
   const Tensor* tensor;
@@ -39,6 +39,7 @@ T sigmoid(T g) {
 }  // namespace
 
 void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
+  DSX_ROUTE_TO_CUDA(gate, swiglu_forward(gate, up, out));
   constexpr std::string_view op = "swiglu_forward";
   check_like_gate(op, gate, {{&up, "up"}, {&out, "out"}});
   dispatch_float(gate.dtype(), op, [&]<class T>() {
@@ -53,6 +54,7 @@ void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
 
 // d silu(g) / dg = s + g s (1 - s) with s = sigmoid(g).
 void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate, Tensor& dup) {
+  DSX_ROUTE_TO_CUDA(gate, swiglu_backward(gate, up, dout, dgate, dup));
   constexpr std::string_view op = "swiglu_backward";
   check_like_gate(op, gate, {{&up, "up"}, {&dout, "dout"}, {&dgate, "dgate"}, {&dup, "dup"}});
   dispatch_float(gate.dtype(), op, [&]<class T>() {

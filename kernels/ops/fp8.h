@@ -24,8 +24,8 @@ struct Fp8Matrix {
 
   int64_t rows() const { return data.dim(0); }
   int64_t cols() const { return data.dim(1); }
-  // Allocates data and scales (uninitialised) for a rows × cols matrix.
-  static Fp8Matrix empty(int64_t rows, int64_t cols, Fp8Scaling scaling);
+  // Allocates data and scales (uninitialised) for a rows × cols matrix on `device`.
+  static Fp8Matrix empty(int64_t rows, int64_t cols, Fp8Scaling scaling, Device device = Device::cpu);
 };
 
 // Shape of the scale grid of a rows × cols matrix under `scaling`.

@@ -1,0 +1,145 @@
+// AdamW on the GPU (kernels/ops/adamw.h has the semantics).
+//
+// dtypes: param and grad f32 or f64; m and v each in the param's dtype or bf16.
+// Thread mapping: one element per thread, grid-stride. The update is the CPU's expression with
+// every operation IEEE-rounded and nothing fused into an FMA (exact_math.cuh), in the CPU's
+// order, and the scalar constants are computed on the host by the CPU's code, so the results
+// match the CPU's bit for bit wherever the CPU build does not contract into FMAs either.
+#include <cmath>
+#include <string>
+
+#include "kernels/cuda/device_checks.h"
+#include "kernels/cuda/elements.cuh"
+#include "kernels/cuda/exact_math.cuh"
+#include "kernels/cuda/ops_adamw.h"
+#include "kernels/dispatch.h"
+
+namespace dsx::cuda {
+namespace {
+
+// The step's constants in the parameter's precision, computed as the CPU op computes them.
+template <class P>
+struct StepConstants {
+  P beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, inv_sqrt_bias2, eps, decay;
+};
+
+// ============================================================================================
+// kernels
+// ============================================================================================
+
+// double -> bf16 with one correct round-to-nearest-even: round to float toward zero and mark an
+// inexact result in the lowest bit (round-to-odd), then round that float to bf16 (the CPU's
+// double_to_bf16_bits, kernels/cpu/adamw.cpp).
+__device__ __forceinline__ uint16_t double_to_bf16_bits(double d) {
+  const float f = static_cast<float>(d);
+  if (!isfinite(f) || static_cast<double>(f) == d) return codec::float_to_bf16(f);
+  uint32_t u = codec::float_bits(f);
+  if (fabs(static_cast<double>(f)) > fabs(d)) --u;
+  u |= 1u;
+  return codec::float_to_bf16(codec::bits_float(u));
+}
+
+template <class P, class M>
+__device__ __forceinline__ P load_moment(M m) {
+  if constexpr (std::is_same_v<M, bf16>) {
+    return static_cast<P>(codec::bf16_to_float(m.bits));
+  } else {
+    return m;
+  }
+}
+
+template <class P, class M>
+__device__ __forceinline__ void store_moment(M& m, P value) {
+  if constexpr (std::is_same_v<M, bf16>) {
+    if constexpr (std::is_same_v<P, float>) {
+      m.bits = codec::float_to_bf16(value);
+    } else {
+      m.bits = double_to_bf16_bits(value);
+    }
+  } else {
+    m = value;
+  }
+}
+
+template <class P, class M, class V>
+__global__ void adamw_kernel(StepConstants<P> c, P* param, const P* grad, M* m, V* v, int64_t n) {
+  DSX_GRID_STRIDE_LOOP(i, n) {
+    const P g = grad[i];
+    const P mi = add_rn(mul_rn(c.beta1, load_moment<P>(m[i])), mul_rn(c.one_minus_beta1, g));
+    const P vi = add_rn(mul_rn(c.beta2, load_moment<P>(v[i])), mul_rn(mul_rn(c.one_minus_beta2, g), g));
+    store_moment(m[i], mi);
+    store_moment(v[i], vi);
+    const P p = param[i];
+    const P denominator = add_rn(mul_rn(sqrt_rn(vi), c.inv_sqrt_bias2), c.eps);
+    param[i] = sub_rn(p, add_rn(div_rn(mul_rn(c.step_size, mi), denominator), mul_rn(c.decay, p)));
+  }
+}
+
+// ============================================================================================
+// launchers
+// ============================================================================================
+
+template <class P>
+StepConstants<P> step_constants(const AdamWConfig& c, int64_t step) {
+  const double bias1 = 1.0 - std::pow(c.beta1, static_cast<double>(step));
+  const double bias2 = 1.0 - std::pow(c.beta2, static_cast<double>(step));
+  return {static_cast<P>(c.beta1),       static_cast<P>(c.beta2),
+          static_cast<P>(1.0 - c.beta1), static_cast<P>(1.0 - c.beta2),
+          static_cast<P>(c.lr / bias1),  static_cast<P>(1.0 / std::sqrt(bias2)),
+          static_cast<P>(c.eps),         static_cast<P>(c.lr * c.weight_decay)};
+}
+
+template <class P, class F>
+void dispatch_moment(DType t, std::string_view op, std::string_view name, F&& f) {
+  if (t == dtype_of<P>()) {
+    f.template operator()<P>();
+  } else if (t == DType::bf16) {
+    f.template operator()<bf16>();
+  } else {
+    throw std::invalid_argument(std::string(op) + ": " + std::string(name) + " must be " +
+                                std::string(dtype_name(dtype_of<P>())) + " (the param dtype) or bf16, got " +
+                                std::string(dtype_name(t)));
+  }
+}
+
+void check_config(const AdamWConfig& c, int64_t step, std::string_view op) {
+  const auto in_unit = [](double b) { return std::isfinite(b) && b >= 0 && b < 1; };
+  check(step >= 1, op, [&] { return "step is 1-based, got " + std::to_string(step); });
+  check(std::isfinite(c.lr) && c.lr >= 0, op,
+        [&] { return "lr must be finite and >= 0, got " + std::to_string(c.lr); });
+  check(in_unit(c.beta1), op, [&] { return "beta1 must be in [0, 1), got " + std::to_string(c.beta1); });
+  check(in_unit(c.beta2), op, [&] { return "beta2 must be in [0, 1), got " + std::to_string(c.beta2); });
+  check(std::isfinite(c.eps) && c.eps >= 0, op,
+        [&] { return "eps must be finite and >= 0, got " + std::to_string(c.eps); });
+  check(std::isfinite(c.weight_decay) && c.weight_decay >= 0, op,
+        [&] { return "weight_decay must be finite and >= 0, got " + std::to_string(c.weight_decay); });
+}
+
+}  // namespace
+
+void adamw_step(const AdamWConfig& config, int64_t step, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v) {
+  constexpr std::string_view op = "adamw_step";
+  check_config(config, step, op);
+  check_on_gpu(param, op, "param");
+  check_on_gpu(grad, op, "grad");
+  check_on_gpu(m, op, "m");
+  check_on_gpu(v, op, "v");
+  check_shape(grad, param.shape(), op, "grad");
+  check_shape(m, param.shape(), op, "m");
+  check_shape(v, param.shape(), op, "v");
+  check(grad.dtype() == param.dtype(), op,
+        [&] { return "grad " + grad.describe() + " must share the param dtype " + param.describe(); });
+  dispatch_float(param.dtype(), op, [&]<class P>() {
+    dispatch_moment<P>(m.dtype(), op, "m", [&]<class M>() {
+      dispatch_moment<P>(v.dtype(), op, "v", [&]<class V>() {
+        const int64_t n = param.numel();
+        if (n == 0) return;
+        adamw_kernel<P, M, V><<<grid_for(n), kBlock, 0, current_stream()>>>(
+            step_constants<P>(config, step), param.data<P>(), grad.data<P>(), m.data<M>(), v.data<V>(), n);
+        DSX_CUDA_CHECK_LAUNCH("adamw_kernel");
+      });
+    });
+  });
+}
+
+}  // namespace dsx::cuda
