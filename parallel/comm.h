@@ -61,6 +61,9 @@ class Communicator {
   // World ranks of the members, in group-rank order (for messages and checks).
   virtual const std::vector<int>& world_ranks() const = 0;
   virtual double timeout_s() const = 0;
+  // Where this communicator's tensors must live: host memory for MPI, the GPU for NCCL.
+  // Host-side metadata (counts, flags) is staged there by callers (stage_for/unstage below).
+  virtual Device tensor_device() const { return Device::cpu; }
 
   // Sum over the group, in place.
   virtual CommHandle all_reduce(const Tensor& t) = 0;
@@ -86,6 +89,11 @@ class Communicator {
 // Blocking (one all-to-all of one i64 per peer).
 std::vector<int64_t> exchange_counts(Communicator& comm, std::span<const int64_t> send_counts);
 
+// A copy of `t` where `comm` moves tensors (t itself when it already lives there), and the
+// host copy of a result: how host metadata (counts, loads) crosses an NCCL communicator.
+Tensor stage_for(const Communicator& comm, const Tensor& t);
+Tensor unstage(const Tensor& t);  // on the host
+
 // Every group one rank belongs to, built from a Mesh (parallel/mesh.h).
 struct MeshComms {
   std::unique_ptr<Communicator> world, tp, dp, ep, edp, pp, model;
@@ -95,6 +103,6 @@ struct MeshComms {
 void check_comm_tensor(const Tensor& t, std::string_view op, std::string_view name);
 void check_same_layout(const Tensor& a, const Tensor& b, std::string_view op);
 void check_reducible(const Tensor& t, std::string_view op);  // not FP8
-int64_t row_elements(const Tensor& t);  // elements per row along dim 0 (1 for 1-D tensors)
+int64_t row_elements(const Tensor& t);                       // elements per row along dim 0 (1 for 1-D tensors)
 
 }  // namespace dsx

@@ -67,12 +67,23 @@ std::vector<int64_t> exchange_counts(Communicator& comm, std::span<const int64_t
   const int n = comm.size();
   check(static_cast<int>(send_counts.size()) == n, "comm exchange_counts",
         [&] { return "got " + std::to_string(send_counts.size()) + " counts for a group of " + std::to_string(n); });
-  Tensor send = Tensor::from<int64_t>(send_counts, {n});
-  Tensor recv = Tensor::zeros({n}, DType::i64);
+  Tensor send = stage_for(comm, Tensor::from<int64_t>(send_counts, {n}));
+  Tensor recv = Tensor::zeros({n}, DType::i64, comm.tensor_device());
   const std::vector<int64_t> one_each(n, 1);
   comm.all_to_all_v(send, one_each, recv, one_each).wait();
-  const int64_t* r = recv.data<int64_t>();
+  const Tensor host = unstage(recv);
+  const int64_t* r = host.data<int64_t>();
   return std::vector<int64_t>(r, r + n);
+}
+
+Tensor stage_for(const Communicator& comm, const Tensor& t) {
+  return t.device() == comm.tensor_device() ? t : t.to(comm.tensor_device());
+}
+
+Tensor unstage(const Tensor& t) {
+  // A device-to-host copy is ordered after the collective: NCCL's wait() made the current
+  // stream wait for it, and the copy runs on that stream and waits for completion.
+  return t.device() == Device::cpu ? t : t.to(Device::cpu);
 }
 
 }  // namespace dsx

@@ -331,6 +331,18 @@ class MpiOp final : public PendingOp {
   bool done_ = false;
 };
 
+// The MPI backend moves host tensors only: this OpenMPI is not used CUDA-aware (and the bf16
+// sums widen on the host), so a GPU tensor gets a message pointing at the NCCL backend instead
+// of the generic "CPU only" one.
+void check_host_tensor(const Tensor& t, std::string_view op, std::string_view name) {
+  check(!t.defined() || t.device() == Device::cpu, "comm " + std::string(op), [&] {
+    return std::string(name) + " " + t.describe() +
+           " is on the GPU; the MPI communicator moves host tensors only (GPU tensors go through the NCCL "
+           "communicator, parallel/comm_nccl.h)";
+  });
+  check_comm_tensor(t, op, name);
+}
+
 class MpiCommunicator final : public Communicator {
  public:
   explicit MpiCommunicator(std::shared_ptr<GroupState> g) : g_(std::move(g)) {}
@@ -342,7 +354,7 @@ class MpiCommunicator final : public Communicator {
   double timeout_s() const override { return g_->timeout_s; }
 
   CommHandle all_reduce(const Tensor& t) override {
-    check_comm_tensor(t, "all_reduce", "tensor");
+    check_host_tensor(t, "all_reduce", "tensor");
     check_reducible(t, "all_reduce");
     auto op = collective("all_reduce");
     if (t.dtype() == DType::bf16) {
@@ -360,8 +372,8 @@ class MpiCommunicator final : public Communicator {
   }
 
   CommHandle reduce_scatter(const Tensor& in, const Tensor& out) override {
-    check_comm_tensor(in, "reduce_scatter", "in");
-    check_comm_tensor(out, "reduce_scatter", "out");
+    check_host_tensor(in, "reduce_scatter", "in");
+    check_host_tensor(out, "reduce_scatter", "out");
     check_reducible(in, "reduce_scatter");
     check_same_layout(in, out, "reduce_scatter");
     check(in.dim(0) == size() * out.dim(0), "comm reduce_scatter", [&] {
@@ -385,8 +397,8 @@ class MpiCommunicator final : public Communicator {
   }
 
   CommHandle all_gather(const Tensor& in, const Tensor& out) override {
-    check_comm_tensor(in, "all_gather", "in");
-    check_comm_tensor(out, "all_gather", "out");
+    check_host_tensor(in, "all_gather", "in");
+    check_host_tensor(out, "all_gather", "out");
     check_same_layout(in, out, "all_gather");
     check(out.dim(0) == size() * in.dim(0), "comm all_gather", [&] {
       return "out " + out.describe() + " must have " + std::to_string(size()) + " x the rows of in " + in.describe();
@@ -405,8 +417,8 @@ class MpiCommunicator final : public Communicator {
 
   CommHandle all_to_all_v(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
                           std::span<const int64_t> recv_counts) override {
-    check_comm_tensor(send, "all_to_all_v", "send");
-    check_comm_tensor(recv, "all_to_all_v", "recv");
+    check_host_tensor(send, "all_to_all_v", "send");
+    check_host_tensor(recv, "all_to_all_v", "recv");
     check_same_layout(send, recv, "all_to_all_v");
     const int n = size();
     auto op = collective("all_to_all_v");
@@ -434,7 +446,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   CommHandle send(const Tensor& t, int peer, int tag) override {
-    check_comm_tensor(t, "send", "tensor");
+    check_host_tensor(t, "send", "tensor");
     check_peer(peer, tag, "send");
     auto op = point_to_point("send", peer);
     op->keep_alive = {t};
@@ -444,7 +456,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   CommHandle recv(const Tensor& t, int peer, int tag) override {
-    check_comm_tensor(t, "recv", "tensor");
+    check_host_tensor(t, "recv", "tensor");
     check_peer(peer, tag, "recv");
     auto op = point_to_point("recv", peer);
     op->keep_alive = {t};
@@ -454,7 +466,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   CommHandle broadcast(const Tensor& t, int root) override {
-    check_comm_tensor(t, "broadcast", "tensor");
+    check_host_tensor(t, "broadcast", "tensor");
     check(root >= 0 && root < size(), "comm broadcast", [&] {
       return "root " + std::to_string(root) + " is outside group '" + name() + "' of " + std::to_string(size());
     });
