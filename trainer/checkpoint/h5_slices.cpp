@@ -197,7 +197,8 @@ SliceFileWriter::SliceFileWriter(const std::filesystem::path& path, const FileId
 
 void SliceFileWriter::write(const TensorSlice& slice) {
   QuietHdf5 quiet;
-  const Tensor& data = slice.data;
+  // HDF5 reads host memory: a device tensor is staged through a host copy.
+  const Tensor data = slice.data.device() == Device::cpu ? slice.data : slice.data.to(Device::cpu);
   H5Id type = hdf5_type(data.dtype());
   H5Id space = make_space(data.shape());
   H5Id dataset(checked(H5Dcreate2(tensors_.get(), slice.name.c_str(), type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT,
@@ -247,6 +248,12 @@ SliceFileReader::SliceFileReader(const std::filesystem::path& path) : path_(path
 void SliceFileReader::read_box(const std::string& name, DType dtype, const Shape& stored_extent,
                                const Shape& file_start, const Shape& count, const Tensor& dest,
                                const Shape& mem_start) const {
+  if (dest.device() != Device::cpu) {  // HDF5 writes host memory: read into a host copy, then move it
+    Tensor host = dest.to(Device::cpu);
+    read_box(name, dtype, stored_extent, file_start, count, host, mem_start);
+    Tensor(dest).copy_from(host);
+    return;
+  }
   QuietHdf5 quiet;
   const std::string dataset_path = std::string(kTensorsGroup) + "/" + name;
   if (H5Lexists(file_.get(), kTensorsGroup, H5P_DEFAULT) <= 0 ||

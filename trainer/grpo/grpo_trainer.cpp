@@ -280,7 +280,8 @@ GrpoTrainer::GrpoTrainer(Recipe recipe, GrpoOptions options) : s_(std::make_uniq
     throw UserError("grpo: the recipe has no prompt source; set grpo.task (addition) or grpo.prompts (a JSONL file)");
   }
   if (r.model.device != Device::cpu) {
-    throw UserError("model.device: cuda needs the CUDA backend, which this build does not have");
+    throw UserError(
+        "model.device: dsx grpo runs on the CPU only for now (its generator is host code); set model.device: cpu");
   }
   s.run_dir = r.logging.run_dir;
   s.checkpoint_root = r.checkpoint.dir;

@@ -39,10 +39,10 @@ double mean_loss_grad(const ops::CrossEntropyResult& ce, double weight) {
 }  // namespace
 
 Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, RecomputePolicy recompute,
-             const PrecisionPolicy& precision, const ModelParallel& parallel)
+             const PrecisionPolicy& precision, const ModelParallel& parallel, Device device)
     : config_(config),
       dtype_(compute_dtype),
-      params_(compute_dtype),
+      params_(compute_dtype, device),
       flops_per_token_(model_flops_per_token(config, 0)) {
   if (compute_dtype != DType::f32 && compute_dtype != DType::f64) {
     throw std::invalid_argument("Model: compute dtype must be f32 or f64, got " +
@@ -97,16 +97,22 @@ void Model::grads_ready(const std::vector<Parameter*>& params) const {
   for (Parameter* p : params) grad_ready_hook_(*p);
 }
 
+Tensor Model::on_device(const Tensor& t) const {
+  return !t.defined() || t.device() == params_.device() ? t : t.to(params_.device());
+}
+
 SequenceInfo Model::sequence_info(const Batch& batch) {
   SequenceInfo seq;
   seq.batch = batch.inputs.dim(0);
   seq.seq_len = batch.inputs.dim(1);
-  seq.segment_ids = batch.segment_ids;
-  seq.positions = Tensor::empty({seq.tokens()}, DType::i32);
-  int32_t* pos = seq.positions.data<int32_t>();
+  seq.segment_ids = on_device(batch.segment_ids);
+  Tensor positions = Tensor::empty({seq.tokens()}, DType::i32);
+  int32_t* pos = positions.data<int32_t>();
   for (int64_t t = 0; t < seq.tokens(); ++t) pos[t] = static_cast<int32_t>(t % seq.seq_len);
+  seq.positions = on_device(positions);
   if (seq.seq_len > rope_positions_) {
-    rope_ = ops::rope_table(rope_config(config_), seq.seq_len, dtype_);
+    const ops::RopeTable table = ops::rope_table(rope_config(config_), seq.seq_len, dtype_);
+    rope_ = {on_device(table.cos), on_device(table.sin)};
     rope_positions_ = seq.seq_len;
   }
   seq.rope = rope_;
@@ -118,19 +124,26 @@ SequenceInfo Model::sequence_info(const Batch& batch) {
 // target: their ids are set to 0 (embedded like any token) and their targets to -100, so the loss drops them.
 void Model::prepare_mtp_inputs(const Batch& batch, int64_t depth, MtpContext& ctx) const {
   const int64_t B = batch.inputs.dim(0), S = batch.inputs.dim(1);
-  ctx.ids = Tensor::empty({B * S}, DType::i32);
-  ctx.targets = Tensor::empty({B * S}, DType::i32);
-  const int32_t* in = batch.inputs.data<int32_t>();
-  const int32_t* tg = batch.targets.data<int32_t>();
-  const int32_t* segment = batch.segment_ids.defined() ? batch.segment_ids.data<int32_t>() : nullptr;
-  int32_t* ids = ctx.ids.data<int32_t>();
-  int32_t* targets = ctx.targets.data<int32_t>();
+  const auto on_host = [](const Tensor& t) {
+    return !t.defined() || t.device() == Device::cpu ? t : t.to(Device::cpu);
+  };
+  const Tensor inputs = on_host(batch.inputs), all_targets = on_host(batch.targets),
+               segments = on_host(batch.segment_ids);
+  Tensor shifted_ids = Tensor::empty({B * S}, DType::i32);
+  Tensor shifted_targets = Tensor::empty({B * S}, DType::i32);
+  const int32_t* in = inputs.data<int32_t>();
+  const int32_t* tg = all_targets.data<int32_t>();
+  const int32_t* segment = segments.defined() ? segments.data<int32_t>() : nullptr;
+  int32_t* ids = shifted_ids.data<int32_t>();
+  int32_t* targets = shifted_targets.data<int32_t>();
   for (int64_t t = 0; t < B * S; ++t) {
     const int64_t shifted = t + depth;
     const bool inside = t % S + depth < S && (!segment || segment[shifted] == segment[t]);
     ids[t] = inside ? in[shifted] : 0;
     targets[t] = inside ? tg[shifted] : static_cast<int32_t>(OutputHead::kIgnoreIndex);
   }
+  ctx.ids = on_device(shifted_ids);
+  ctx.targets = on_device(shifted_targets);
 }
 
 // Starts a micro-batch and runs embedding, decoder layers and the main head (what forward and
@@ -145,7 +158,7 @@ double Model::forward_trunk(const Batch& batch, const char* op) {
     flops_per_token_ = model_flops_per_token(config_, last_seq_len_);
   }
   const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
-  mb.ids = batch.inputs.view({T});
+  mb.ids = on_device(batch.inputs.view({T}));
   double balance = 0;
   mb.hidden.push_back(embedding_->forward(mb.ids));
   mb.layers.resize(static_cast<size_t>(L));
@@ -153,7 +166,7 @@ double Model::forward_trunk(const Batch& batch, const char* op) {
     mb.hidden.push_back(layers_[l].forward(mb.hidden[l], mb.seq, mb.layers[l]));
     balance += mb.layers[l].balance_loss;
   }
-  head_->forward(mb.hidden[L], batch.targets.view({T}), mb.head);
+  head_->forward(mb.hidden[L], on_device(batch.targets.view({T})), mb.head);
   return balance;
 }
 

@@ -56,8 +56,10 @@ class Model {
  public:
   // precision: FP8 GEMMs / bf16 activations (trainer/model/precision.h); the default is full
   // precision. A non-default policy needs compute dtype f32 (throws std::invalid_argument).
+  // device: where parameters, activations and every op live (cuda needs a CUDA build; batches
+  // may stay on the host, the model moves them).
   Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, RecomputePolicy recompute = {},
-        const PrecisionPolicy& precision = {}, const ModelParallel& parallel = {});
+        const PrecisionPolicy& precision = {}, const ModelParallel& parallel = {}, Device device = Device::cpu);
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
@@ -88,10 +90,10 @@ class Model {
   // head) and the entropy of the next-token distribution, both 0 where the target is -100. It
   // keeps what policy_backward needs, in place of a forward's.
   struct PolicyOutput {
-    Tensor logp;     // [B, S] f64
-    Tensor entropy;  // [B, S] f64
-    int64_t tokens = 0;   // positions with a target
-    double balance = 0;   // sum of the MoE layers' sequence-wise balance losses
+    Tensor logp;         // [B, S] f64
+    Tensor entropy;      // [B, S] f64
+    int64_t tokens = 0;  // positions with a target
+    double balance = 0;  // sum of the MoE layers' sequence-wise balance losses
   };
   PolicyOutput policy_forward(const Batch& batch);
   // Accumulates (+=) into parameters().grad the gradient of Σ grad_logp[b, s] · logp[b, s]
@@ -113,6 +115,7 @@ class Model {
   };
 
   SequenceInfo sequence_info(const Batch& batch);
+  Tensor on_device(const Tensor& t) const;  // t on the model's device (undefined stays undefined)
   double forward_trunk(const Batch& batch, const char* op);
   void backward_trunk(Tensor dh, double balance_scale);
   void prepare_mtp_inputs(const Batch& batch, int64_t depth, MtpContext& ctx) const;

@@ -21,11 +21,12 @@ Model::PolicyOutput Model::policy_forward(const Batch& batch) {
   MicroBatch& mb = *micro_batch_;
   const int64_t B = mb.seq.batch, S = mb.seq.seq_len, T = mb.seq.tokens();
   out.tokens = mb.head.ce.count;
-  out.logp = Tensor::empty({T}, DType::f64);
-  out.entropy = Tensor::empty({T}, DType::f64);
-  ops::token_logprobs(mb.head.logits, mb.head.targets, mb.head.lse, OutputHead::kIgnoreIndex, out.logp, out.entropy);
-  out.logp = out.logp.view({B, S});
-  out.entropy = out.entropy.view({B, S});
+  // Computed where the logits are; returned on the host (the RL loop's arithmetic is host code).
+  Tensor logp = Tensor::empty({T}, DType::f64, mb.head.logits.device());
+  Tensor entropy = Tensor::empty({T}, DType::f64, mb.head.logits.device());
+  ops::token_logprobs(mb.head.logits, mb.head.targets, mb.head.lse, OutputHead::kIgnoreIndex, logp, entropy);
+  out.logp = logp.to(Device::cpu).view({B, S});
+  out.entropy = entropy.to(Device::cpu).view({B, S});
   return out;
 }
 
@@ -56,8 +57,8 @@ void Model::policy_backward(const Tensor& grad_logp, double balance_scale) {
   Parameter& head_weight = params_.at(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
   const RmsNorm final_norm(params_.at("model.norm.weight"), config_.rms_norm_eps);
   head.d_logits = empty_like(head.logits, head.logits.shape());
-  ops::cross_entropy_backward_weighted(head.logits, head.targets, head.lse, OutputHead::kIgnoreIndex, row_scale,
-                                       head.d_logits);
+  ops::cross_entropy_backward_weighted(head.logits, head.targets, head.lse, OutputHead::kIgnoreIndex,
+                                       on_device(row_scale), head.d_logits);
   head.logits = Tensor();
   head.lse = Tensor();
   const Tensor d_normed = linear_input_grad(head.d_logits, head_weight);

@@ -184,13 +184,16 @@ void Moe::backward_weight(const Tensor& x, MoeContext& ctx) const {
 
 void Moe::update_bias(double gamma) {
   if (parallel_.dp && parallel_.dp->size() > 1) {
-    Tensor global = Tensor::from<int64_t>(std::span<const int64_t>(load_), {router_.n_experts});
+    Tensor global =
+        stage_for(*parallel_.dp, Tensor::from<int64_t>(std::span<const int64_t>(load_), {router_.n_experts}));
     CommHandle h = parallel_.dp->all_reduce(global);
     timed_wait(h, parallel_.timer);
+    global = unstage(global);
     const int64_t* g = global.data<int64_t>();
     load_.assign(g, g + router_.n_experts);
   }
   Tensor counts = Tensor::from<int64_t>(std::span<const int64_t>(load_), {router_.n_experts});
+  if (bias_->value.device() != Device::cpu) counts = counts.to(bias_->value.device());
   ops::router_update_bias(counts, gamma, bias_->value);
   last_load_ = load_;
   std::fill(load_.begin(), load_.end(), 0);

@@ -67,10 +67,13 @@ std::vector<Dispatch> ExpertRouter::plan(const Tensor& expert_ids, std::span<con
         const std::vector<int64_t>& off = out[c].plan.expert_offsets;
         pe[(p * C + c) * J + j] = off[p * J + j + 1] - off[p * J + j];
       }
-  Tensor received = Tensor::empty({P * C * J}, DType::i64);
+  Communicator& ep = *parallel_.ep;
+  const Tensor sent = stage_for(ep, per_expert);
+  Tensor received = Tensor::empty({P * C * J}, DType::i64, ep.tensor_device());
   const std::vector<int64_t> per_peer(static_cast<size_t>(P), C * J);
-  CommHandle h = parallel_.ep->all_to_all_v(per_expert, per_peer, received, per_peer);
+  CommHandle h = ep.all_to_all_v(sent, per_peer, received, per_peer);
   timed_wait(h, parallel_.timer);
+  received = unstage(received);
   const int64_t* rc = received.data<int64_t>();
   for (int64_t c = 0; c < C; ++c) {
     Dispatch& d = out[c];
@@ -110,7 +113,7 @@ Tensor ExpertRouter::start_transfer(const Tensor& rows, std::span<const int64_t>
       break;
     }
     case WireFormat::fp8_e4m3: {
-      ops::Fp8Matrix q = ops::Fp8Matrix::empty(rows.dim(0), D, ops::Fp8Scaling::tile_1x128);
+      ops::Fp8Matrix q = ops::Fp8Matrix::empty(rows.dim(0), D, ops::Fp8Scaling::tile_1x128, rows.device());
       ops::fp8_quantize(rows, q);
       received = Tensor::empty({recv_rows, D}, DType::fp8_e4m3, rows.device());
       d.received_scales = Tensor::empty({recv_rows, q.scales.dim(1)}, DType::f32, rows.device());

@@ -147,8 +147,8 @@ double initial_value(const ParamSpec& spec, uint64_t seed, int64_t index) {
 Parameter& ParameterStore::add(ParamSpec spec) {
   if (contains(spec.name)) throw std::invalid_argument("ParameterStore: parameter " + spec.name + " added twice");
   Parameter p;
-  p.value = Tensor::zeros(spec.shape, dtype_);
-  if (spec.trainable) p.grad = Tensor::zeros(spec.shape, dtype_);
+  p.value = Tensor::zeros(spec.shape, dtype_, device_);
+  if (spec.trainable) p.grad = Tensor::zeros(spec.shape, dtype_, device_);
   p.spec = std::move(spec);
   index_.emplace(p.spec.name, params_.size());
   params_.push_back(std::move(p));
@@ -171,11 +171,13 @@ bool ParameterStore::contains(std::string_view name) const {
 
 void ParameterStore::initialize(uint64_t seed) {
   for (Parameter& p : params_) {
-    dispatch_float(p.value.dtype(), "ParameterStore::initialize", [&]<class T>() {
-      T* v = p.value.data<T>();
-      const int64_t n = p.value.numel();
+    Tensor host = p.value.device() == Device::cpu ? p.value : Tensor::empty(p.value.shape(), p.value.dtype());
+    dispatch_float(host.dtype(), "ParameterStore::initialize", [&]<class T>() {
+      T* v = host.data<T>();
+      const int64_t n = host.numel();
       for (int64_t i = 0; i < n; ++i) v[i] = static_cast<T>(initial_value(p.spec, seed, i));
     });
+    if (host.raw() != p.value.raw()) p.value.copy_from(host);
   }
 }
 

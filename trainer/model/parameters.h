@@ -70,7 +70,8 @@ struct Parameter {
 // while the store lives (modules hold them).
 class ParameterStore {
  public:
-  explicit ParameterStore(DType dtype) : dtype_(dtype) {}
+  // Values and gradients live on `device`; initialisation is computed on the host and copied.
+  explicit ParameterStore(DType dtype, Device device = Device::cpu) : dtype_(dtype), device_(device) {}
   ParameterStore(const ParameterStore&) = delete;
   ParameterStore& operator=(const ParameterStore&) = delete;
 
@@ -89,6 +90,7 @@ class ParameterStore {
   void zero_grad();
 
   DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
   size_t size() const { return params_.size(); }
   int64_t numel() const;  // elements over all parameters
   auto begin() { return params_.begin(); }
@@ -98,6 +100,7 @@ class ParameterStore {
 
  private:
   DType dtype_;
+  Device device_;
   std::deque<Parameter> params_;  // deque: push_back keeps references to earlier entries valid
   std::unordered_map<std::string, size_t> index_;
 };

@@ -21,28 +21,31 @@ bool ends_with(std::string_view s, std::string_view suffix) {
 }
 
 void check_f32(const Tensor& t, const char* op, const char* name) {
-  if (t.dtype() != DType::f32 || t.device() != Device::cpu) {
-    throw std::invalid_argument(std::string(op) + ": " + name + " must be an f32 CPU tensor, got " + t.describe());
+  if (t.dtype() != DType::f32) {
+    throw std::invalid_argument(std::string(op) + ": " + name + " must be an f32 tensor, got " + t.describe());
   }
 }
 
 ops::Fp8Matrix quantize(const Tensor& x, ops::Fp8Scaling scaling) {
-  ops::Fp8Matrix q = ops::Fp8Matrix::empty(x.dim(0), x.dim(1), scaling);
+  ops::Fp8Matrix q = ops::Fp8Matrix::empty(x.dim(0), x.dim(1), scaling, x.device());
   ops::fp8_quantize(x, q);
   return q;
 }
 
 ops::Fp8Matrix quantize_transposed(const Tensor& x) {
-  ops::Fp8Matrix qt = ops::Fp8Matrix::empty(x.dim(1), x.dim(0), ops::Fp8Scaling::tile_1x128);
+  ops::Fp8Matrix qt = ops::Fp8Matrix::empty(x.dim(1), x.dim(0), ops::Fp8Scaling::tile_1x128, x.device());
   ops::fp8_quantize_transposed(x, qt);
   return qt;
 }
 
 GemmKind gemm_kind(GemmPrecision p) {
   switch (p) {
-    case GemmPrecision::fp32: return GemmKind::fp32;
-    case GemmPrecision::bf16: return GemmKind::bf16;
-    case GemmPrecision::fp8_blockwise: return GemmKind::fp8_blockwise;
+    case GemmPrecision::fp32:
+      return GemmKind::fp32;
+    case GemmPrecision::bf16:
+      return GemmKind::bf16;
+    case GemmPrecision::fp8_blockwise:
+      return GemmKind::fp8_blockwise;
   }
   throw std::invalid_argument("precision_policy: unknown GemmPrecision");
 }
@@ -118,6 +121,10 @@ std::vector<ExceptionMatches> exception_matches(const PrecisionSection& section,
 
 void round_to_bf16_(Tensor& x) {
   check_f32(x, "round_to_bf16_", "x");  // slices and views are contiguous rows
+  if (x.device() != Device::cpu) {      // the device conversion rounds with the same codec
+    x.copy_from(x.to(DType::bf16));
+    return;
+  }
   float* v = x.data<float>();
   const int64_t n = x.numel();
   for (int64_t i = 0; i < n; ++i) v[i] = codec::bf16_to_float(codec::float_to_bf16(v[i]));
@@ -171,25 +178,34 @@ void bf16_linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dw) 
 
 void linear_forward_in(GemmKind gemm, const Tensor& x, const Tensor& w, Tensor& y) {
   switch (gemm) {
-    case GemmKind::fp32: return ops::linear_forward(x, w, y);
-    case GemmKind::bf16: return bf16_linear_forward(x, w, y);
-    case GemmKind::fp8_blockwise: return fp8_linear_forward(x, w, y);
+    case GemmKind::fp32:
+      return ops::linear_forward(x, w, y);
+    case GemmKind::bf16:
+      return bf16_linear_forward(x, w, y);
+    case GemmKind::fp8_blockwise:
+      return fp8_linear_forward(x, w, y);
   }
 }
 
 void linear_backward_input_in(GemmKind gemm, const Tensor& dy, const Tensor& w, Tensor& dx) {
   switch (gemm) {
-    case GemmKind::fp32: return ops::linear_backward_input(dy, w, dx);
-    case GemmKind::bf16: return bf16_linear_backward_input(dy, w, dx);
-    case GemmKind::fp8_blockwise: return fp8_linear_backward_input(dy, w, dx);
+    case GemmKind::fp32:
+      return ops::linear_backward_input(dy, w, dx);
+    case GemmKind::bf16:
+      return bf16_linear_backward_input(dy, w, dx);
+    case GemmKind::fp8_blockwise:
+      return fp8_linear_backward_input(dy, w, dx);
   }
 }
 
 void linear_backward_weight_in(GemmKind gemm, const Tensor& dy, const Tensor& x, Tensor& dw) {
   switch (gemm) {
-    case GemmKind::fp32: return ops::linear_backward_weight(dy, x, dw);
-    case GemmKind::bf16: return bf16_linear_backward_weight(dy, x, dw);
-    case GemmKind::fp8_blockwise: return fp8_linear_backward_weight(dy, x, dw);
+    case GemmKind::fp32:
+      return ops::linear_backward_weight(dy, x, dw);
+    case GemmKind::bf16:
+      return bf16_linear_backward_weight(dy, x, dw);
+    case GemmKind::fp8_blockwise:
+      return fp8_linear_backward_weight(dy, x, dw);
   }
 }
 

@@ -133,8 +133,10 @@ void DistributedAdamW::allocate(Bucket& b) {
   const int64_t size = comm.size();
   b.padded = (b.used + size - 1) / size * size;
   b.shard = b.padded / size;
-  b.grads = Tensor::zeros({b.padded}, dtype_);
-  b.values = Tensor::zeros({b.padded}, dtype_);
+  // Buckets live where the group's communicator moves tensors (the GPU for NCCL).
+  const Device device = comm.tensor_device();
+  b.grads = Tensor::zeros({b.padded}, dtype_, device);
+  b.values = Tensor::zeros({b.padded}, dtype_, device);
   for (size_t s : b.slots) {
     Parameter& p = *slots_[s].param;
     const int64_t n = p.value.numel();
@@ -151,15 +153,15 @@ void DistributedAdamW::allocate(Bucket& b) {
     b.update_begin = b.own_begin;
     b.update_end = b.own_end;
     // A group of one reduces nothing: its shard is the whole bucket, read in place.
-    b.update_grads = size == 1 ? b.grads : Tensor::zeros({b.shard}, dtype_);
+    b.update_grads = size == 1 ? b.grads : Tensor::zeros({b.shard}, dtype_, device);
   } else {
     b.update_begin = 0;
     b.update_end = b.used;
     b.update_grads = b.grads;
   }
   const int64_t kept = b.update_end - b.update_begin;
-  b.exp_avg = Tensor::zeros({kept}, moment_dtype_);
-  b.exp_avg_sq = Tensor::zeros({kept}, moment_dtype_);
+  b.exp_avg = Tensor::zeros({kept}, moment_dtype_, device);
+  b.exp_avg_sq = Tensor::zeros({kept}, moment_dtype_, device);
   b.update_pieces = pieces_in(b, b.update_begin, b.update_end);
   b.own_pieces = pieces_in(b, b.own_begin, b.own_end);
   b.waiting_for = static_cast<int64_t>(b.slots.size());
@@ -182,9 +184,10 @@ void DistributedAdamW::check_layouts_agree() {
       }
     }
     const int64_t mine[3] = {static_cast<int64_t>(g.buckets.size()), elements, static_cast<int64_t>(hash)};
-    Tensor in = Tensor::from<int64_t>(std::span<const int64_t>(mine, 3), {3});
-    Tensor all = Tensor::empty({3 * static_cast<int64_t>(g.comm->size())}, DType::i64);
+    Tensor in = stage_for(*g.comm, Tensor::from<int64_t>(std::span<const int64_t>(mine, 3), {3}));
+    Tensor all = Tensor::empty({3 * static_cast<int64_t>(g.comm->size())}, DType::i64, g.comm->tensor_device());
     g.comm->all_gather(in, all).wait();
+    all = unstage(all);
     const int64_t* a = all.data<int64_t>();
     for (int r = 0; r < g.comm->size(); ++r) {
       if (!std::equal(mine, mine + 3, a + 3 * r)) {
@@ -289,10 +292,10 @@ double DistributedAdamW::step(double lr) {
     sum_sq += own_sum_of_squares(b);
     progress();
   }
-  Tensor total = Tensor::full({1}, sum_sq, DType::f64);
+  Tensor total = stage_for(world_, Tensor::full({1}, sum_sq, DType::f64));
   CommHandle norm_reduce = world_.all_reduce(total);
   wait(norm_reduce);
-  const double norm = std::sqrt(total.item());
+  const double norm = std::sqrt(unstage(total).item());
 
   // ops::clip_grad_norm's rule, with the norm of the whole model.
   const double clip = config_.grad_clip;

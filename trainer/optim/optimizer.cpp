@@ -8,8 +8,9 @@ AdamW::AdamW(ParameterStore& params, const OptimSection& config) : config_(confi
   const DType moment_dtype = config.moments == MomentPrecision::bf16 ? DType::bf16 : params.dtype();
   for (Parameter& p : params) {
     if (!p.spec.trainable) continue;
-    slots_.push_back(
-        {&p, Tensor::zeros(p.value.shape(), moment_dtype), Tensor::zeros(p.value.shape(), moment_dtype), decays(p)});
+    const Device device = p.value.device();  // moments live beside their parameter
+    slots_.push_back({&p, Tensor::zeros(p.value.shape(), moment_dtype, device),
+                      Tensor::zeros(p.value.shape(), moment_dtype, device), decays(p)});
   }
 }
 

@@ -71,6 +71,10 @@ void check_experts(const ModelConfig& m, const Reporter& report) {
 
 void check_precision(const Recipe& r, const Reporter& report) {
   if (r.model.dtype != DType::f64) return;
+  if (r.model.device == Device::cuda)
+    report.fail(
+        {"model.dtype", "model.device"},
+        "`model.dtype` f64 is the CPU reference path; `model.device` cuda trains in f32 (set model.dtype: f32)");
   const auto fail_if = [&](bool wrong, const char* key, std::string_view value) {
     if (wrong)
       report.fail(
@@ -352,9 +356,9 @@ void check_checkpoint(const Recipe& r, const Reporter& report) {
 void check_grpo_source(const Recipe& r, const Reporter& report) {
   const GrpoSection& g = r.grpo;
   if (g.task != GrpoTask::none && !g.prompts.empty())
-    report.fail({"grpo.prompts", "grpo.task"},
-                fmt::format("`grpo.prompts` and `grpo.task` ({}) are both set; choose one prompt source",
-                            enum_name(g.task)));
+    report.fail(
+        {"grpo.prompts", "grpo.task"},
+        fmt::format("`grpo.prompts` and `grpo.task` ({}) are both set; choose one prompt source", enum_name(g.task)));
   if (g.task == GrpoTask::addition) {
     const grpo::AdditionTask task({.digits = g.addition.digits, .direct_fraction = 0, .seed = 0});
     const auto vocab = static_cast<int64_t>(task.tokenizer().vocab_size());
@@ -431,8 +435,9 @@ void check_grpo(const Recipe& r, const Reporter& report) {
   check_grpo_source(r, report);
   check_grpo_rewards(g, report);
   if (r.train.tokens > 0)
-    report.fail("train.tokens", "the GRPO stage counts steps: set `train.steps` (GRPO steps) instead of "
-                                "`train.tokens`");
+    report.fail("train.tokens",
+                "the GRPO stage counts steps: set `train.steps` (GRPO steps) instead of "
+                "`train.tokens`");
   if (g.resample_rounds > 0 && !g.dynamic_sampling)
     report.fail({"grpo.resample_rounds", "grpo.dynamic_sampling"},
                 "`grpo.resample_rounds` refills the groups dynamic sampling drops; set `grpo.dynamic_sampling: "
@@ -440,7 +445,8 @@ void check_grpo(const Recipe& r, const Reporter& report) {
   if (g.ref_refresh_interval > 0 && g.beta == 0)
     report.fail({"grpo.ref_refresh_interval", "grpo.beta"},
                 "`grpo.ref_refresh_interval` is set but `grpo.beta` is 0, so there is no reference model to refresh");
-  if (!g.init_checkpoint.empty() && !std::filesystem::exists(std::filesystem::path(g.init_checkpoint) / "manifest.json"))
+  if (!g.init_checkpoint.empty() &&
+      !std::filesystem::exists(std::filesystem::path(g.init_checkpoint) / "manifest.json"))
     report.fail("grpo.init_checkpoint",
                 fmt::format("`grpo.init_checkpoint`: `{}` is not a checkpoint directory (no manifest.json)",
                             g.init_checkpoint));

@@ -24,6 +24,10 @@ nlohmann::json to_json(const StepMetrics& m) {
                       {"exposed_comm_s", m.exposed_comm_s},
                       {"exposed_comm_fraction", m.exposed_comm_fraction},
                       {"moe_a2a_bytes", m.moe_a2a_bytes}};
+  if (m.device_reserved_bytes > 0) {
+    j["device_peak_bytes"] = m.device_peak_bytes;
+    j["device_reserved_bytes"] = m.device_reserved_bytes;
+  }
   nlohmann::json loads = nlohmann::json::array();
   for (const auto& l : m.expert_load) {
     loads.push_back({{"layer", l.layer},
@@ -58,6 +62,11 @@ std::string console_line(const StepMetrics& m) {
   if (!m.expert_load.empty()) line += fmt::format(" | load cv {:.2f}", worst_cv);
   if (worst_ep > 0) line += fmt::format(" ep max/mean {:.2f}", worst_ep);
   if (m.exposed_comm_s > 0) line += fmt::format(" | comm {:.0f}%", 100 * m.exposed_comm_fraction);
+  if (m.device_reserved_bytes > 0) {
+    constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+    line += fmt::format(" | mem {:.1f}/{:.1f} GiB", static_cast<double>(m.device_peak_bytes) / kGiB,
+                        static_cast<double>(m.device_reserved_bytes) / kGiB);
+  }
   line += fmt::format(" | {} elapsed, ETA {}", format_duration(m.elapsed_s), format_duration(m.eta_s));
   return line;
 }

@@ -38,6 +38,9 @@ struct StepMetrics {
   double exposed_comm_fraction = 0;
   double step_s = 0;
   int64_t moe_a2a_bytes = 0;  // bytes this rank sent in MoE all-to-alls during the step
+  // device: cuda: the step's peak of live device memory and what the caching allocator holds.
+  int64_t device_peak_bytes = 0;
+  int64_t device_reserved_bytes = 0;
   std::vector<LayerLoad> expert_load;
 };
 

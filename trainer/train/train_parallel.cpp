@@ -4,12 +4,17 @@
 #include <array>
 
 #include "kernels/error.h"
+#if DSX_HAVE_NCCL
+#include "parallel/comm_nccl.h"
+#endif
 
 namespace dsx {
 
 ModelParallel TrainParallel::model_parallel(const ParallelSection& p, const PrecisionSection& precision) {
   ModelParallel mp;
-  if (p.ep > 1) mp.ep = comms.ep.get();
+  // Token rows travel where the model lives (NCCL for device: cuda); the router loads are
+  // host counters and stay on MPI.
+  if (p.ep > 1) mp.ep = tensor_comms().ep.get();
   if (p.dp > 1) mp.dp = comms.dp.get();
   mp.overlap_a2a = p.overlap_a2a && p.ep > 1;
   mp.dispatch = precision.dispatch == DispatchPrecision::fp8    ? WireFormat::fp8_e4m3
@@ -52,7 +57,11 @@ std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
                         .tp = static_cast<int>(p.tp),
                         .ep = static_cast<int>(p.ep)};
   const LaunchEnv launch = read_launch_env();
-  if (sizes.world() == 1 && launch.world_size == 1) return nullptr;
+  // One process is the plain loop, except a GPU run started by a launcher: that one takes the
+  // multi-rank path (MPI + NCCL communicators, distributed optimizer) even with one rank, so the
+  // code that runs on many GPUs is exercised on a single one.
+  const bool launched_gpu = recipe.model.device == Device::cuda && launch.launcher != "none";
+  if (sizes.world() == 1 && launch.world_size == 1 && !launched_gpu) return nullptr;
   if (launch.launcher == "none") {  // started alone: say how to launch before touching MPI
     throw UserError("parallel: the recipe's layout " + describe_mesh(sizes) +
                     " needs that many processes, but this one was started alone; launch it with mpirun -np " +
@@ -69,6 +78,13 @@ std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
   check_world_size(sizes, recipe.model.n_routed_experts);
   tp->mesh = build_mesh(sizes, tp->mpi->world_rank());
   tp->comms = make_mpi_mesh_comms(tp->mesh, p.comm_timeout_s);
+  if (recipe.model.device == Device::cuda) {  // the caller has selected this rank's GPU
+#if DSX_HAVE_NCCL
+    tp->device_comms = make_nccl_mesh_comms(tp->mesh, *tp->comms.world);
+#else
+    throw UserError("model.device: cuda with several ranks needs NCCL, which this build of dsx lacks");
+#endif
+  }
   return tp;
 }
 

@@ -23,8 +23,12 @@ struct TrainParallel {
   std::unique_ptr<MpiSession> mpi;  // declared first: finalised after the communicators are gone
   LaunchEnv launch;
   Mesh mesh;
-  MeshComms comms;
+  MeshComms comms;         // MPI: host tensors (metrics, flags, router loads, checkpoints)
+  MeshComms device_comms;  // NCCL, same groups, when the model is on the GPU; empty otherwise
   CommTimer timer;
+
+  // The groups that move the model's tensors (gradients, token rows): NCCL for a GPU model.
+  MeshComms& tensor_comms() { return device_comms.world ? device_comms : comms; }
 
   int world_rank() const { return mesh.rank; }
   int world_size() const { return mesh.sizes.world(); }
@@ -41,9 +45,10 @@ struct TrainParallel {
   bool any_rank(bool flag);
 };
 
-// Null for a single process; otherwise initialises MPI, checks the world size against the
-// recipe's layout (dsx::UserError on every rank when they differ), builds the mesh and its
-// communicators. Throws dsx::UserError for layouts this build cannot train yet (pp, tp > 1).
+// Null for a single process (except model.device: cuda under mpirun/srun, see the .cpp); otherwise initialises MPI,
+// checks the world size against the recipe's layout (dsx::UserError on every rank when they differ), builds the mesh
+// and its communicators (plus NCCL ones for model.device: cuda — select the GPU first). Throws dsx::UserError for
+// layouts this build cannot train yet (pp, tp > 1).
 std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe);
 
 }  // namespace dsx

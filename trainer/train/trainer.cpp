@@ -12,7 +12,9 @@
 #include <tuple>
 #include <utility>
 
+#include "kernels/device.h"
 #include "kernels/error.h"
+#include "parallel/launch_env.h"
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/model/param_count.h"
 #include "trainer/optim/distributed_optimizer.h"
@@ -42,20 +44,20 @@ Trainer::Trainer(Recipe recipe, TrainerOptions options)
       checkpoint_root_(recipe_.checkpoint.dir),
       lr_schedule_(recipe_),
       batch_schedule_(recipe_) {
-  if (recipe_.model.device != Device::cpu) {
-    throw UserError("model.device: cuda needs the CUDA backend, which this build does not have");
-  }
+  // One GPU per local rank (the launcher's local rank; 0 for a single process), chosen before
+  // the NCCL communicators are made on it.
+  device_description_ = use_device(recipe_.model.device, read_launch_env().local_rank);
   parallel_ = start_train_parallel(recipe_);  // checks the world size before any work
   options_.console = options_.console && is_rank0();
   std::filesystem::create_directories(run_dir_);
   if (is_rank0()) std::ofstream(run_dir_ / "recipe.yaml") << to_yaml(recipe_);
   const ModelParallel model_parallel =
       parallel_ ? parallel_->model_parallel(recipe_.parallel, recipe_.precision) : ModelParallel{};
-  model_ =
-      std::make_unique<Model>(recipe_.model, recipe_.model.dtype, static_cast<uint64_t>(recipe_.train.seed),
-                              recompute_policy(recipe_.train), precision_policy(recipe_.precision), model_parallel);
+  model_ = std::make_unique<Model>(recipe_.model, recipe_.model.dtype, static_cast<uint64_t>(recipe_.train.seed),
+                                   recompute_policy(recipe_.train), precision_policy(recipe_.precision), model_parallel,
+                                   recipe_.model.device);
   if (parallel_) {
-    MeshComms& c = parallel_->comms;
+    MeshComms& c = parallel_->tensor_comms();  // gradients and parameters: NCCL for a GPU model
     optimizer_ = std::make_unique<DistributedAdamW>(model_->parameters(), recipe_.optim, *c.dp, *c.edp, *c.world,
                                                     DistributedOptimizerOptions{.zero1 = recipe_.parallel.zero >= 1});
   } else {
@@ -194,7 +196,12 @@ StepMetrics Trainer::train_step(int64_t step) {
   }
   model_->update_router_biases(recipe_.model.bias_update_rate);
   add_expert_load_metrics(m);
+  synchronize_device(recipe_.model.device);  // the step's time includes its queued device work
   m.step_s = seconds_since(step_start);
+  const DeviceMemoryStats memory = device_memory_stats(recipe_.model.device);
+  m.device_peak_bytes = memory.peak_used_bytes;
+  m.device_reserved_bytes = memory.reserved_bytes;
+  reset_device_peak_memory(recipe_.model.device);
   if (parallel_) {
     m.exposed_comm_s = parallel_->timer.take_exposed() + optimizer_->take_exposed_comm_s();
     m.exposed_comm_fraction = m.step_s > 0 ? m.exposed_comm_s / m.step_s : 0;
@@ -239,7 +246,7 @@ TrainResult Trainer::run() {
     const ParameterCounts counts = count_parameters(recipe_.model);
     fmt::print("dsx train: {} parameters ({} active per token, {} MTP), {} steps from step {}\n", counts.total,
                counts.active, counts.mtp, total, first);
-    fmt::print("  data: {}\n  run dir: {}\n", data_->describe(), run_dir_.string());
+    fmt::print("  device: {}\n  data: {}\n  run dir: {}\n", device_description_, data_->describe(), run_dir_.string());
     if (parallel_) {
       fmt::print("  layout: {} (zero {}, overlap_a2a {}), launched by {}\n", describe_mesh(parallel_->mesh.sizes),
                  recipe_.parallel.zero, recipe_.parallel.overlap_a2a, parallel_->launch.launcher);

@@ -71,6 +71,7 @@ class Trainer {
   Recipe recipe_;
   TrainerOptions options_;
   std::unique_ptr<TrainParallel> parallel_;  // null: one process; destroyed after the model
+  std::string device_description_;           // "cpu" or "cuda:0 <name> (...)", for the banner
   std::filesystem::path run_dir_;
   std::filesystem::path checkpoint_root_;
   std::unique_ptr<Model> model_;
