@@ -99,12 +99,17 @@ void check_shape(const Tensor& t, const Shape& expected, std::string_view op, st
   check(false, op, std::string(name) + " has shape " + shape_str(t.shape()) + ", expected " + shape_str(expected));
 }
 
-void check_cpu(const Tensor& t, std::string_view op, std::string_view name) {
-  if (t.defined() && t.device() == Device::cpu) return;
+void check_device(const Tensor& t, Device device, std::string_view op, std::string_view name) {
+  if (t.defined() && t.device() == device) return;
   check(t.defined(), op, [&] { return std::string(name) + " is undefined"; });
-  check(
-      false, op,
-      std::string(name) + " is on " + std::string(device_name(t.device())) + "; this op has only a CPU implementation");
+  check(false, op, [&] {
+    return std::string(name) + " is on " + std::string(device_name(t.device())) + " (" + t.describe() +
+           "); every tensor of this call must be on " + std::string(device_name(device));
+  });
+}
+
+void check_cpu(const Tensor& t, std::string_view op, std::string_view name) {
+  check_device(t, Device::cpu, op, name);
 }
 
 Tensor Tensor::empty(Shape shape, DType dtype, Device device) {

@@ -115,6 +115,9 @@ inline void check(bool ok, std::string_view op, MakeMessage&& make_message) {
   if (!ok) check(false, op, make_message());
 }
 void check_shape(const Tensor& t, const Shape& expected, std::string_view op, std::string_view name);
-void check_cpu(const Tensor& t, std::string_view op, std::string_view name);
+// Throws "op: name is undefined" or "op: name is on cpu (f32[2] cpu); every tensor of this call
+// must be on cuda" unless t is defined and lives on `device`.
+void check_device(const Tensor& t, Device device, std::string_view op, std::string_view name);
+void check_cpu(const Tensor& t, std::string_view op, std::string_view name);  // check_device(t, cpu, ...)
 
 }  // namespace dsx

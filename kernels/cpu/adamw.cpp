@@ -7,6 +7,7 @@
 #include "kernels/codecs.h"
 #include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::ops {
 namespace {
@@ -76,48 +77,15 @@ void adamw_update(const AdamWConfig& c, int64_t step, P* param, const P* grad, M
   }
 }
 
-template <class P, class F>
-void dispatch_moment(DType t, std::string_view op, std::string_view name, F&& f) {
-  if (t == dtype_of<P>()) {
-    f.template operator()<P>();
-  } else if (t == DType::bf16) {
-    f.template operator()<bf16>();
-  } else {
-    throw std::invalid_argument(std::string(op) + ": " + std::string(name) + " must be " +
-                                std::string(dtype_name(dtype_of<P>())) + " (the param dtype) or bf16, got " +
-                                std::string(dtype_name(t)));
-  }
-}
-
-void check_config(const AdamWConfig& c, int64_t step, std::string_view op) {
-  const auto in_unit = [](double b) { return std::isfinite(b) && b >= 0 && b < 1; };
-  check(step >= 1, op, "step is 1-based, got " + std::to_string(step));
-  check(std::isfinite(c.lr) && c.lr >= 0, op, "lr must be finite and >= 0, got " + std::to_string(c.lr));
-  check(in_unit(c.beta1), op, "beta1 must be in [0, 1), got " + std::to_string(c.beta1));
-  check(in_unit(c.beta2), op, "beta2 must be in [0, 1), got " + std::to_string(c.beta2));
-  check(std::isfinite(c.eps) && c.eps >= 0, op, "eps must be finite and >= 0, got " + std::to_string(c.eps));
-  check(std::isfinite(c.weight_decay) && c.weight_decay >= 0, op,
-        "weight_decay must be finite and >= 0, got " + std::to_string(c.weight_decay));
-}
-
 }  // namespace
 
 void adamw_step(const AdamWConfig& config, int64_t step, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v) {
   DSX_ROUTE_TO_CUDA(param, adamw_step(config, step, param, grad, m, v));
   constexpr std::string_view op = "adamw_step";
-  check_config(config, step, op);
-  check_cpu(param, op, "param");
-  check_cpu(grad, op, "grad");
-  check_cpu(m, op, "m");
-  check_cpu(v, op, "v");
-  check_shape(grad, param.shape(), op, "grad");
-  check_shape(m, param.shape(), op, "m");
-  check_shape(v, param.shape(), op, "v");
-  check(grad.dtype() == param.dtype(), op,
-        "grad " + grad.describe() + " must share the param dtype " + param.describe());
+  checks::adamw(config, step, Device::cpu, param, grad, m, v);
   dispatch_float(param.dtype(), op, [&]<class P>() {
-    dispatch_moment<P>(m.dtype(), op, "m", [&]<class M>() {
-      dispatch_moment<P>(v.dtype(), op, "v", [&]<class V>() {
+    checks::dispatch_moment<P>(m.dtype(), op, "m", [&]<class M>() {
+      checks::dispatch_moment<P>(v.dtype(), op, "v", [&]<class V>() {
         adamw_update<P>(config, step, param.data<P>(), grad.data<P>(), m.data<M>(), v.data<V>(), param.numel());
       });
     });

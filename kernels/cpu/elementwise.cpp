@@ -10,6 +10,7 @@
 
 #include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::ops {
 namespace {
@@ -25,35 +26,13 @@ void in_blas_chunks(int64_t n, F&& f) {
   }
 }
 
-struct Rows {
-  int64_t count;
-  int64_t wide_width;
-  int64_t narrow_width;
-};
+using Rows = checks::ColumnRows;
 
 // x and out (or src and dst) are [..., D] and [..., W] with identical leading dimensions,
 // and columns [begin, begin + W) must lie inside D.
 Rows check_columns(std::string_view op, const Tensor& wide, std::string_view wide_name, const Tensor& narrow,
                    std::string_view narrow_name, int64_t begin) {
-  check_cpu(wide, op, wide_name);
-  check_cpu(narrow, op, narrow_name);
-  const auto pair = [&] {
-    return std::string(wide_name) + " " + wide.describe() + " and " + std::string(narrow_name) + " " +
-           narrow.describe();
-  };
-  check(wide.ndim() >= 1 && wide.ndim() == narrow.ndim(), op,
-        [&] { return pair() + " must have the same number (>= 1) of dimensions"; });
-  check(wide.dtype() == narrow.dtype(), op, [&] { return pair() + ": dtypes differ"; });
-  check(std::equal(wide.shape().begin(), wide.shape().end() - 1, narrow.shape().begin()), op,
-        [&] { return pair() + ": leading dimensions differ"; });
-  const int64_t width = narrow.dim(-1), total = wide.dim(-1);
-  check(begin >= 0 && begin + width <= total, op, [&] {
-    return "columns [" + std::to_string(begin) + ", " + std::to_string(begin + width) + ") are outside [0, " +
-           std::to_string(total) + ") of " + std::string(wide_name);
-  });
-  const int64_t rows =
-      total == 0 ? shape_numel(Shape(wide.shape().begin(), wide.shape().end() - 1)) : wide.numel() / total;
-  return {rows, total, width};
+  return checks::columns(op, Device::cpu, wide, wide_name, narrow, narrow_name, begin);
 }
 
 }  // namespace

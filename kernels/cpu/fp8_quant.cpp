@@ -6,6 +6,7 @@
 
 #include "kernels/cuda/route.h"
 #include "kernels/fp8_quant_rules.h"
+#include "kernels/ops/checks.h"
 #include "kernels/ops/fp8.h"
 
 namespace dsx::ops {
@@ -21,35 +22,12 @@ inline float to_float(bf16 v) {
   return static_cast<float>(v);
 }
 
-const char* scaling_name(Fp8Scaling s) {
-  return s == Fp8Scaling::tile_1x128 ? "tile_1x128" : "block_128x128";
-}
-
 void check_fp8_matrix(const Fp8Matrix& q, int64_t rows, int64_t cols, std::string_view op, std::string_view name) {
-  check_cpu(q.data, op, name);
-  check_cpu(q.scales, op, name);
-  check(q.data.dtype() == DType::fp8_e4m3 && q.scales.dtype() == DType::f32, op, [&] {
-    return std::string(name) + " must hold fp8_e4m3 data and f32 scales, got " + q.data.describe() + " and " +
-           q.scales.describe();
-  });
-  check_shape(q.data, {rows, cols}, op, std::string(name) + ".data");
-  check_shape(q.scales, fp8_scale_shape(rows, cols, q.scaling), op, std::string(name) + ".scales");
+  checks::fp8_matrix(Device::cpu, q, rows, cols, op, name);
 }
 
 void check_source(const Tensor& x, std::string_view op) {
-  check_cpu(x, op, "x");
-  check(x.ndim() == 2, op, [&] { return "x must be 2-D, got " + x.describe(); });
-  check(x.dtype() == DType::f32 || x.dtype() == DType::bf16, op,
-        [&] { return "x must be f32 or bf16, got " + x.describe(); });
-}
-
-template <class F>
-void dispatch_source(const Tensor& x, F&& f) {
-  if (x.dtype() == DType::f32) {
-    f.template operator()<float>();
-  } else {
-    f.template operator()<bf16>();
-  }
+  checks::fp8_source(Device::cpu, x, op);
 }
 
 // Quantizes n contiguous elements with one scale; returns the dequantization scale.
@@ -142,7 +120,7 @@ void fp8_quantize(const Tensor& x, Fp8Matrix& q, const Fp8QuantOptions& options)
   check_fp8_matrix(q, rows, cols, op, "q");
   auto* codes = reinterpret_cast<uint8_t*>(q.data.data<fp8_e4m3>());
   float* scales = q.scales.data<float>();
-  dispatch_source(x, [&]<class T>() {
+  checks::dispatch_fp8_source(x, [&]<class T>() {
     if (q.scaling == Fp8Scaling::tile_1x128) {
       quantize_tiles(x.data<T>(), rows, cols, codes, scales, options);
     } else {
@@ -157,11 +135,12 @@ void fp8_quantize_transposed(const Tensor& x, Fp8Matrix& qt, const Fp8QuantOptio
   check_source(x, op);
   const int64_t rows = x.dim(0), cols = x.dim(1);
   check(qt.scaling == Fp8Scaling::tile_1x128, op,
-        [&] { return std::string("qt must use tile_1x128 scaling, got ") + scaling_name(qt.scaling); });
+        [&] { return std::string("qt must use tile_1x128 scaling, got ") + checks::scaling_name(qt.scaling); });
   check_fp8_matrix(qt, cols, rows, op, "qt");
   auto* codes = reinterpret_cast<uint8_t*>(qt.data.data<fp8_e4m3>());
   float* scales = qt.scales.data<float>();
-  dispatch_source(x, [&]<class T>() { quantize_transposed(x.data<T>(), rows, cols, codes, scales, options); });
+  checks::dispatch_fp8_source(x,
+                              [&]<class T>() { quantize_transposed(x.data<T>(), rows, cols, codes, scales, options); });
 }
 
 void fp8_dequantize(const Fp8Matrix& q, Tensor& x) {
@@ -189,7 +168,7 @@ Fp8Matrix fp8_transpose_blocks(const Fp8Matrix& w) {
   DSX_ROUTE_TO_CUDA(w.data, fp8_transpose_blocks(w));
   constexpr std::string_view op = "fp8_transpose_blocks";
   check(w.scaling == Fp8Scaling::block_128x128, op,
-        [&] { return std::string("w must use block_128x128 scaling, got ") + scaling_name(w.scaling); });
+        [&] { return std::string("w must use block_128x128 scaling, got ") + checks::scaling_name(w.scaling); });
   const int64_t rows = w.data.dim(0), cols = w.data.dim(1);
   check_fp8_matrix(w, rows, cols, op, "w");
   Fp8Matrix wt = Fp8Matrix::empty(cols, rows, Fp8Scaling::block_128x128);

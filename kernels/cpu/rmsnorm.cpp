@@ -6,6 +6,7 @@
 
 #include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::ops {
 namespace {
@@ -13,30 +14,12 @@ namespace {
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 15;
 
-struct Dims {
-  int64_t rows;
-  int64_t cols;
-};
-
-struct Named {
-  const Tensor* tensor;
-  std::string_view name;
-};
+using checks::Named;
 
 // x [N, D] and rstd [N] on the CPU; every tensor in `same` shares x's dtype.
-Dims check_rmsnorm(std::string_view op, const Tensor& x, const Tensor& rstd, std::initializer_list<Named> same) {
-  check_cpu(x, op, "x");
-  check_cpu(rstd, op, "rstd");
-  check(x.ndim() == 2, op, [&] { return "x must be 2-D [N, D], got " + shape_str(x.shape()); });
-  const Dims dims{x.dim(0), x.dim(1)};
-  check_shape(rstd, {dims.rows}, op, "rstd");
-  for (const Named t : same) check_cpu(*t.tensor, op, t.name);
-  for (const Named t : same) {
-    check(t.tensor->dtype() == x.dtype(), op, [&] {
-      return std::string(t.name) + " " + t.tensor->describe() + " does not share the dtype of x " + x.describe();
-    });
-  }
-  return dims;
+checks::RmsnormDims check_rmsnorm(std::string_view op, const Tensor& x, const Tensor& rstd,
+                                  std::initializer_list<Named> same) {
+  return checks::rmsnorm(op, Device::cpu, x, rstd, same);
 }
 
 template <class T>
@@ -52,7 +35,7 @@ T sum_of_products(const T* a, const T* b, int64_t n) {
 void rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor& y, Tensor& rstd) {
   DSX_ROUTE_TO_CUDA(x, rmsnorm_forward(x, weight, eps, y, rstd));
   constexpr std::string_view op = "rmsnorm_forward";
-  const Dims dims = check_rmsnorm(op, x, rstd, {{&rstd, "rstd"}, {&weight, "weight"}, {&y, "y"}});
+  const checks::RmsnormDims dims = check_rmsnorm(op, x, rstd, {{&rstd, "rstd"}, {&weight, "weight"}, {&y, "y"}});
   check_shape(weight, {dims.cols}, op, "weight");
   check_shape(y, x.shape(), op, "y");
   check(std::isfinite(eps) && eps >= 0, op, [&] { return "eps must be finite and >= 0, got " + std::to_string(eps); });
@@ -80,7 +63,8 @@ void rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor& 
 void rmsnorm_backward_input(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy, Tensor& dx) {
   DSX_ROUTE_TO_CUDA(x, rmsnorm_backward_input(x, weight, rstd, dy, dx));
   constexpr std::string_view op = "rmsnorm_backward_input";
-  const Dims dims = check_rmsnorm(op, x, rstd, {{&rstd, "rstd"}, {&weight, "weight"}, {&dy, "dy"}, {&dx, "dx"}});
+  const checks::RmsnormDims dims =
+      check_rmsnorm(op, x, rstd, {{&rstd, "rstd"}, {&weight, "weight"}, {&dy, "dy"}, {&dx, "dx"}});
   check_shape(weight, {dims.cols}, op, "weight");
   check_shape(dy, x.shape(), op, "dy");
   check_shape(dx, x.shape(), op, "dx");
@@ -110,7 +94,7 @@ void rmsnorm_backward_input(const Tensor& x, const Tensor& weight, const Tensor&
 void rmsnorm_backward_weight(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dweight) {
   DSX_ROUTE_TO_CUDA(x, rmsnorm_backward_weight(x, rstd, dy, dweight));
   constexpr std::string_view op = "rmsnorm_backward_weight";
-  const Dims dims = check_rmsnorm(op, x, rstd, {{&rstd, "rstd"}, {&dy, "dy"}, {&dweight, "dweight"}});
+  const checks::RmsnormDims dims = check_rmsnorm(op, x, rstd, {{&rstd, "rstd"}, {&dy, "dy"}, {&dweight, "dweight"}});
   check_shape(dy, x.shape(), op, "dy");
   check_shape(dweight, {dims.cols}, op, "dweight");
   dispatch_float(x.dtype(), op, [&]<class T>() {

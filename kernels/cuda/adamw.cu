@@ -13,6 +13,7 @@
 #include "kernels/cuda/exact_math.cuh"
 #include "kernels/cuda/ops_adamw.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::cuda {
 namespace {
@@ -89,49 +90,14 @@ StepConstants<P> step_constants(const AdamWConfig& c, int64_t step) {
           static_cast<P>(c.eps),         static_cast<P>(c.lr * c.weight_decay)};
 }
 
-template <class P, class F>
-void dispatch_moment(DType t, std::string_view op, std::string_view name, F&& f) {
-  if (t == dtype_of<P>()) {
-    f.template operator()<P>();
-  } else if (t == DType::bf16) {
-    f.template operator()<bf16>();
-  } else {
-    throw std::invalid_argument(std::string(op) + ": " + std::string(name) + " must be " +
-                                std::string(dtype_name(dtype_of<P>())) + " (the param dtype) or bf16, got " +
-                                std::string(dtype_name(t)));
-  }
-}
-
-void check_config(const AdamWConfig& c, int64_t step, std::string_view op) {
-  const auto in_unit = [](double b) { return std::isfinite(b) && b >= 0 && b < 1; };
-  check(step >= 1, op, [&] { return "step is 1-based, got " + std::to_string(step); });
-  check(std::isfinite(c.lr) && c.lr >= 0, op,
-        [&] { return "lr must be finite and >= 0, got " + std::to_string(c.lr); });
-  check(in_unit(c.beta1), op, [&] { return "beta1 must be in [0, 1), got " + std::to_string(c.beta1); });
-  check(in_unit(c.beta2), op, [&] { return "beta2 must be in [0, 1), got " + std::to_string(c.beta2); });
-  check(std::isfinite(c.eps) && c.eps >= 0, op,
-        [&] { return "eps must be finite and >= 0, got " + std::to_string(c.eps); });
-  check(std::isfinite(c.weight_decay) && c.weight_decay >= 0, op,
-        [&] { return "weight_decay must be finite and >= 0, got " + std::to_string(c.weight_decay); });
-}
-
 }  // namespace
 
 void adamw_step(const AdamWConfig& config, int64_t step, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v) {
   constexpr std::string_view op = "adamw_step";
-  check_config(config, step, op);
-  check_on_gpu(param, op, "param");
-  check_on_gpu(grad, op, "grad");
-  check_on_gpu(m, op, "m");
-  check_on_gpu(v, op, "v");
-  check_shape(grad, param.shape(), op, "grad");
-  check_shape(m, param.shape(), op, "m");
-  check_shape(v, param.shape(), op, "v");
-  check(grad.dtype() == param.dtype(), op,
-        [&] { return "grad " + grad.describe() + " must share the param dtype " + param.describe(); });
+  ops::checks::adamw(config, step, Device::cuda, param, grad, m, v);
   dispatch_float(param.dtype(), op, [&]<class P>() {
-    dispatch_moment<P>(m.dtype(), op, "m", [&]<class M>() {
-      dispatch_moment<P>(v.dtype(), op, "v", [&]<class V>() {
+    ops::checks::dispatch_moment<P>(m.dtype(), op, "m", [&]<class M>() {
+      ops::checks::dispatch_moment<P>(v.dtype(), op, "v", [&]<class V>() {
         const int64_t n = param.numel();
         if (n == 0) return;
         adamw_kernel<P, M, V><<<grid_for(n), kBlock, 0, current_stream()>>>(

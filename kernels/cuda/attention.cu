@@ -24,15 +24,10 @@ struct Dims {
   int64_t batch, seq, heads, dqk, dv;
 };
 
-void check_cuda(const Tensor& t, std::string_view op, std::string_view name) {
-  check(t.defined(), op, [&] { return std::string(name) + " is undefined"; });
-  check(t.device() == Device::cuda, op, [&] { return std::string(name) + " must be on the GPU like q"; });
-}
-
 Dims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& segment_ids, std::string_view op) {
-  check_cuda(q, op, "q");
-  check_cuda(k, op, "k");
-  check_cuda(v, op, "v");
+  check_on_gpu(q, op, "q");
+  check_on_gpu(k, op, "k");
+  check_on_gpu(v, op, "v");
   check(q.ndim() == 4, op, [&] { return "q must be [B, S, H, Dqk], got " + shape_str(q.shape()); });
   check(v.ndim() == 4, op, [&] { return "v must be [B, S, H, Dv], got " + shape_str(v.shape()); });
   const Dims d{q.dim(0), q.dim(1), q.dim(2), q.dim(3), v.dim(3)};
@@ -51,7 +46,7 @@ Dims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   // Grid: x = sequence tiles, y = heads, z = batch.
   check(d.heads <= 65535 && d.batch <= 65535, op, "at most 65535 heads and 65535 batch rows on the GPU");
   if (segment_ids.defined()) {
-    check_cuda(segment_ids, op, "segment_ids");
+    check_on_gpu(segment_ids, op, "segment_ids");
     check_shape(segment_ids, {d.batch, d.seq}, op, "segment_ids");
     check(segment_ids.dtype() == DType::i32 || segment_ids.dtype() == DType::i64, op, [&] {
       return "segment_ids: dtype " + std::string(dtype_name(segment_ids.dtype())) + " is not supported (i32, i64)";
@@ -61,14 +56,14 @@ Dims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
 }
 
 void check_same(const Tensor& t, const Shape& shape, DType dtype, std::string_view op, std::string_view name) {
-  check_cuda(t, op, name);
+  check_on_gpu(t, op, name);
   check_shape(t, shape, op, name);
   check(t.dtype() == dtype, op,
         [&] { return std::string(name) + " must have dtype " + std::string(dtype_name(dtype)); });
 }
 
 void check_lse(const Tensor& lse, const Dims& d, DType dtype, std::string_view op) {
-  check_cuda(lse, op, "lse");
+  check_on_gpu(lse, op, "lse");
   check_shape(lse, {d.batch, d.heads, d.seq}, op, "lse");
   check(lse.dtype() == dtype || lse.dtype() == DType::f32, op,
         [&] { return "lse must have dtype " + std::string(dtype_name(dtype)) + " or f32"; });

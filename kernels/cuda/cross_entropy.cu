@@ -181,15 +181,15 @@ __global__ void token_logprobs_kernel(const T* logits, const Index* targets, int
 // launchers
 
 void check_logits_targets(const Tensor& logits, const Tensor& targets, std::string_view op) {
-  rows::check_cuda(logits, op, "logits");
-  rows::check_cuda(targets, op, "targets");
+  check_on_gpu(logits, op, "logits");
+  check_on_gpu(targets, op, "targets");
   check(logits.ndim() == 2, op, "logits must be [N, V], got " + shape_str(logits.shape()));
   check_shape(targets, {logits.dim(0)}, op, "targets");
 }
 
 // lse, logp, entropy, row_scale: [N] on the GPU, f32 or f64.
 void check_row_tensor(const Tensor& t, int64_t rows, std::string_view op, const char* name) {
-  rows::check_cuda(t, op, name);
+  check_on_gpu(t, op, name);
   check_shape(t, {rows}, op, name);
   check(t.dtype() == DType::f32 || t.dtype() == DType::f64, op,
         std::string(name) + " must be f32 or f64, got " + std::string(dtype_name(t.dtype())));
@@ -274,7 +274,7 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const T
   constexpr std::string_view op = "cross_entropy_backward";
   check_logits_targets(logits, targets, op);
   check_row_tensor(lse, logits.dim(0), op, "lse");
-  rows::check_cuda(dlogits, op, "dlogits");
+  check_on_gpu(dlogits, op, "dlogits");
   check_shape(dlogits, logits.shape(), op, "dlogits");
   check(dlogits.dtype() == logits.dtype(), op, "dlogits must have the logits' dtype");
   check_targets(targets, logits.dim(1), ignore_index, op);
@@ -286,7 +286,7 @@ void token_logprobs(const Tensor& logits, const Tensor& targets, const Tensor& l
                     Tensor& entropy) {
   constexpr std::string_view op = "token_logprobs";
   check_logits_targets(logits, targets, op);
-  rows::check_cuda(lse, op, "lse");
+  check_on_gpu(lse, op, "lse");
   check_shape(lse, {logits.dim(0)}, op, "lse");
   const int64_t rows = logits.dim(0), vocab = logits.dim(1);
   check_row_tensor(logp, rows, op, "logp");
@@ -309,10 +309,10 @@ void cross_entropy_backward_weighted(const Tensor& logits, const Tensor& targets
                                      int64_t ignore_index, const Tensor& row_scale, Tensor& dlogits) {
   constexpr std::string_view op = "cross_entropy_backward_weighted";
   check_logits_targets(logits, targets, op);
-  rows::check_cuda(lse, op, "lse");
+  check_on_gpu(lse, op, "lse");
   check_shape(lse, {logits.dim(0)}, op, "lse");
   check_row_tensor(row_scale, logits.dim(0), op, "row_scale");
-  rows::check_cuda(dlogits, op, "dlogits");
+  check_on_gpu(dlogits, op, "dlogits");
   check_shape(dlogits, logits.shape(), op, "dlogits");
   check(dlogits.dtype() == logits.dtype(), op, "dlogits must have the logits' dtype");
   check_targets(targets, logits.dim(1), ignore_index, op);

@@ -43,15 +43,6 @@ std::string describe(const DeviceErrorRecord& r) {
 
 }  // namespace
 
-void check_on_gpu(const Tensor& t, std::string_view op, std::string_view name) {
-  if (t.defined() && t.device() == Device::cuda) return;
-  check(t.defined(), op, [&] { return std::string(name) + " is undefined"; });
-  check(false, op, [&] {
-    return std::string(name) + " is on " + std::string(device_name(t.device())) +
-           "; every tensor of this call must be on the GPU";
-  });
-}
-
 DeviceErrorRecord* device_error_record() {
   static std::array<std::atomic<DeviceErrorRecord*>, kMaxDevices> records{};
   const int device = current_device();

@@ -15,13 +15,10 @@
 #include <cstdint>
 #include <string_view>
 
+#include "kernels/cuda/runtime.h"  // check_on_gpu
 #include "kernels/tensor.h"
 
 namespace dsx::cuda {
-
-// Throws std::invalid_argument("op: name is undefined" / "op: name is on cpu; ...") unless t is
-// a defined tensor on the GPU.
-void check_on_gpu(const Tensor& t, std::string_view op, std::string_view name);
 
 // What a kernel found wrong. The op that found it is part of the code, so the message can name it.
 enum class DeviceErrorCode : uint32_t {

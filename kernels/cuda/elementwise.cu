@@ -12,6 +12,7 @@
 #include "kernels/cuda/ops_elementwise.h"
 #include "kernels/cuda/rows_common.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::cuda {
 namespace {
@@ -58,35 +59,12 @@ __global__ void columns_kernel(const W* src, W* dst, ColumnWindow w) {
 // ---------------------------------------------------------------------------------------------
 // launchers
 
-struct Rows {
-  int64_t count;
-  int64_t wide_width;
-  int64_t narrow_width;
-};
+using Rows = ops::checks::ColumnRows;
 
-// The CPU op's check_columns with device checks: x/out (or dst/src) are [..., D] and [..., W]
-// with identical leading dimensions and dtype, columns [begin, begin + W) inside D.
+// The CPU op's check_columns with every tensor on the GPU.
 Rows check_columns(std::string_view op, const Tensor& wide, std::string_view wide_name, const Tensor& narrow,
                    std::string_view narrow_name, int64_t begin) {
-  rows::check_cuda(wide, op, wide_name);
-  rows::check_cuda(narrow, op, narrow_name);
-  const auto pair = [&] {
-    return std::string(wide_name) + " " + wide.describe() + " and " + std::string(narrow_name) + " " +
-           narrow.describe();
-  };
-  check(wide.ndim() >= 1 && wide.ndim() == narrow.ndim(), op,
-        [&] { return pair() + " must have the same number (>= 1) of dimensions"; });
-  check(wide.dtype() == narrow.dtype(), op, [&] { return pair() + ": dtypes differ"; });
-  check(std::equal(wide.shape().begin(), wide.shape().end() - 1, narrow.shape().begin()), op,
-        [&] { return pair() + ": leading dimensions differ"; });
-  const int64_t width = narrow.dim(-1), total = wide.dim(-1);
-  check(begin >= 0 && begin + width <= total, op, [&] {
-    return "columns [" + std::to_string(begin) + ", " + std::to_string(begin + width) + ") are outside [0, " +
-           std::to_string(total) + ") of " + std::string(wide_name);
-  });
-  const int64_t count =
-      total == 0 ? shape_numel(Shape(wide.shape().begin(), wide.shape().end() - 1)) : wide.numel() / total;
-  return {count, total, width};
+  return ops::checks::columns(op, Device::cuda, wide, wide_name, narrow, narrow_name, begin);
 }
 
 template <class W, bool kAccumulate>
@@ -118,8 +96,8 @@ void copy_window(DType dtype, const void* src, void* dst, const ColumnWindow& w)
 
 void add_(Tensor& y, const Tensor& x, double alpha) {
   constexpr std::string_view op = "add_";
-  rows::check_cuda(y, op, "y");
-  rows::check_cuda(x, op, "x");
+  check_on_gpu(y, op, "y");
+  check_on_gpu(x, op, "x");
   check_shape(x, y.shape(), op, "x");
   check(x.dtype() == y.dtype(), op, [&] { return "x " + x.describe() + " and y " + y.describe() + " dtypes differ"; });
   dispatch_float(y.dtype(), op, [&]<class T>() {
@@ -132,7 +110,7 @@ void add_(Tensor& y, const Tensor& x, double alpha) {
 
 void scale_(Tensor& y, double alpha) {
   constexpr std::string_view op = "scale_";
-  rows::check_cuda(y, op, "y");
+  check_on_gpu(y, op, "y");
   dispatch_float(y.dtype(), op, [&]<class T>() {
     // Scaling by zero writes zeros, whatever y held (as on the CPU: NaN · 0 does not survive).
     if (alpha == 0.0) {

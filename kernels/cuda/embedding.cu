@@ -68,7 +68,7 @@ __global__ void embedding_backward_kernel(const Key* sorted_ids, const int32_t* 
 constexpr int kBackwardThreads = 256;
 
 void check_ids(const Tensor& ids, std::string_view op) {
-  rows::check_cuda(ids, op, "ids");
+  check_on_gpu(ids, op, "ids");
   check(ids.dtype() == DType::i32 || ids.dtype() == DType::i64, op,
         [&] { return "ids must be i32 or i64, got " + std::string(dtype_name(ids.dtype())); });
   check(ids.ndim() == 1, op, [&] { return "ids must be 1-D [N], got " + shape_str(ids.shape()); });
@@ -126,8 +126,8 @@ void embedding_backward_sorted(const Tensor& ids, const Tensor& dout, Tensor& dt
 void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) {
   constexpr std::string_view op = "embedding_forward";
   check_ids(ids, op);
-  rows::check_cuda(table, op, "table");
-  rows::check_cuda(out, op, "out");
+  check_on_gpu(table, op, "table");
+  check_on_gpu(out, op, "out");
   check(table.ndim() == 2, op, [&] { return "table must be 2-D [V, D], got " + shape_str(table.shape()); });
   const int64_t n = ids.dim(0), vocab = table.dim(0), d = table.dim(1);
   check_shape(out, {n, d}, op, "out");
@@ -147,8 +147,8 @@ void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) {
 void embedding_backward_weight(const Tensor& ids, const Tensor& dout, Tensor& dtable) {
   constexpr std::string_view op = "embedding_backward_weight";
   check_ids(ids, op);
-  rows::check_cuda(dout, op, "dout");
-  rows::check_cuda(dtable, op, "dtable");
+  check_on_gpu(dout, op, "dout");
+  check_on_gpu(dtable, op, "dtable");
   check(dtable.ndim() == 2, op, [&] { return "dtable must be 2-D [V, D], got " + shape_str(dtable.shape()); });
   const int64_t n = ids.dim(0), vocab = dtable.dim(0), d = dtable.dim(1);
   check_shape(dout, {n, d}, op, "dout");

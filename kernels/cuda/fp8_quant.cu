@@ -23,6 +23,7 @@
 #include "kernels/cuda/elements.cuh"
 #include "kernels/cuda/ops_fp8.h"
 #include "kernels/fp8_quant_rules.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::cuda {
 namespace {
@@ -172,35 +173,12 @@ __global__ void transpose_scales_kernel(const float* s, float* st, int64_t block
 // launchers
 // ============================================================================================
 
-const char* scaling_name(Fp8Scaling s) {
-  return s == Fp8Scaling::tile_1x128 ? "tile_1x128" : "block_128x128";
-}
-
 void check_fp8_matrix(const Fp8Matrix& q, int64_t rows, int64_t cols, std::string_view op, std::string_view name) {
-  check_on_gpu(q.data, op, std::string(name) + ".data");
-  check_on_gpu(q.scales, op, std::string(name) + ".scales");
-  check(q.data.dtype() == DType::fp8_e4m3 && q.scales.dtype() == DType::f32, op, [&] {
-    return std::string(name) + " must hold fp8_e4m3 data and f32 scales, got " + q.data.describe() + " and " +
-           q.scales.describe();
-  });
-  check_shape(q.data, {rows, cols}, op, std::string(name) + ".data");
-  check_shape(q.scales, ops::fp8_scale_shape(rows, cols, q.scaling), op, std::string(name) + ".scales");
+  ops::checks::fp8_matrix(Device::cuda, q, rows, cols, op, name);
 }
 
 void check_source(const Tensor& x, std::string_view op) {
-  check_on_gpu(x, op, "x");
-  check(x.ndim() == 2, op, [&] { return "x must be 2-D, got " + x.describe(); });
-  check(x.dtype() == DType::f32 || x.dtype() == DType::bf16, op,
-        [&] { return "x must be f32 or bf16, got " + x.describe(); });
-}
-
-template <class F>
-void dispatch_source(const Tensor& x, F&& f) {
-  if (x.dtype() == DType::f32) {
-    f.template operator()<float>();
-  } else {
-    f.template operator()<bf16>();
-  }
+  ops::checks::fp8_source(Device::cuda, x, op);
 }
 
 uint8_t* codes_of(const Fp8Matrix& q) {
@@ -216,7 +194,7 @@ void fp8_quantize(const Tensor& x, Fp8Matrix& q, const Fp8QuantOptions& options)
   check_fp8_matrix(q, rows, cols, op, "q");
   if (rows == 0 || cols == 0) return;
   const bool pow2 = options.power_of_two_scales;
-  dispatch_source(x, [&]<class T>() {
+  ops::checks::dispatch_fp8_source(x, [&]<class T>() {
     if (q.scaling == Fp8Scaling::tile_1x128) {
       const int64_t warps = rows * tile_count(cols);
       quantize_tiles_kernel<T><<<grid_for(warps * 32, kQuantBlock), kQuantBlock, 0, current_stream()>>>(
@@ -237,14 +215,14 @@ void fp8_quantize_transposed(const Tensor& x, Fp8Matrix& qt, const Fp8QuantOptio
   check_source(x, op);
   const int64_t rows = x.dim(0), cols = x.dim(1);
   check(qt.scaling == Fp8Scaling::tile_1x128, op,
-        [&] { return std::string("qt must use tile_1x128 scaling, got ") + scaling_name(qt.scaling); });
+        [&] { return std::string("qt must use tile_1x128 scaling, got ") + ops::checks::scaling_name(qt.scaling); });
   check_fp8_matrix(qt, cols, rows, op, "qt");
   if (rows == 0 || cols == 0) return;
   const int64_t chunks = (cols + kBandColumns - 1) / kBandColumns;
   check(chunks <= 65535 && tile_count(rows) <= 0x7fffffff, op,
         [&] { return "x " + x.describe() + " is too large for one launch"; });
   const dim3 grid(static_cast<unsigned>(tile_count(rows)), static_cast<unsigned>(chunks));
-  dispatch_source(x, [&]<class T>() {
+  ops::checks::dispatch_fp8_source(x, [&]<class T>() {
     quantize_transposed_kernel<T><<<grid, kQuantBlock, 0, current_stream()>>>(
         x.data<T>(), rows, cols, codes_of(qt), qt.scales.data<float>(), options.power_of_two_scales);
     DSX_CUDA_CHECK_LAUNCH("quantize_transposed_kernel");
@@ -269,7 +247,7 @@ void fp8_dequantize(const Fp8Matrix& q, Tensor& x) {
 Fp8Matrix fp8_transpose_blocks(const Fp8Matrix& w) {
   constexpr std::string_view op = "fp8_transpose_blocks";
   check(w.scaling == Fp8Scaling::block_128x128, op,
-        [&] { return std::string("w must use block_128x128 scaling, got ") + scaling_name(w.scaling); });
+        [&] { return std::string("w must use block_128x128 scaling, got ") + ops::checks::scaling_name(w.scaling); });
   check_on_gpu(w.data, op, "w.data");
   check(w.data.ndim() == 2, op, [&] { return "w.data must be 2-D, got " + w.data.describe(); });
   const int64_t rows = w.data.dim(0), cols = w.data.dim(1);

@@ -23,6 +23,7 @@
 #include "kernels/cuda/gemm_internal.h"
 #include "kernels/cuda/ops_gemm.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::cuda {
 
@@ -38,13 +39,6 @@ __global__ void scale_kernel(T* c, T beta, int64_t n) {
 
 // =========================================== launchers ===========================================
 namespace gemm_detail {
-
-void require_on_gpu(const Tensor& t, std::string_view op, std::string_view name) {
-  check(t.defined() && t.device() == Device::cuda, op, [&] {
-    return std::string(name) + " must be on the GPU like the op's other tensors, got " +
-           (t.defined() ? t.describe() : std::string("an undefined tensor"));
-  });
-}
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
@@ -105,7 +99,6 @@ void row_major_gemm(bool trans_a, const Tensor& a, bool trans_b, const Tensor& b
 
 namespace {
 
-using gemm_detail::require_on_gpu;
 using gemm_detail::row_major_gemm;
 
 struct Dims {
@@ -134,32 +127,6 @@ cublasComputeType_t compute_of(DType out) {
 
 // ---- linear -------------------------------------------------------------------------------------
 
-void check_compute(const Tensor& out, std::string_view op, std::string_view name) {
-  require_on_gpu(out, op, name);
-  check(out.dtype() == DType::f32 || out.dtype() == DType::f64, op,
-        [&] { return std::string(name) + " must be f32 or f64 (it sets the compute dtype), got " + out.describe(); });
-}
-
-void check_2d(const Tensor& t, std::string_view op, std::string_view name, std::string_view layout) {
-  require_on_gpu(t, op, name);
-  check(t.ndim() == 2, op,
-        [&] { return std::string(name) + " must be 2-D " + std::string(layout) + ", got " + shape_str(t.shape()); });
-}
-
-// Each input is the output's dtype or bf16 (f32 and f64 are never mixed), as on the CPU.
-void check_input(const Tensor& t, DType compute, std::string_view op, std::string_view name) {
-  check(t.dtype() == compute || t.dtype() == DType::bf16, op, [&] {
-    return std::string(name) + " is " + t.describe() + "; expected " + std::string(dtype_name(compute)) +
-           " (the output's dtype) or bf16";
-  });
-}
-
-std::string disagree(std::string_view a_name, const Tensor& a, std::string_view b_name, const Tensor& b,
-                     std::string_view what) {
-  return std::string(a_name) + " " + shape_str(a.shape()) + " and " + std::string(b_name) + " " + shape_str(b.shape()) +
-         " disagree on " + std::string(what);
-}
-
 // out = op(p) · op(q) (+ out when accumulate), shapes checked. Two bf16 inputs into an f32
 // output take the tensor cores directly; otherwise bf16 inputs are widened to out's dtype.
 void linear_gemm(bool trans_p, const Tensor& p, bool trans_q, const Tensor& q, Tensor& out, bool accumulate) {
@@ -184,7 +151,7 @@ void linear_gemm(bool trans_p, const Tensor& p, bool trans_q, const Tensor& q, T
 constexpr std::string_view kBf16Op = "bf16_gemm";
 
 void check_bf16_operand(const Tensor& x, std::string_view name) {
-  require_on_gpu(x, kBf16Op, name);
+  check_on_gpu(x, kBf16Op, name);
   check(x.ndim() == 2 && (x.dtype() == DType::f32 || x.dtype() == DType::bf16), kBf16Op,
         [&] { return std::string(name) + " must be a 2-D f32 or bf16 tensor, got " + x.describe(); });
 }
@@ -198,9 +165,9 @@ Tensor as_bf16(const Tensor& x) {
 
 void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta, Tensor& c) {
   constexpr std::string_view op = "gemm";
-  require_on_gpu(a, op, "a");
-  require_on_gpu(b, op, "b");
-  require_on_gpu(c, op, "c");
+  check_on_gpu(a, op, "a");
+  check_on_gpu(b, op, "b");
+  check_on_gpu(c, op, "c");
   check(a.ndim() == 2 && b.ndim() == 2 && c.ndim() == 2, op,
         [&] { return "a, b and c must be 2-D, got " + operands(a, b, c); });
   check(a.dtype() == c.dtype() && b.dtype() == c.dtype(), op,
@@ -216,43 +183,22 @@ void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tenso
 }
 
 void linear_forward(const Tensor& x, const Tensor& weight, Tensor& y) {
-  constexpr std::string_view op = "linear_forward";
-  check_compute(y, op, "y");
-  check_2d(x, op, "x", "[N, in]");
-  check_2d(weight, op, "weight", "[out, in]");
-  check(x.dim(1) == weight.dim(1), op, [&] { return disagree("x", x, "weight", weight, "the input features"); });
-  check_shape(y, {x.dim(0), weight.dim(0)}, op, "y");
-  check_input(x, y.dtype(), op, "x");
-  check_input(weight, y.dtype(), op, "weight");
+  ops::checks::linear_forward(Device::cuda, x, weight, y);
   linear_gemm(false, x, true, weight, y, false);  // y = x · Wᵀ
 }
 
 void linear_backward_input(const Tensor& dy, const Tensor& weight, Tensor& dx) {
-  constexpr std::string_view op = "linear_backward_input";
-  check_compute(dx, op, "dx");
-  check_2d(dy, op, "dy", "[N, out]");
-  check_2d(weight, op, "weight", "[out, in]");
-  check(dy.dim(1) == weight.dim(0), op, [&] { return disagree("dy", dy, "weight", weight, "the output features"); });
-  check_shape(dx, {dy.dim(0), weight.dim(1)}, op, "dx");
-  check_input(dy, dx.dtype(), op, "dy");
-  check_input(weight, dx.dtype(), op, "weight");
+  ops::checks::linear_backward_input(Device::cuda, dy, weight, dx);
   linear_gemm(false, dy, false, weight, dx, false);  // dx = dy · W
 }
 
 void linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dweight) {
-  constexpr std::string_view op = "linear_backward_weight";
-  check_compute(dweight, op, "dweight");
-  check_2d(dy, op, "dy", "[N, out]");
-  check_2d(x, op, "x", "[N, in]");
-  check(dy.dim(0) == x.dim(0), op, [&] { return disagree("dy", dy, "x", x, "the number of rows"); });
-  check_shape(dweight, {dy.dim(1), x.dim(1)}, op, "dweight");
-  check_input(dy, dweight.dtype(), op, "dy");
-  check_input(x, dweight.dtype(), op, "x");
+  ops::checks::linear_backward_weight(Device::cuda, dy, x, dweight);
   linear_gemm(true, dy, false, x, dweight, true);  // dW += dyᵀ · x
 }
 
 void bf16_gemm(bool trans_a, bool trans_b, const Tensor& a, const Tensor& b, Tensor& c, bool accumulate) {
-  require_on_gpu(c, kBf16Op, "c");
+  check_on_gpu(c, kBf16Op, "c");
   check(c.dtype() == DType::f32 || c.dtype() == DType::bf16, kBf16Op,
         [&] { return "c must be f32 or bf16, got " + c.describe(); });
   check_bf16_operand(a, "a");

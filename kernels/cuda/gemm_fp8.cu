@@ -80,15 +80,14 @@ __global__ void store_bf16_kernel(const float* sum, bf16* d, int64_t n, bool acc
 // =========================================== launchers ===========================================
 namespace {
 
-using gemm_detail::require_on_gpu;
 using ops::Fp8Matrix;
 using ops::Fp8Scaling;
 
 constexpr std::string_view kOp = "fp8_gemm";
 
 void check_operand(const Fp8Matrix& q, std::string_view name) {
-  require_on_gpu(q.data, kOp, name);
-  require_on_gpu(q.scales, kOp, std::string(name) + ".scales");
+  check_on_gpu(q.data, kOp, name);
+  check_on_gpu(q.scales, kOp, std::string(name) + ".scales");
   check(q.data.ndim() == 2 && q.data.dtype() == DType::fp8_e4m3 && q.scales.dtype() == DType::f32, kOp, [&] {
     return std::string(name) + " must be 2-D fp8_e4m3 data with f32 scales, got " + q.data.describe() + " and " +
            q.scales.describe();
@@ -187,7 +186,7 @@ void fp8_gemm(const Fp8Matrix& a, const Fp8Matrix& b, Tensor& d, bool accumulate
   check(a.scaling == Fp8Scaling::tile_1x128, kOp, "a must use tile_1x128 scaling (1x128 tiles along K)");
   check(a.data.dim(1) == b.data.dim(1), kOp,
         [&] { return "a and b must share K (d = a · bᵀ), got a " + a.data.describe() + ", b " + b.data.describe(); });
-  require_on_gpu(d, kOp, "d");
+  check_on_gpu(d, kOp, "d");
   check(d.dtype() == DType::f32 || d.dtype() == DType::bf16, kOp,
         [&] { return "d must be f32 or bf16, got " + d.describe(); });
   const int64_t m = a.rows(), n = b.rows(), k = a.cols();

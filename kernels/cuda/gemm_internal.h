@@ -8,9 +8,6 @@
 
 namespace dsx::cuda::gemm_detail {
 
-// Throws std::invalid_argument("op: name must be on the GPU ...") for a tensor elsewhere.
-void require_on_gpu(const Tensor& t, std::string_view op, std::string_view name);
-
 // The cuBLAS data type of a dsx dtype (f32, f64, bf16, fp8_e4m3).
 cudaDataType_t cuda_type(DType t);
 

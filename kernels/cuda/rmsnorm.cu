@@ -21,6 +21,7 @@
 #include "kernels/cuda/ops_norm.h"
 #include "kernels/cuda/rows_common.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::cuda {
 namespace {
@@ -96,30 +97,12 @@ __global__ void rmsnorm_dweight_finish_kernel(const T* partial, T* dweight, int6
 // ---------------------------------------------------------------------------------------------
 // launchers
 
-struct Dims {
-  int64_t rows;
-  int64_t cols;
-};
+using ops::checks::Named;
+using Dims = ops::checks::RmsnormDims;
 
-struct Named {
-  const Tensor* tensor;
-  std::string_view name;
-};
-
-// The CPU op's check_rmsnorm on the GPU: x [N, D], rstd [N]; every tensor in `same` shares x's dtype.
+// The CPU op's checks with every tensor on the GPU.
 Dims check_rmsnorm(std::string_view op, const Tensor& x, const Tensor& rstd, std::initializer_list<Named> same) {
-  rows::check_cuda(x, op, "x");
-  rows::check_cuda(rstd, op, "rstd");
-  check(x.ndim() == 2, op, [&] { return "x must be 2-D [N, D], got " + shape_str(x.shape()); });
-  const Dims dims{x.dim(0), x.dim(1)};
-  check_shape(rstd, {dims.rows}, op, "rstd");
-  for (const Named t : same) rows::check_cuda(*t.tensor, op, t.name);
-  for (const Named t : same) {
-    check(t.tensor->dtype() == x.dtype(), op, [&] {
-      return std::string(t.name) + " " + t.tensor->describe() + " does not share the dtype of x " + x.describe();
-    });
-  }
-  return dims;
+  return ops::checks::rmsnorm(op, Device::cuda, x, rstd, same);
 }
 
 // Grid of one block per row; rows is below 2^31 (gridDim.x's limit) for any tensor that fits.

@@ -45,11 +45,11 @@ __global__ void rope_kernel(const T* x, const Index* positions, const T* cos_tab
 
 void check_rope_args(const Tensor& x, const Tensor& positions, const ops::RopeTable& table, const Tensor& out,
                      std::string_view op) {
-  rows::check_cuda(x, op, "x");
-  rows::check_cuda(positions, op, "positions");
-  rows::check_cuda(table.cos, op, "table.cos");
-  rows::check_cuda(table.sin, op, "table.sin");
-  rows::check_cuda(out, op, "out");
+  check_on_gpu(x, op, "x");
+  check_on_gpu(positions, op, "positions");
+  check_on_gpu(table.cos, op, "table.cos");
+  check_on_gpu(table.sin, op, "table.sin");
+  check_on_gpu(out, op, "out");
   check(x.ndim() == 3, op, "x must be [T, H, dim], got " + shape_str(x.shape()));
   check(table.cos.ndim() == 2, op, "table.cos must be [max_positions, dim/2], got " + shape_str(table.cos.shape()));
   check_shape(table.sin, table.cos.shape(), op, "table.sin");

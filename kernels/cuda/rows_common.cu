@@ -30,15 +30,6 @@ __global__ void first_bad_index_kernel(const Index* indices, int64_t n, int64_t 
 // ---------------------------------------------------------------------------------------------
 // launchers
 
-void check_cuda(const Tensor& t, std::string_view op, std::string_view name) {
-  if (t.defined() && t.device() == Device::cuda) return;
-  check(t.defined(), op, [&] { return std::string(name) + " is undefined"; });
-  check(false, op, [&] {
-    return std::string(name) + " " + t.describe() +
-           " is on the CPU while the op runs on the GPU: move it with .to(Device::cuda)";
-  });
-}
-
 std::optional<BadIndex> first_bad_index(const Tensor& indices, int64_t bound, std::optional<int64_t> ignore,
                                         std::string_view op) {
   return dispatch_index(indices.dtype(), op, [&]<class Index>() -> std::optional<BadIndex> {

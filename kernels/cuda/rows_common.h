@@ -1,5 +1,5 @@
 // Host-side helpers shared by the row-wise and elementwise CUDA ops (elementwise.cu,
-// embedding.cu, swiglu.cu, rmsnorm.cu, rope.cu, cross_entropy.cu): device checks, the
+// embedding.cu, swiglu.cu, rmsnorm.cu, rope.cu, cross_entropy.cu): the
 // validation of index tensors (ids, positions, targets) and the block size of row kernels.
 #pragma once
 #include <cstdint>
@@ -9,10 +9,6 @@
 #include "kernels/tensor.h"
 
 namespace dsx::cuda::rows {
-
-// Throws std::invalid_argument("op: name is undefined" / "op: name is on cpu; ...") unless t
-// is a defined tensor on the GPU: every tensor of a CUDA op must live there.
-void check_cuda(const Tensor& t, std::string_view op, std::string_view name);
 
 // The first entry of a 1-D i32|i64 device tensor that is neither `ignore` (when given) nor
 // in [0, bound), if any. An indices dtype other than i32|i64 throws op's "dtype ... is not

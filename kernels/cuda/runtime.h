@@ -40,6 +40,11 @@ inline void check_status(cudaError_t status, const char* call, const char* file,
 #define DSX_CUDA_CHECK_LAUNCH(kernel_name) \
   ::dsx::cuda::check_status(cudaGetLastError(), "launch of " kernel_name, __FILE__, __LINE__)
 
+// Every tensor of a CUDA op must live on the GPU (kernels/tensor.h: check_device).
+inline void check_on_gpu(const Tensor& t, std::string_view op, std::string_view name) {
+  check_device(t, Device::cuda, op, name);
+}
+
 // Number of usable devices; 0 (with the reason in *why_not when given) where the driver
 // reports none or is missing — what GPU tests print when they skip.
 int device_count(std::string* why_not = nullptr);

@@ -51,10 +51,10 @@ struct Named {
 
 // gate [N, F] on the GPU; every other tensor has gate's shape and dtype and is on the GPU.
 void check_like_gate(std::string_view op, const Tensor& gate, std::initializer_list<Named> others) {
-  rows::check_cuda(gate, op, "gate");
+  check_on_gpu(gate, op, "gate");
   check(gate.ndim() == 2, op, [&] { return "gate must be 2-D [N, F], got " + shape_str(gate.shape()); });
   for (const Named t : others) {
-    rows::check_cuda(*t.tensor, op, t.name);
+    check_on_gpu(*t.tensor, op, t.name);
     check_shape(*t.tensor, gate.shape(), op, t.name);
     check(t.tensor->dtype() == gate.dtype(), op, [&] {
       return std::string(t.name) + " " + t.tensor->describe() + " and gate " + gate.describe() + " dtypes differ";
