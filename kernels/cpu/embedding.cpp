@@ -6,6 +6,7 @@
 
 #include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::ops {
 namespace {
@@ -26,26 +27,13 @@ void check_ids_in_range(const Index* ids, int64_t n, int64_t vocab, std::string_
   }
 }
 
-void check_ids(const Tensor& ids, std::string_view op) {
-  check_cpu(ids, op, "ids");
-  check(ids.dtype() == DType::i32 || ids.dtype() == DType::i64, op,
-        [&] { return "ids must be i32 or i64, got " + std::string(dtype_name(ids.dtype())); });
-  check(ids.ndim() == 1, op, [&] { return "ids must be 1-D [N], got " + shape_str(ids.shape()); });
-}
-
 }  // namespace
 
 void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) {
   DSX_ROUTE_TO_CUDA(table, embedding_forward(ids, table, out));
   constexpr std::string_view op = "embedding_forward";
-  check_ids(ids, op);
-  check_cpu(table, op, "table");
-  check_cpu(out, op, "out");
-  check(table.ndim() == 2, op, [&] { return "table must be 2-D [V, D], got " + shape_str(table.shape()); });
-  const int64_t n = ids.dim(0), vocab = table.dim(0), d = table.dim(1);
-  check_shape(out, {n, d}, op, "out");
-  check(out.dtype() == table.dtype(), op,
-        [&] { return "out " + out.describe() + " and table " + table.describe() + " dtypes differ"; });
+  const auto dims = checks::embedding(op, Device::cpu, ids, table, "table", out, "out");
+  const int64_t n = dims.n, vocab = dims.vocab, d = dims.d;
   dispatch_float(table.dtype(), op, [&]<class T>() {
     dispatch_index(ids.dtype(), op, [&]<class Index>() {
       const Index* id = ids.data<Index>();
@@ -64,14 +52,8 @@ void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) {
 void embedding_backward_weight(const Tensor& ids, const Tensor& dout, Tensor& dtable) {
   DSX_ROUTE_TO_CUDA(dtable, embedding_backward_weight(ids, dout, dtable));
   constexpr std::string_view op = "embedding_backward_weight";
-  check_ids(ids, op);
-  check_cpu(dout, op, "dout");
-  check_cpu(dtable, op, "dtable");
-  check(dtable.ndim() == 2, op, [&] { return "dtable must be 2-D [V, D], got " + shape_str(dtable.shape()); });
-  const int64_t n = ids.dim(0), vocab = dtable.dim(0), d = dtable.dim(1);
-  check_shape(dout, {n, d}, op, "dout");
-  check(dout.dtype() == dtable.dtype(), op,
-        [&] { return "dout " + dout.describe() + " and dtable " + dtable.describe() + " dtypes differ"; });
+  const auto dims = checks::embedding(op, Device::cpu, ids, dtable, "dtable", dout, "dout");
+  const int64_t n = dims.n, vocab = dims.vocab, d = dims.d;
   dispatch_float(dtable.dtype(), op, [&]<class T>() {
     dispatch_index(ids.dtype(), op, [&]<class Index>() {
       const Index* id = ids.data<Index>();

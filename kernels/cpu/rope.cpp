@@ -11,6 +11,7 @@
 
 #include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 #include "kernels/ops/rope.h"
 
 namespace dsx::ops {
@@ -67,21 +68,7 @@ void check_config(const RopeConfig& c, int64_t max_positions) {
 
 void check_rope_args(const Tensor& x, const Tensor& positions, const RopeTable& table, const Tensor& out,
                      std::string_view op) {
-  check_cpu(x, op, "x");
-  check_cpu(positions, op, "positions");
-  check_cpu(table.cos, op, "table.cos");
-  check_cpu(table.sin, op, "table.sin");
-  check_cpu(out, op, "out");
-  check(x.ndim() == 3, op, "x must be [T, H, dim], got " + shape_str(x.shape()));
-  check(table.cos.ndim() == 2, op, "table.cos must be [max_positions, dim/2], got " + shape_str(table.cos.shape()));
-  check_shape(table.sin, table.cos.shape(), op, "table.sin");
-  check(x.dim(2) == 2 * table.cos.dim(1), op,
-        "x's last dimension " + std::to_string(x.dim(2)) + " is not twice the table's " +
-            std::to_string(table.cos.dim(1)));
-  check_shape(positions, {x.dim(0)}, op, "positions");
-  check_shape(out, x.shape(), op, "out");
-  check(x.dtype() == table.cos.dtype() && x.dtype() == table.sin.dtype() && x.dtype() == out.dtype(), op,
-        "x, table and out must share a dtype");
+  checks::rope(op, Device::cpu, x, positions, table, out);
 }
 
 // Positions as int64 after checking each lies in the table.

@@ -25,6 +25,7 @@
 #include "kernels/cuda/ops_elementwise.h"
 #include "kernels/cuda/rows_common.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::cuda {
 namespace {
@@ -66,13 +67,6 @@ __global__ void embedding_backward_kernel(const Key* sorted_ids, const int32_t* 
 // launchers
 
 constexpr int kBackwardThreads = 256;
-
-void check_ids(const Tensor& ids, std::string_view op) {
-  check_on_gpu(ids, op, "ids");
-  check(ids.dtype() == DType::i32 || ids.dtype() == DType::i64, op,
-        [&] { return "ids must be i32 or i64, got " + std::string(dtype_name(ids.dtype())); });
-  check(ids.ndim() == 1, op, [&] { return "ids must be 1-D [N], got " + shape_str(ids.shape()); });
-}
 
 // The CPU's check_ids_in_range: the first offending id, named with its position.
 void check_ids_in_range(const Tensor& ids, int64_t vocab, std::string_view op) {
@@ -125,14 +119,8 @@ void embedding_backward_sorted(const Tensor& ids, const Tensor& dout, Tensor& dt
 
 void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) {
   constexpr std::string_view op = "embedding_forward";
-  check_ids(ids, op);
-  check_on_gpu(table, op, "table");
-  check_on_gpu(out, op, "out");
-  check(table.ndim() == 2, op, [&] { return "table must be 2-D [V, D], got " + shape_str(table.shape()); });
-  const int64_t n = ids.dim(0), vocab = table.dim(0), d = table.dim(1);
-  check_shape(out, {n, d}, op, "out");
-  check(out.dtype() == table.dtype(), op,
-        [&] { return "out " + out.describe() + " and table " + table.describe() + " dtypes differ"; });
+  const auto dims = ops::checks::embedding(op, Device::cuda, ids, table, "table", out, "out");
+  const int64_t n = dims.n, vocab = dims.vocab, d = dims.d;
   dispatch_float(table.dtype(), op, [&]<class T>() {
     check_ids_in_range(ids, vocab, op);
     if (n * d == 0) return;
@@ -146,14 +134,8 @@ void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) {
 
 void embedding_backward_weight(const Tensor& ids, const Tensor& dout, Tensor& dtable) {
   constexpr std::string_view op = "embedding_backward_weight";
-  check_ids(ids, op);
-  check_on_gpu(dout, op, "dout");
-  check_on_gpu(dtable, op, "dtable");
-  check(dtable.ndim() == 2, op, [&] { return "dtable must be 2-D [V, D], got " + shape_str(dtable.shape()); });
-  const int64_t n = ids.dim(0), vocab = dtable.dim(0), d = dtable.dim(1);
-  check_shape(dout, {n, d}, op, "dout");
-  check(dout.dtype() == dtable.dtype(), op,
-        [&] { return "dout " + dout.describe() + " and dtable " + dtable.describe() + " dtypes differ"; });
+  const auto dims = ops::checks::embedding(op, Device::cuda, ids, dtable, "dtable", dout, "dout");
+  const int64_t n = dims.n, vocab = dims.vocab, d = dims.d;
   dispatch_float(dtable.dtype(), op, [&]<class T>() {
     check_ids_in_range(ids, vocab, op);
     if (n * d == 0) return;

@@ -15,6 +15,7 @@
 #include "kernels/cuda/ops_elementwise.h"
 #include "kernels/cuda/rows_common.h"
 #include "kernels/dispatch.h"
+#include "kernels/ops/checks.h"
 
 namespace dsx::cuda {
 namespace {
@@ -45,21 +46,7 @@ __global__ void rope_kernel(const T* x, const Index* positions, const T* cos_tab
 
 void check_rope_args(const Tensor& x, const Tensor& positions, const ops::RopeTable& table, const Tensor& out,
                      std::string_view op) {
-  check_on_gpu(x, op, "x");
-  check_on_gpu(positions, op, "positions");
-  check_on_gpu(table.cos, op, "table.cos");
-  check_on_gpu(table.sin, op, "table.sin");
-  check_on_gpu(out, op, "out");
-  check(x.ndim() == 3, op, "x must be [T, H, dim], got " + shape_str(x.shape()));
-  check(table.cos.ndim() == 2, op, "table.cos must be [max_positions, dim/2], got " + shape_str(table.cos.shape()));
-  check_shape(table.sin, table.cos.shape(), op, "table.sin");
-  check(x.dim(2) == 2 * table.cos.dim(1), op,
-        "x's last dimension " + std::to_string(x.dim(2)) + " is not twice the table's " +
-            std::to_string(table.cos.dim(1)));
-  check_shape(positions, {x.dim(0)}, op, "positions");
-  check_shape(out, x.shape(), op, "out");
-  check(x.dtype() == table.cos.dtype() && x.dtype() == table.sin.dtype() && x.dtype() == out.dtype(), op,
-        "x, table and out must share a dtype");
+  ops::checks::rope(op, Device::cuda, x, positions, table, out);
 }
 
 void rope_apply(const Tensor& x, const Tensor& positions, const ops::RopeTable& table, Tensor& out, std::string_view op,

@@ -91,6 +91,46 @@ const char* scaling_name(Fp8Scaling s) {
   return s == Fp8Scaling::tile_1x128 ? "tile_1x128" : "block_128x128";
 }
 
+EmbeddingDims embedding(std::string_view op, Device device, const Tensor& ids, const Tensor& table,
+                        std::string_view table_name, const Tensor& rows, std::string_view rows_name) {
+  check_device(ids, device, op, "ids");
+  check(ids.dtype() == DType::i32 || ids.dtype() == DType::i64, op,
+        [&] { return "ids must be i32 or i64, got " + std::string(dtype_name(ids.dtype())); });
+  check(ids.ndim() == 1, op, [&] { return "ids must be 1-D [N], got " + shape_str(ids.shape()); });
+  check_device(table, device, op, table_name);
+  check_device(rows, device, op, rows_name);
+  check(table.ndim() == 2, op,
+        [&] { return std::string(table_name) + " must be 2-D [V, D], got " + shape_str(table.shape()); });
+  const EmbeddingDims dims{ids.dim(0), table.dim(0), table.dim(1)};
+  check_shape(rows, {dims.n, dims.d}, op, rows_name);
+  check(rows.dtype() == table.dtype(), op, [&] {
+    return std::string(rows_name) + " " + rows.describe() + " and " + std::string(table_name) + " " + table.describe() +
+           " dtypes differ";
+  });
+  return dims;
+}
+
+void rope(std::string_view op, Device device, const Tensor& x, const Tensor& positions, const RopeTable& table,
+          const Tensor& out) {
+  check_device(x, device, op, "x");
+  check_device(positions, device, op, "positions");
+  check_device(table.cos, device, op, "table.cos");
+  check_device(table.sin, device, op, "table.sin");
+  check_device(out, device, op, "out");
+  check(x.ndim() == 3, op, [&] { return "x must be [T, H, dim], got " + shape_str(x.shape()); });
+  check(table.cos.ndim() == 2, op,
+        [&] { return "table.cos must be [max_positions, dim/2], got " + shape_str(table.cos.shape()); });
+  check_shape(table.sin, table.cos.shape(), op, "table.sin");
+  check(x.dim(2) == 2 * table.cos.dim(1), op, [&] {
+    return "x's last dimension " + std::to_string(x.dim(2)) + " is not twice the table's " +
+           std::to_string(table.cos.dim(1));
+  });
+  check_shape(positions, {x.dim(0)}, op, "positions");
+  check_shape(out, x.shape(), op, "out");
+  check(x.dtype() == table.cos.dtype() && x.dtype() == table.sin.dtype() && x.dtype() == out.dtype(), op,
+        "x, table and out must share a dtype");
+}
+
 namespace {
 
 void check_compute(const Tensor& out, Device device, std::string_view op, std::string_view name) {

@@ -10,6 +10,7 @@
 
 #include "kernels/ops/adamw.h"
 #include "kernels/ops/fp8.h"
+#include "kernels/ops/rope.h"
 #include "kernels/tensor.h"
 
 namespace dsx::ops::checks {
@@ -63,6 +64,19 @@ void dispatch_fp8_source(const Tensor& x, F&& f) {
     f.template operator()<bf16>();
   }
 }
+
+// embedding_forward / embedding_backward_weight: ids [N] i32|i64, table [V, D], rows [N, D]
+// (out or dout) in the table's dtype.
+struct EmbeddingDims {
+  int64_t n, vocab, d;
+};
+EmbeddingDims embedding(std::string_view op, Device device, const Tensor& ids, const Tensor& table,
+                        std::string_view table_name, const Tensor& rows, std::string_view rows_name);
+
+// rope_forward / rope_backward: x [T, H, dim], positions [T], cos/sin [max_positions, dim/2],
+// out shaped like x; x, the table and out share a dtype.
+void rope(std::string_view op, Device device, const Tensor& x, const Tensor& positions, const RopeTable& table,
+          const Tensor& out);
 
 // Calls f.template operator()<M>() with M = the moment's element type: the param type P or bf16.
 template <class P, class F>
