@@ -161,7 +161,13 @@ class DeviceAllocator final : public Allocator {
     return p;
   }
   void deallocate(void* p, size_t) override {
-    if (p) cudaFreeAsync(p, current_stream());  // no throw: called from destructors
+    if (!p) return;
+    // Called from Storage's destructor, which must not throw: a tensor that outlives the CUDA
+    // runtime (destroyed after its exit handler) has nothing left to free.
+    try {
+      cudaFreeAsync(p, current_stream());
+    } catch (const CudaError&) {
+    }
   }
   Device device() const override { return Device::cuda; }
 };
