@@ -11,7 +11,8 @@ set(DSX_CUDA ON CACHE BOOL "Build the CUDA backend (needs nvcc, cuBLASLt, cuDNN,
 find_package(Threads REQUIRED)  # part of the C library; never missing
 
 # OpenMP: g++ ships libgomp, so it is nearly always there. Without it the CPU ops run on one
-# thread: a stub <omp.h> answers omp_get_max_threads() = 1 and the pragmas are ignored.
+# thread: cmake/standalone/no_openmp/omp.h gives the one-thread answers of the OpenMP calls dsx
+# makes (omp_get_max_threads() = 1 ...) and the pragmas are ignored.
 find_package(OpenMP COMPONENTS CXX)
 if(NOT OpenMP_CXX_FOUND)
   message(STATUS "dsx standalone: no OpenMP; CPU reference ops run single-threaded")

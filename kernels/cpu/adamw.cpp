@@ -4,7 +4,7 @@
 #include <string>
 #include <type_traits>
 
-#include "kernels/codecs.h"
+#include "kernels/adamw_rules.h"
 #include "kernels/cuda/route.h"
 #include "kernels/dispatch.h"
 #include "kernels/ops/checks.h"
@@ -15,40 +15,8 @@ namespace {
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 15;
 
-// double -> bf16 with one correct round-to-nearest-even. Going through float with the usual rounding
-// would round twice (a double just above a bf16 tie can land exactly on the tie and then go to even,
-// the wrong way); rounding to float with round-to-odd first keeps the information that the value was
-// not a tie, and float has enough extra bits (24 >= 8 + 2) for the second rounding to be exact.
-uint16_t double_to_bf16_bits(double d) {
-  const float f = static_cast<float>(d);
-  if (!std::isfinite(f) || static_cast<double>(f) == d) return codec::float_to_bf16(f);
-  uint32_t u = codec::float_bits(f);
-  if (std::abs(static_cast<double>(f)) > std::abs(d)) --u;  // truncate toward zero
-  u |= 1u;                                                  // odd marks "inexact"
-  return codec::float_to_bf16(codec::bits_float(u));
-}
-
-template <class P, class M>
-P load_moment(const M& m) {
-  if constexpr (std::is_same_v<M, bf16>) {
-    return static_cast<P>(codec::bf16_to_float(m.bits));
-  } else {
-    return m;
-  }
-}
-
-template <class P, class M>
-void store_moment(M& m, P value) {
-  if constexpr (std::is_same_v<M, bf16>) {
-    if constexpr (std::is_same_v<P, float>) {
-      m.bits = codec::float_to_bf16(value);
-    } else {
-      m.bits = double_to_bf16_bits(value);
-    }
-  } else {
-    m = value;
-  }
-}
+using adamw_rules::load_moment;
+using adamw_rules::store_moment;
 
 // The update in the parameter's precision P; m and v stored as M and V (P or bf16). The parameter
 // step uses this step's moments before they are rounded for storage.

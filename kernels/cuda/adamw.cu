@@ -8,6 +8,7 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/adamw_rules.h"
 #include "kernels/cuda/device_checks.h"
 #include "kernels/cuda/elements.cuh"
 #include "kernels/cuda/exact_math.cuh"
@@ -28,39 +29,8 @@ struct StepConstants {
 // kernels
 // ============================================================================================
 
-// double -> bf16 with one correct round-to-nearest-even: round to float toward zero and mark an
-// inexact result in the lowest bit (round-to-odd), then round that float to bf16 (the CPU's
-// double_to_bf16_bits, kernels/cpu/adamw.cpp).
-__device__ __forceinline__ uint16_t double_to_bf16_bits(double d) {
-  const float f = static_cast<float>(d);
-  if (!isfinite(f) || static_cast<double>(f) == d) return codec::float_to_bf16(f);
-  uint32_t u = codec::float_bits(f);
-  if (fabs(static_cast<double>(f)) > fabs(d)) --u;
-  u |= 1u;
-  return codec::float_to_bf16(codec::bits_float(u));
-}
-
-template <class P, class M>
-__device__ __forceinline__ P load_moment(M m) {
-  if constexpr (std::is_same_v<M, bf16>) {
-    return static_cast<P>(codec::bf16_to_float(m.bits));
-  } else {
-    return m;
-  }
-}
-
-template <class P, class M>
-__device__ __forceinline__ void store_moment(M& m, P value) {
-  if constexpr (std::is_same_v<M, bf16>) {
-    if constexpr (std::is_same_v<P, float>) {
-      m.bits = codec::float_to_bf16(value);
-    } else {
-      m.bits = double_to_bf16_bits(value);
-    }
-  } else {
-    m = value;
-  }
-}
+using adamw_rules::load_moment;
+using adamw_rules::store_moment;
 
 template <class P, class M, class V>
 __global__ void adamw_kernel(StepConstants<P> c, P* param, const P* grad, M* m, V* v, int64_t n) {
