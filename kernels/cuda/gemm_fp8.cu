@@ -15,7 +15,9 @@
 // (PyTorch's _scaled_mm checks the same strides; its "L4" padding fixed silent wrong results,
 // pytorch/pytorch#166752.) Two small kernels write these layouts into scratch each call (KBs).
 // Taken when K and N are multiples of 16 (16-byte leading dimensions of A, B and D, as cuBLASLt
-// FP8 requires) and the heuristic has an algorithm (cached per shape, like every plan).
+// FP8 requires), M is a multiple of 4 (cuBLAS docs, "Scaling factors layouts" of the 128-element
+// and 128x128 modes: cuBLAS's M and N, here N and M, must be multiples of 4) and the heuristic
+// has an algorithm (cached per shape, like every plan).
 //
 // Path 2 — everything else (other GPUs, other shapes or alignments): a and b are dequantized to
 // f32 (x' = e4m3(q) · scale, the product in fp32, as fp8_dequantize) and multiplied by the f32
@@ -134,9 +136,11 @@ Tensor dequantized(const Fp8Matrix& q) {
 }
 
 // K and N multiples of 16: the leading dimensions of the codes (K bytes) and of d (N elements
-// of 2 or 4 bytes) are 16-byte multiples, as cuBLASLt's FP8 kernels require.
-bool block_scaled_shape(int64_t n, int64_t k) {
-  return k % 16 == 0 && n % 16 == 0;
+// of 2 or 4 bytes) are 16-byte multiples, as cuBLASLt's FP8 kernels require. M a multiple of 4:
+// the block-scale modes need cuBLAS's m and n (N and M) to be multiples of 4 (cuBLAS docs,
+// "Scaling factors layouts"); our VEC128 scales of a are packed [ceil(K/128), M] with no padding.
+bool block_scaled_shape(int64_t m, int64_t n, int64_t k) {
+  return k % 16 == 0 && n % 16 == 0 && m % 4 == 0;
 }
 
 // The cuBLASLt problem of d [m, n] = a [m, k] · b [n, k]ᵀ with block scales (pointers unset).
@@ -153,7 +157,7 @@ blas::MatmulArgs scaled_args(const void* a_codes, const void* b_codes, void* d, 
 
 bool try_block_scaled(const Fp8Matrix& a, const Fp8Matrix& b, Tensor& d, bool accumulate) {
   const int64_t m = a.rows(), n = b.rows(), k = a.cols();
-  if (!block_scaled_shape(n, k)) return false;
+  if (!block_scaled_shape(m, n, k)) return false;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   blas::MatmulArgs args =
       scaled_args(a.data.raw(), b.data.raw(), d.raw(), d.dtype(), m, n, k, b.scaling, &alpha, &beta);
@@ -203,7 +207,7 @@ void fp8_gemm(const Fp8Matrix& a, const Fp8Matrix& b, Tensor& d, bool accumulate
 bool fp8_gemm_uses_block_scaling(int64_t m, int64_t n, int64_t k, Fp8Scaling b_scaling, DType d_dtype) {
   check(d_dtype == DType::f32 || d_dtype == DType::bf16, kOp,
         [&] { return "d must be f32 or bf16, got " + std::string(dtype_name(d_dtype)); });
-  if (m <= 0 || n <= 0 || k <= 0 || !block_scaled_shape(n, k)) return false;
+  if (m <= 0 || n <= 0 || k <= 0 || !block_scaled_shape(m, n, k)) return false;
   // The heuristic reads no operand: only the pointers' alignment enters the plan key, so any
   // 256-byte aligned address stands for fresh tensors. The scale grids are real (they are set
   // on the descriptor the heuristic sees); run() sets the real ones before every GEMM.

@@ -9,6 +9,9 @@
 namespace dsx::cuda {
 
 void throw_cuda_error(cudaError_t status, const char* call, const char* file, int line) {
+  // A failed call is also the thread's last error; clear it, or the next launch check
+  // (cudaGetLastError) would report it against a good launch after the caller handled this one.
+  cudaGetLastError();
   throw CudaError(std::string(call) + " failed at " + file + ":" + std::to_string(line) + ": " +
                   cudaGetErrorString(status) + " (" + cudaGetErrorName(status) + ")");
 }
@@ -78,7 +81,12 @@ void Event::wait_on(cudaStream_t stream) const {
 }
 bool Event::query() const {
   const cudaError_t status = cudaEventQuery(event_);
-  if (status == cudaErrorNotReady) return false;
+  if (status == cudaErrorNotReady) {
+    // Not an error, but the runtime may still record it as the thread's last error, which the
+    // next DSX_CUDA_CHECK_LAUNCH (cudaGetLastError) would then report against a good launch.
+    cudaGetLastError();
+    return false;
+  }
   DSX_CUDA_CHECK(status);
   return true;
 }

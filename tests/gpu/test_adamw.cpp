@@ -56,13 +56,19 @@ TEST_CASE("adamw_step on the GPU matches the CPU for every moment dtype", "[gpu]
           // (-march=native), which moves a result by an ulp of its dtype. Parameters are O(1),
           // moments <= 4; an ulp of f32 is 1.2e-7 relative, of bf16 (moments) 7.8e-3.
           const double tol = p == DType::f32 ? 1e-6 : 1e-14;
-          DSX_REQUIRE_CLOSE(on_cpu(param_gpu), param_cpu, tol);
+          // Where that ulp makes an f32 value round to the other bf16 neighbour (~1e-5 of the
+          // elements, so a few in the 2^20 case), the next steps see a moment one bf16 ulp apart:
+          // the parameter moves by up to ~2^-8 of an update (lr·|m̂/√v̂| <= ~1e-2), measured
+          // 1.2e-5 with GCC 12. An indexing bug moves it by a whole update (~3e-3).
+          const bool bf16_moment = m_type == DType::bf16 || v_type == DType::bf16;
+          DSX_REQUIRE_CLOSE(on_cpu(param_gpu), param_cpu, p == DType::f32 && bf16_moment ? 1e-4 : tol);
           DSX_REQUIRE_CLOSE(on_cpu(m_gpu), m_cpu, m_type == DType::bf16 ? 1.6e-2 : tol);
           DSX_REQUIRE_CLOSE(on_cpu(v_gpu), v_cpu, v_type == DType::bf16 ? 1.6e-2 : tol);
           // ... and a bf16 moment can only move where the fused/unfused difference crosses a
-          // rounding boundary, i.e. almost never
-          REQUIRE(fraction_identical(m_gpu, m_cpu) >= 0.999);
-          REQUIRE(fraction_identical(v_gpu, v_cpu) >= 0.999);
+          // rounding boundary, i.e. almost never. (An f32/f64 moment differs by an ulp wherever
+          // the CPU fused, which GCC does for C++ even with -std=c++20: no bit count there.)
+          if (m_type == DType::bf16) REQUIRE(fraction_identical(m_gpu, m_cpu) >= 0.999);
+          if (v_type == DType::bf16) REQUIRE(fraction_identical(v_gpu, v_cpu) >= 0.999);
         }
       }
     }
@@ -115,7 +121,7 @@ TEST_CASE("sum_of_squares and global_norm on the GPU match the CPU, deterministi
 
   REQUIRE_THROWS_AS(ops::sum_of_squares(Tensor::zeros({4}, DType::i32, Device::cuda)), std::invalid_argument);
   std::vector<Tensor> mixed = {device[0], host[1]};
-  REQUIRE_THROWS_WITH(ops::global_norm(mixed), Catch::Contains("every tensor of this call must be on the GPU"));
+  REQUIRE_THROWS_WITH(ops::global_norm(mixed), Catch::Contains("every tensor of this call must be on cuda"));
 }
 
 TEST_CASE("clip_grad_norm on the GPU matches the CPU", "[gpu][adamw]") {

@@ -416,8 +416,9 @@ struct Fp8Shape {
 }  // namespace
 
 TEST_CASE("fp8_gemm matches the CPU reference: 1x128 x 128x128 and 1x128 x 1x128, f32 and bf16 d", "[gpu][fp8_gemm]") {
-  // K a multiple of 16 with N too takes cuBLASLt's block-scaled path where the GPU has it
-  // (K = 320: 3 chunks, the 128x128 scale rows padded to 4; K = 200, N = 13: the fallback).
+  // K and N multiples of 16 with M a multiple of 4 take cuBLASLt's block-scaled path where the
+  // GPU has it (K = 320: 3 chunks, the 128x128 scale rows padded to 4; K = 200, N = 13, and
+  // M = 1 or 129: the fallback).
   const std::vector<Fp8Shape> shapes = {{1, 16, 16},     {7, 13, 5},       {129, 130, 200}, {144, 272, 320},
                                         {129, 256, 512}, {256, 512, 1024}, {64, 48, 4096}};
   uint64_t seed = 3000;

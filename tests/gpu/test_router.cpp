@@ -111,6 +111,8 @@ int64_t require_same_routes(const RouterConfig& c, const Routed& gpu, const Rout
     for (int64_t e = 0; e < E; ++e) scores_identical &= same_bits(gs[t * E + e], cs[t * E + e]);
     REQUIRE_FALSE(scores_identical);  // bit-identical scores must select identically
     for (int64_t k = 0; k < K; ++k) {
+      // a garbage GPU id fails here instead of indexing the score vectors out of range
+      REQUIRE((gi[t * K + k] >= 0 && gi[t * K + k] < static_cast<double>(E)));
       const auto key = [&](double id) { return cs[t * E + static_cast<int64_t>(id)] + b[static_cast<size_t>(id)]; };
       const double kg = key(gi[t * K + k]), kc = key(ci[t * K + k]);
       INFO("position " << k << ": gpu expert " << gi[t * K + k] << " key " << kg << ", cpu expert " << ci[t * K + k]
@@ -168,7 +170,9 @@ TEST_CASE("router_forward on the GPU breaks ties and ranks NaN like the CPU", "[
       INFO(nc.name << ", " << dtype_name(dtype));
       const int64_t tokens = 513;
       std::vector<double> levels = random_tensor({tokens, c.n_experts}, DType::f64, 5, 0.0, 4.0).to_vector();
-      for (double& v : levels) v = std::floor(v) - 1.5;  // {-1.5, -0.5, 0.5, 1.5}
+      // {-1.25, -0.25, 0.75, 1.75}: no level is the negative of another, since sigmoid(a) +
+      // sigmoid(-a) = 1 would make group sums of different levels tie only up to exp's last bit
+      for (double& v : levels) v = std::floor(v) - 1.25;
       const Tensor ties = Tensor::from<double>(levels, {tokens, c.n_experts}).to(dtype);
       const Tensor saturated = random_tensor({tokens, c.n_experts}, dtype, 6, -60.0, 60.0);
       std::vector<double> with_nan = random_tensor({tokens, c.n_experts}, DType::f64, 7, -3.0, 3.0).to_vector();
@@ -234,7 +238,7 @@ TEST_CASE("expert_counts on the GPU equals the CPU's and reports bad ids", "[gpu
   REQUIRE_THROWS_AS(ops::expert_counts(on_gpu(Tensor::from<float>({0.0f}, {1})), 4, counts), std::invalid_argument);
   Tensor host_counts = Tensor::empty({4}, DType::i64);
   REQUIRE_THROWS_WITH(ops::expert_counts(on_gpu(Tensor::from<int32_t>({0}, {1})), 4, host_counts),
-                      Catch::Contains("every tensor of this call must be on the GPU"));
+                      Catch::Contains("every tensor of this call must be on cuda"));
 }
 
 TEST_CASE("router_update_bias on the GPU equals the CPU's bit for bit", "[gpu][router]") {
