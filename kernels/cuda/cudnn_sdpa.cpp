@@ -454,7 +454,11 @@ bool shape_supported(const Shape4& s, std::string* why_not) {
     if (why_not) *why_not = why;
     return false;
   };
-  if (cudnnGetVersion() < 90000) return fail("cuDNN older than 9.0");
+  // Before 9.6 the backward's dQ accumulator had to be zeroed by the caller (cuDNN frontend's
+  // SDPA node memsets it there); 9.10.0 and 9.10.1 have known SDPA bugs (the frontend refuses them).
+  const size_t version = cudnnGetVersion();
+  if (version < 90600) return fail("cuDNN older than 9.6");
+  if (version == 91000 || version == 91001) return fail("cuDNN 9.10.0/9.10.1 have known attention bugs");
   if (s.dqk % 8 != 0 || s.dv % 8 != 0 || s.dqk > 256 || s.dv > 256) {
     return fail("head dims must be multiples of 8 up to 256 for cuDNN");
   }
@@ -466,6 +470,17 @@ bool shape_supported(const Shape4& s, std::string* why_not) {
 
 bool available(const Shape4& s, bool backward, std::string* why_not) {
   if (!shape_supported(s, why_not)) return false;
+  // The backward limits cuDNN frontend's SDPA node enforces for this graph: no single-token
+  // sequences, and through 9.15 a sequence length that is a multiple of 128 (otherwise the
+  // frontend adds a padding mask as a workaround, which this graph does not have).
+  if (backward && s.seq == 1) {
+    if (why_not) *why_not = "cuDNN attention backward does not support a sequence of length 1";
+    return false;
+  }
+  if (backward && cudnnGetVersion() <= 91500 && s.seq % 128 != 0) {
+    if (why_not) *why_not = "cuDNN 9.15 or older needs a sequence length multiple of 128 for the backward";
+    return false;
+  }
   const auto p = plan_for(s, backward);
   if (!p->failure.empty()) {
     if (why_not) *why_not = p->failure;

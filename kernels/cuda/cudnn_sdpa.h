@@ -16,8 +16,8 @@ struct Shape4 {
 // current device; builds and caches it on first use. *why_not gets cuDNN's reason otherwise.
 bool available(const Shape4& shape, bool backward, std::string* why_not);
 
-// The preconditions that need no plan: dims multiple of 8 and at most 256, 16-byte aligned
-// pointers, device of compute capability >= 8.0, cuDNN >= 9.
+// The preconditions that need no plan: dims multiple of 8 and at most 256, device of compute
+// capability >= 8.0, cuDNN >= 9.6 (not 9.10.0/9.10.1). aligned(): 16-byte aligned pointers.
 bool shape_supported(const Shape4& shape, std::string* why_not);
 bool aligned(const Tensor& t);
 
