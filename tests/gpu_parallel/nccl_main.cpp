@@ -6,10 +6,17 @@
 // `--fault-timeout` instead runs the timeout scenario: a barrier stuck behind a long kernel on
 // the communication stream must end the job after the 3 s timeout with a message naming the
 // operation and the rank (checked by ctest's PASS_REGULAR_EXPRESSION).
+//
+// DSX_NCCL_TEST_ONE_GPU=1 (ctest gpu.nccl_comm_np2_one_gpu): every rank of this node shares device
+// 0. NCCL refuses two ranks of one communicator on one GPU of one host ("Duplicate GPU
+// detected"), so each rank gets a host id of its own (NCCL_HOSTID, read when NCCL first
+// initialises) and NCCL connects the ranks as separate hosts, over its socket transport. That is
+// how the multi-rank sums, all-to-all and splits run on a machine with a single GPU.
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/runtime.h"
@@ -54,12 +61,24 @@ int main(int argc, char** argv) {
     std::printf("SKIPPED: no CUDA device (%s); the NCCL tests run on a machine with one\n", why.c_str());
     return 77;
   }
-  if (devices < launch.local_size) {
+  const char* one_gpu_env = std::getenv("DSX_NCCL_TEST_ONE_GPU");
+  const bool one_gpu = one_gpu_env != nullptr && std::string(one_gpu_env) == "1";
+  if (one_gpu) {
+    int mode = 0;
+    DSX_CUDA_CHECK(cudaDeviceGetAttribute(&mode, cudaDevAttrComputeMode, 0));
+    if (launch.local_size > 1 && mode != cudaComputeModeDefault) {
+      std::printf("SKIPPED: device 0 is not in the default compute mode (%d): %d processes cannot share it\n", mode,
+                  launch.local_size);
+      return 77;
+    }
+    const std::string host_id = "dsx-nccl-test-rank-" + std::to_string(mpi.world_rank());
+    setenv("NCCL_HOSTID", host_id.c_str(), 1);
+  } else if (devices < launch.local_size) {
     std::printf("SKIPPED: %d ranks on this node need as many GPUs (NCCL drives one per rank), %d visible\n",
                 launch.local_size, devices);
     return 77;
   }
-  const int device = dsx::cuda::select_device(launch.local_rank);
+  const int device = dsx::cuda::select_device(one_gpu ? 0 : launch.local_rank);
   std::printf("NCCL tests: world rank %d of %d on %s\n", mpi.world_rank(), mpi.world_size(),
               dsx::cuda::device_description(device).c_str());
   if (argc > 1 && std::string(argv[1]) == "--fault-timeout") return run_timeout_fault();

@@ -341,7 +341,8 @@ TEST_CASE("nccl: the transfer sees the compute issued before it", "[gpu][nccl]")
   CHECK(std::all_of(v.begin(), v.end(), [&](double e) { return e == want; }));
 }
 
-TEST_CASE("nccl: a transfer completes while a kernel occupies the compute stream", "[gpu][nccl]") {
+// [timing]: left out where two ranks time-slice one GPU (gpu.nccl_comm_np2_one_gpu).
+TEST_CASE("nccl: a transfer completes while a kernel occupies the compute stream", "[gpu][nccl][timing]") {
   const Tensor host = my_data({1 << 22}, DType::f32, 700);
   Tensor want = host.clone();
   mpi().all_reduce(want).wait();

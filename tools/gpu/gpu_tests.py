@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -143,6 +144,31 @@ def verdict(test, rc, output):
     return "passed" if ok else "failed"
 
 
+def run_command(cmd, cwd, env, limit):
+    """(exit code or "timeout", output). The test runs in a process group of its own, killed as a
+    whole at the limit: mpirun's ranks and the processes a script started must not outlive it
+    (they would hold the GPU during the next tests), and what it printed is kept for the log."""
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=limit)
+        rc = p.returncode
+    except subprocess.TimeoutExpired as e:
+        out, rc = e.output, "timeout"
+        # SIGTERM first: mpirun then ends the ranks it started (they run in groups of their own).
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                out, _ = p.communicate(timeout=10)
+                break
+            except subprocess.TimeoutExpired as again:
+                out = again.output or out
+    return rc, (out or b"").decode(errors="replace")
+
+
 def run_tests(manifest, pkg, src, work, budget_s, log_path):
     start = time.time()
     with open(manifest) as f:
@@ -174,12 +200,8 @@ def run_tests(manifest, pkg, src, work, budget_s, log_path):
                 os.makedirs(os.path.dirname(a), exist_ok=True)
         t0 = time.time()
         try:
-            p = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, errors="replace", timeout=limit)
-            rc, output = p.returncode, p.stdout
-            v = verdict(t, rc, output)
-        except subprocess.TimeoutExpired as e:
-            rc, output, v = "timeout", (e.stdout or "") if isinstance(e.stdout, str) else "", "failed"
+            rc, output = run_command(cmd, cwd, env, limit)
+            v = "failed" if rc == "timeout" else verdict(t, rc, output)
         except OSError as e:
             rc, output, v = "not started", str(e), "failed"
         took = time.time() - t0

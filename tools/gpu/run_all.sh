@@ -34,6 +34,14 @@ keep="$OUT/keep"  # collected into results.tar.gz at the end
 mkdir -p "$keep"
 summary="$OUT/summary.txt"
 : >"$summary"
+# The lent machine runs commands as root, which OpenMPI's mpirun refuses unless told: the NCCL
+# tests set these in their ctest environment, gpu.train_tiny_mpi_np1 and others do not.
+if [[ "$(id -u)" == 0 ]]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+# The machine's own library path, for python3 (torch): the bundle's env.sh puts older copies of
+# libstdc++, OpenSSL, zlib, ... first, which are for dsx's executables only.
+host_ld_path="${LD_LIBRARY_PATH:-}"
 
 phases=("$@")
 [[ ${#phases[@]} -gt 0 ]] || phases=(tests bench train torch kernels)
@@ -65,6 +73,7 @@ run_limited() {
   command -v cmake >/dev/null && cmake --version | head -n 1
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)' 2>&1
   python3 -c 'import nvidia, os; [print("pip nvidia:", p) for p in nvidia.__path__]' 2>&1 | head -n 3
+  python3 -m pip list 2>/dev/null | grep -iE '^nvidia-|^torch ' # the CUDA libraries env.sh will find first
 } >"$keep/env.txt" 2>&1
 say "== GPU session $(date -u +%FT%TZ): $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
 
@@ -187,16 +196,17 @@ fi
 if wants torch; then
   log="$OUT/torch.log"
   : >"$log"
-  if python3 -c 'import torch, transformers, yaml' 2>>"$log"; then
+  py=(env LD_LIBRARY_PATH="$host_ld_path" python3)
+  if "${py[@]}" -c 'import torch, transformers, yaml' 2>>"$log"; then
     compile=()
     [[ "${DSX_TORCH_COMPILE:-1}" == 1 ]] && compile=(--compile)
-    run_limited 240 "$log" python3 "$root/tools/bench/torch_deepseek_v3.py" "$root/recipes/h100-bench.yaml" \
+    run_limited 240 "$log" "${py[@]}" "$root/tools/bench/torch_deepseek_v3.py" "$root/recipes/h100-bench.yaml" \
       --steps "${DSX_TORCH_STEPS:-8}" --warmup 3 "${compile[@]}" --json "$keep/torch_deepseek_v3.json"
     rc=$?
     say "torch deepseek_v3: exit $rc; $(grep -E '^(torch_deepseek_v3:|dsx count)' "$log" | tr '\n' ' ')"
     for s in "$root"/tools/bench/torch_*.py; do
       [[ "$(basename "$s")" == torch_deepseek_v3.py ]] && continue
-      run_limited 120 "$log" python3 "$s"
+      run_limited 120 "$log" "${py[@]}" "$s"
       say "torch $(basename "$s"): exit $?; $(tail -n 3 "$log" | tr '\n' ' ')"
     done
   else
