@@ -278,6 +278,27 @@ void check_same(const Tensor& t, const Shape& shape, DType dtype, std::string_vi
   check(t.dtype() == dtype, op, std::string(name) + " must have dtype " + std::string(dtype_name(dtype)));
 }
 
+// lse: q's dtype, or f32 with bf16 inputs (a bf16 lse would be off by up to ~0.03 at |lse| ~ 8,
+// which the backward turns into ~3% errors in the recomputed probabilities).
+void check_lse(const Tensor& lse, const Dims& d, DType dtype, std::string_view op) {
+  check_cpu(lse, op, "lse");
+  check_shape(lse, {d.batch, d.heads, d.seq}, op, "lse");
+  const DType want = dtype == DType::bf16 ? DType::f32 : dtype;
+  check(lse.dtype() == want, op, "lse must have dtype " + std::string(dtype_name(want)));
+}
+
+// bf16 calls run the f32 kernels on widened copies of the inputs and round the outputs once:
+// the inputs are exact in f32, so the result is the f32 op's on the bf16 values.
+Tensor widened(const Tensor& t) {
+  return t.dtype() == DType::bf16 ? t.to(DType::f32) : t;
+}
+Tensor f32_output_for(const Tensor& t) {
+  return t.dtype() == DType::bf16 ? Tensor::empty(t.shape(), DType::f32) : t;
+}
+void store_rounded(Tensor& t, const Tensor& computed) {
+  if (t.dtype() == DType::bf16) t.copy_from(computed);
+}
+
 }  // namespace
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& segment_ids,
@@ -286,10 +307,14 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double
   constexpr std::string_view op = "attention_forward";
   const Dims d = check_inputs(q, k, v, segment_ids, op);
   check_same(out, v.shape(), q.dtype(), op, "out");
-  check_same(lse, {d.batch, d.heads, d.seq}, q.dtype(), op, "lse");
+  check_lse(lse, d, q.dtype(), op);
   const Visibility vis(segment_ids, op);
   if (lse.numel() == 0) return;  // no query rows
-  dispatch_float(q.dtype(), op, [&]<class T>() { forward_impl<T>(q, k, v, static_cast<T>(scale), vis, d, out, lse); });
+  const Tensor q_c = widened(q), k_c = widened(k), v_c = widened(v);
+  Tensor out_c = f32_output_for(out);
+  dispatch_float(q_c.dtype(), op,
+                 [&]<class T>() { forward_impl<T>(q_c, k_c, v_c, static_cast<T>(scale), vis, d, out_c, lse); });
+  store_rounded(out, out_c);
 }
 
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
@@ -299,16 +324,21 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   constexpr std::string_view op = "attention_backward";
   const Dims d = check_inputs(q, k, v, segment_ids, op);
   check_same(out, v.shape(), q.dtype(), op, "out");
-  check_same(lse, {d.batch, d.heads, d.seq}, q.dtype(), op, "lse");
+  check_lse(lse, d, q.dtype(), op);
   check_same(dout, v.shape(), q.dtype(), op, "dout");
   check_same(dq, q.shape(), q.dtype(), op, "dq");
   check_same(dk, k.shape(), q.dtype(), op, "dk");
   check_same(dv, v.shape(), q.dtype(), op, "dv");
   const Visibility vis(segment_ids, op);
   if (lse.numel() == 0) return;  // no query rows, so dq, dk, dv are empty too
-  dispatch_float(q.dtype(), op, [&]<class T>() {
-    backward_impl<T>(q, k, v, out, lse, dout, static_cast<T>(scale), vis, d, dq, dk, dv);
+  const Tensor q_c = widened(q), k_c = widened(k), v_c = widened(v), out_c = widened(out), dout_c = widened(dout);
+  Tensor dq_c = f32_output_for(dq), dk_c = f32_output_for(dk), dv_c = f32_output_for(dv);
+  dispatch_float(q_c.dtype(), op, [&]<class T>() {
+    backward_impl<T>(q_c, k_c, v_c, out_c, lse, dout_c, static_cast<T>(scale), vis, d, dq_c, dk_c, dv_c);
   });
+  store_rounded(dq, dq_c);
+  store_rounded(dk, dk_c);
+  store_rounded(dv, dv_c);
 }
 
 }  // namespace dsx::ops

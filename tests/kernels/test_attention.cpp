@@ -70,8 +70,9 @@ Tensor segment_tensor(const std::vector<int64_t>& segments, const Dims& d) {
 
 Result run_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
                    const std::vector<int64_t>& segments, const Dims& d) {
+  const DType lse_dtype = q.dtype() == DType::bf16 ? DType::f32 : q.dtype();
   Result r{Tensor::empty({d.batch, d.seq, d.heads, d.dv}, q.dtype()),
-           Tensor::empty({d.batch, d.heads, d.seq}, q.dtype())};
+           Tensor::empty({d.batch, d.heads, d.seq}, lse_dtype)};
   ops::attention_forward(q, k, v, scale, segment_tensor(segments, d), r.out, r.lse);
   return r;
 }
@@ -272,6 +273,40 @@ TEST_CASE("attention: backward for q, k and v matches finite differences (f64)",
     CHECK(test::max_rel_error(g32.dk, g.dk) < 1e-4);
     CHECK(test::max_rel_error(g32.dv, g.dv) < 1e-4);
   }
+}
+
+TEST_CASE("attention: bf16 inputs and outputs follow the f32 op on the widened values", "[attention]") {
+  // What training with bf16 activations runs (trainer/model/mla.cpp). The bf16 inputs are exact
+  // in f32 and f64, so the float64 reference sees the very values the op sees; the only extra
+  // error is rounding each output to bf16 once (2^-9 relative to the element, so 2^-8 of the
+  // largest entry covers it with the f32 arithmetic's ~1e-5).
+  const Dims d{2, 150, 2, 24, 16};  // two query tiles
+  const Inputs in = random_inputs(d, DType::bf16, 400);
+  const Inputs in64{in.q.to(DType::f64), in.k.to(DType::f64), in.v.to(DType::f64)};
+  const Tensor probe = test::random_tensor({d.batch, d.seq, d.heads, d.dv}, DType::bf16, 403);
+  for (const auto& segments : {std::vector<int64_t>{}, mixed_segments(d)}) {
+    const Result expected = reference_attention(in64.q, in64.k, in64.v, kScale, segments, d);
+    const Result got = run_forward(in.q, in.k, in.v, kScale, segments, d);
+    REQUIRE(got.out.dtype() == DType::bf16);
+    CHECK(test::max_rel_error(got.out, expected.out) < 1.0 / 256);
+    CHECK(test::max_abs_diff(got.lse, expected.lse) < 2e-5);  // f32 lse: no bf16 rounding
+
+    // Backward: the f32 op on the widened bf16 tensors (out as stored, in bf16), each gradient
+    // rounded to bf16 once (2^-9 of an element), against the f64 op on the same values.
+    const Grads g = run_backward(in.q, in.k, in.v, probe, kScale, segments, d);
+    REQUIRE(g.dq.dtype() == DType::bf16);
+    Grads g64{Tensor::empty(in64.q.shape(), DType::f64), Tensor::empty(in64.k.shape(), DType::f64),
+              Tensor::empty(in64.v.shape(), DType::f64)};
+    ops::attention_backward(in64.q, in64.k, in64.v, got.out.to(DType::f64), expected.lse, probe.to(DType::f64), kScale,
+                            segment_tensor(segments, d), g64.dq, g64.dk, g64.dv);
+    CHECK(test::max_rel_error(g.dq, g64.dq) < 1.0 / 256);
+    CHECK(test::max_rel_error(g.dk, g64.dk) < 1.0 / 256);
+    CHECK(test::max_rel_error(g.dv, g64.dv) < 1.0 / 256);
+  }
+  // A bf16 lse is refused: its rounding would distort the recomputed probabilities.
+  Tensor out = Tensor::empty({d.batch, d.seq, d.heads, d.dv}, DType::bf16);
+  Tensor lse16 = Tensor::empty({d.batch, d.heads, d.seq}, DType::bf16);
+  CHECK_THROWS_AS(ops::attention_forward(in.q, in.k, in.v, kScale, Tensor(), out, lse16), std::invalid_argument);
 }
 
 TEST_CASE("attention: rejects mismatched shapes and dtypes", "[attention]") {

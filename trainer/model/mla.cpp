@@ -52,6 +52,16 @@ Tensor Mla::attention_4d(const Tensor& t, const SequenceInfo& seq, int64_t head_
   return t.view({seq.batch, seq.seq_len, heads_, head_dim});
 }
 
+bool Mla::bf16_core() const {
+  return kv_b_proj_->precision.bf16_output;
+}
+
+namespace {
+Tensor in_dtype(const Tensor& t, DType dtype) {
+  return t.dtype() == dtype ? t : t.to(dtype);
+}
+}  // namespace
+
 void Mla::project_down(const Tensor& x, MlaContext& ctx) const {
   if (q_lora_) {
     ctx.q_latent = linear(x, *q_a_proj_);
@@ -89,21 +99,24 @@ void Mla::project_up(const Tensor& x, const SequenceInfo& seq, MlaContext& ctx) 
   Tensor k_rows = ctx.k_states.view({T, heads_ * qk_dim});
   const Tensor k_pe_2d = k_pe_rotated.view({T, rope_dim_});
   for (int64_t h = 0; h < heads_; ++h) ops::set_columns(k_rows, h * qk_dim + nope_dim_, k_pe_2d);
-  round_output(*kv_b_proj_, ctx.q_states);  // rotated: the stored attention inputs
-  round_output(*kv_b_proj_, ctx.k_states);
+  if (bf16_core()) {  // the stored attention inputs become bf16 tensors (rotated q and k rounded here)
+    ctx.q_states = ctx.q_states.to(DType::bf16);
+    ctx.k_states = ctx.k_states.to(DType::bf16);
+    ctx.v_states = ctx.v_states.to(DType::bf16);
+  }
 }
 
 Tensor Mla::forward(const Tensor& x, const SequenceInfo& seq, MlaContext& ctx) const {
   const int64_t T = x.dim(0);
   project_down(x, ctx);
   project_up(x, seq, ctx);
-  ctx.attn_out = empty_like(x, {seq.batch, seq.seq_len, heads_, v_dim_});
-  ctx.lse = empty_like(x, {seq.batch, heads_, seq.seq_len});
+  const DType core = ctx.q_states.dtype();  // bf16 with bf16 activations, else the compute dtype
+  ctx.attn_out = Tensor::empty({seq.batch, seq.seq_len, heads_, v_dim_}, core, x.device());
+  ctx.lse = Tensor::empty({seq.batch, heads_, seq.seq_len}, core == DType::bf16 ? DType::f32 : core, x.device());
   ops::attention_forward(
       attention_4d(ctx.q_states, seq, nope_dim_ + rope_dim_), attention_4d(ctx.k_states, seq, nope_dim_ + rope_dim_),
       attention_4d(ctx.v_states, seq, v_dim_), softmax_scale_, seq.segment_ids, ctx.attn_out, ctx.lse);
-  round_output(*o_proj_, ctx.attn_out);
-  Tensor y = linear(ctx.attn_out.view({T, heads_ * v_dim_}), *o_proj_);
+  Tensor y = linear(in_dtype(ctx.attn_out, x.dtype()).view({T, heads_ * v_dim_}), *o_proj_);
   if (recompute_.rmsnorm) {
     ctx.q_latent_normed = Tensor();
     ctx.kv_latent_normed = Tensor();
@@ -128,16 +141,21 @@ Tensor Mla::backward_input(const Tensor& x, const Tensor& dy, const SequenceInfo
   const int64_t T = x.dim(0), qk_dim = nope_dim_ + rope_dim_;
   recompute(x, seq, ctx);
   ctx.d_o_proj = dy;
-  const Tensor d_attn = linear_input_grad(dy, *o_proj_);
-  Tensor dq_states = empty_like(x, ctx.q_states.shape());
-  Tensor dk_states = empty_like(x, ctx.k_states.shape());
-  Tensor dv_states = empty_like(x, ctx.v_states.shape());
-  Tensor dq4 = attention_4d(dq_states, seq, qk_dim), dk4 = attention_4d(dk_states, seq, qk_dim),
-         dv4 = attention_4d(dv_states, seq, v_dim_);
+  // The attention core's gradients have its dtype (bf16 with bf16 activations); the rest of the
+  // backward runs in the compute dtype.
+  const DType core = ctx.q_states.dtype();
+  const Tensor d_attn = in_dtype(linear_input_grad(dy, *o_proj_), core);
+  Tensor dq_core = Tensor::empty(ctx.q_states.shape(), core, x.device());
+  Tensor dk_core = Tensor::empty(ctx.k_states.shape(), core, x.device());
+  Tensor dv_core = Tensor::empty(ctx.v_states.shape(), core, x.device());
+  Tensor dq4 = attention_4d(dq_core, seq, qk_dim), dk4 = attention_4d(dk_core, seq, qk_dim),
+         dv4 = attention_4d(dv_core, seq, v_dim_);
   ops::attention_backward(attention_4d(ctx.q_states, seq, qk_dim), attention_4d(ctx.k_states, seq, qk_dim),
                           attention_4d(ctx.v_states, seq, v_dim_), ctx.attn_out, ctx.lse,
                           attention_4d(d_attn, seq, v_dim_), softmax_scale_, seq.segment_ids, dq4, dk4, dv4);
   ctx.q_states = ctx.k_states = ctx.v_states = ctx.lse = Tensor();
+  Tensor dq_states = in_dtype(dq_core, x.dtype());
+  const Tensor dk_states = in_dtype(dk_core, x.dtype()), dv_states = in_dtype(dv_core, x.dtype());
 
   // queries: un-rotate the rope part's gradient
   Tensor dq_pe_rotated = empty_like(x, {T * heads_, rope_dim_});
@@ -182,7 +200,7 @@ Tensor Mla::backward_input(const Tensor& x, const Tensor& dy, const SequenceInfo
 
 void Mla::backward_weight(const Tensor& x, MlaContext& ctx) const {
   const int64_t T = x.dim(0);
-  linear_weight_grad(ctx.d_o_proj, ctx.attn_out.view({T, heads_ * v_dim_}), *o_proj_);
+  linear_weight_grad(ctx.d_o_proj, in_dtype(ctx.attn_out, x.dtype()).view({T, heads_ * v_dim_}), *o_proj_);
   linear_weight_grad(ctx.d_kv_b, ctx.kv_latent_normed, *kv_b_proj_);
   kv_a_norm_.backward_weight(ctx.kv_latent, ctx.kv_norm);
   linear_weight_grad(ctx.d_kv_a, x, *kv_a_proj_);

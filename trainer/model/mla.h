@@ -28,11 +28,11 @@ struct MlaContext {
   Tensor kv_latent;  // c [T, kv_lora_rank]
   Tensor k_pe;       // the rope key before rotation [T, dr]
   RmsNormContext q_norm, kv_norm;
-  Tensor attn_out, lse;  // [B, S, H, dv], [B, H, S]
+  Tensor attn_out, lse;  // [B, S, H, dv], [B, H, S]; attn_out in the core's dtype (bf16_core)
   // dropped after forward with recompute.rmsnorm
   Tensor q_latent_normed, kv_latent_normed;
   // dropped after forward with recompute.mla_up_proj
-  Tensor q_states, k_states, v_states;  // attention inputs
+  Tensor q_states, k_states, v_states;  // attention inputs, in the core's dtype
   // kept by backward_input for backward_weight: gradients of the projections' outputs
   Tensor d_o_proj, d_q, d_kv_b, d_kv_a, d_q_a;
 };
@@ -52,6 +52,9 @@ class Mla {
   // brings back what forward dropped under the recompute policy
   void recompute(const Tensor& x, const SequenceInfo& seq, MlaContext& ctx) const;
   Tensor attention_4d(const Tensor& t, const SequenceInfo& seq, int64_t head_dim) const;
+  // With bf16 activations the attention core (inputs, output, their gradients) runs on bf16
+  // tensors, as cuDNN's fused attention does on the GPU; lse stays f32.
+  bool bf16_core() const;
 
   int64_t heads_, nope_dim_, rope_dim_, v_dim_, kv_lora_rank_;
   bool q_lora_;

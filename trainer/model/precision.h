@@ -20,6 +20,9 @@
 //       linears, SwiGLU, attention core, the residual stream; not the router's logits) is rounded to bf16
 //       (round-to-nearest-even, kernels/codecs.h) in place, as a GPU storing bf16 would; the
 //       math between roundings stays f32. A GEMM's output is rounded by this rule, not by gemm.
+//       The attention core goes further: its inputs (q, k, v), output and gradients are bf16
+//       tensors (half the memory; on the GPU cuDNN's fused flash attention runs it, whose
+//       probabilities are bf16 too), its lse f32 (trainer/model/mla.cpp, kernels/ops/attention.h).
 //
 // Both apply to f32 compute only: Model rejects a non-default policy with compute dtype f64 (the
 // gradient-check path), as recipe validation does for model.dtype f64.
