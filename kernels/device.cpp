@@ -1,6 +1,9 @@
 #include "kernels/device.h"
 
+#include <malloc.h>
+
 #include "kernels/error.h"
+#include "kernels/tensor.h"
 #if DSX_HAVE_CUDA
 #include "kernels/cuda/runtime.h"
 #endif
@@ -22,6 +25,14 @@ std::string use_device(Device device, int local_rank) {
 
 DeviceMemoryStats device_memory_stats(Device device) {
   DeviceMemoryStats out;
+  if (device == Device::cpu) {
+    // malloc keeps freed buffers (kernels/tensor.cpp): what it holds from the system is the
+    // host's "reserved" (heap arenas + separately mapped chunks; all of the process's mallocs).
+    const struct mallinfo2 info = mallinfo2();
+    out.peak_used_bytes = host_tensor_memory().peak_bytes;
+    out.reserved_bytes = static_cast<int64_t>(info.arena + info.hblkhd);
+    return out;
+  }
 #if DSX_HAVE_CUDA
   if (device == Device::cuda) {
     const cuda::MemoryStats s = cuda::memory_stats();
@@ -35,6 +46,7 @@ DeviceMemoryStats device_memory_stats(Device device) {
 }
 
 void reset_device_peak_memory(Device device) {
+  if (device == Device::cpu) reset_host_tensor_peak();
 #if DSX_HAVE_CUDA
   if (device == Device::cuda) cuda::reset_peak_memory();
 #else

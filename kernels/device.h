@@ -15,10 +15,9 @@ namespace dsx {
 std::string use_device(Device device, int local_rank);
 
 struct DeviceMemoryStats {
-  int64_t peak_used_bytes = 0;  // since the last reset
-  int64_t reserved_bytes = 0;   // held by the caching allocator
+  int64_t peak_used_bytes = 0;  // most tensor bytes live at once since the last reset
+  int64_t reserved_bytes = 0;   // held by the allocator (cuda: CUDA's pool; cpu: malloc's heap)
 };
-// Zeros for the CPU (host memory is not tracked).
 DeviceMemoryStats device_memory_stats(Device device);
 void reset_device_peak_memory(Device device);
 // Waits for the device's queued work (no-op on the CPU): for timings.

@@ -2,6 +2,7 @@
 
 #include <malloc.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -44,19 +45,46 @@ class CpuAllocator final : public Allocator {
   }
   void* allocate(size_t bytes) override {
     if (bytes == 0) return nullptr;
-    const size_t rounded = (bytes + 63) / 64 * 64;
+    const size_t rounded = rounded_size(bytes);
     void* p = std::aligned_alloc(64, rounded);
     if (!p) throw std::bad_alloc();
+    const int64_t now = used_.fetch_add(static_cast<int64_t>(rounded)) + static_cast<int64_t>(rounded);
+    int64_t peak = peak_.load();
+    while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+    }
     return p;
   }
-  void deallocate(void* p, size_t) override { std::free(p); }
+  void deallocate(void* p, size_t bytes) override {
+    if (!p) return;
+    std::free(p);
+    used_.fetch_sub(static_cast<int64_t>(rounded_size(bytes)));
+  }
   Device device() const override { return Device::cpu; }
+
+  HostTensorMemory memory() const { return {used_.load(), peak_.load()}; }
+  void reset_peak() { peak_.store(used_.load()); }
+
+ private:
+  static size_t rounded_size(size_t bytes) { return (bytes + 63) / 64 * 64; }
+  std::atomic<int64_t> used_{0}, peak_{0};
 };
+
+CpuAllocator& the_cpu_allocator() {
+  static CpuAllocator alloc;
+  return alloc;
+}
 }  // namespace
 
 Allocator& cpu_allocator() {
-  static CpuAllocator alloc;
-  return alloc;
+  return the_cpu_allocator();
+}
+
+HostTensorMemory host_tensor_memory() {
+  return the_cpu_allocator().memory();
+}
+
+void reset_host_tensor_peak() {
+  the_cpu_allocator().reset_peak();
 }
 
 Allocator& allocator_for(Device device) {

@@ -28,6 +28,14 @@ class Allocator {
   virtual Device device() const = 0;
 };
 Allocator& cpu_allocator();  // 64-byte aligned host memory
+// Host tensor storage from cpu_allocator(): bytes live now, and the most live at once since the
+// last reset (kernels/device.h reports them as the CPU's memory statistics).
+struct HostTensorMemory {
+  int64_t used_bytes = 0;
+  int64_t peak_bytes = 0;
+};
+HostTensorMemory host_tensor_memory();
+void reset_host_tensor_peak();
 // The allocator of a device: host memory, or the CUDA caching pool (kernels/cuda/runtime.h).
 // Throws UserError for cuda in a build without CUDA.
 Allocator& allocator_for(Device device);

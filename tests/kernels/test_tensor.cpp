@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 
+#include "kernels/device.h"
 #include "kernels/tensor.h"
 
 using namespace dsx;
@@ -31,4 +32,24 @@ TEST_CASE("tensor: dtype conversion rounds through the codecs", "[tensor]") {
   c.fill(3.0);
   REQUIRE(t.to_vector()[0] == 1.0);
   REQUIRE(c.to_vector()[3] == 3.0);
+}
+
+TEST_CASE("tensor: host tensor memory counts live bytes and their peak", "[tensor]") {
+  reset_host_tensor_peak();
+  const HostTensorMemory before = host_tensor_memory();
+  CHECK(before.peak_bytes == before.used_bytes);
+  {
+    const Tensor a = Tensor::empty({1000}, DType::f32);  // 4000 B, stored in 64-byte multiples: 4032
+    const Tensor view = a.view({10, 100});               // a view allocates nothing
+    const HostTensorMemory live = host_tensor_memory();
+    CHECK(live.used_bytes - before.used_bytes == 4032);
+    CHECK(live.peak_bytes == live.used_bytes);
+  }
+  const HostTensorMemory after = host_tensor_memory();
+  CHECK(after.used_bytes == before.used_bytes);  // freed
+  CHECK(after.peak_bytes - before.used_bytes == 4032);
+  CHECK(device_memory_stats(Device::cpu).peak_used_bytes == after.peak_bytes);
+  CHECK(device_memory_stats(Device::cpu).reserved_bytes >= 4032);  // malloc holds at least that
+  reset_device_peak_memory(Device::cpu);
+  CHECK(host_tensor_memory().peak_bytes == after.used_bytes);
 }

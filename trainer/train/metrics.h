@@ -38,7 +38,8 @@ struct StepMetrics {
   double exposed_comm_fraction = 0;
   double step_s = 0;
   int64_t moe_a2a_bytes = 0;  // bytes this rank sent in MoE all-to-alls during the step
-  // device: cuda: the step's peak of live device memory and what the caching allocator holds.
+  // The step's peak of live tensor memory on the model's device and what its allocator holds
+  // (cuda: CUDA's pool; cpu: malloc's heap, which keeps freed buffers as a caching allocator).
   int64_t device_peak_bytes = 0;
   int64_t device_reserved_bytes = 0;
   std::vector<LayerLoad> expert_load;
