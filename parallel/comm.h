@@ -52,6 +52,31 @@ class CommHandle {
   std::unique_ptr<PendingOp> op_;
 };
 
+// Consecutive rows [offset, offset + rows) of a tensor along dim 0.
+struct RowBlock {
+  int64_t offset = 0;
+  int64_t rows = 0;
+};
+
+// Row blocks grouped by peer, for all_to_all_blocks: peer p's blocks are
+// blocks[peer_start[p], peer_start[p + 1]), in the order its rows travel. Built peer by peer:
+// add() the blocks of peer 0, end_peer(), the blocks of peer 1, end_peer(), ...
+struct PeerRowBlocks {
+  std::vector<RowBlock> blocks;
+  std::vector<int64_t> peer_start{0};  // [peers + 1]
+
+  void add(int64_t offset, int64_t rows) { blocks.push_back({offset, rows}); }
+  void end_peer() { peer_start.push_back(static_cast<int64_t>(blocks.size())); }
+  int peers() const { return static_cast<int>(peer_start.size()) - 1; }
+  std::span<const RowBlock> of(int peer) const {
+    return std::span<const RowBlock>(blocks).subspan(static_cast<size_t>(peer_start[peer]),
+                                                     static_cast<size_t>(peer_start[peer + 1] - peer_start[peer]));
+  }
+  int64_t rows_of(int peer) const;  // the rows of peer's blocks together
+  // all_to_all_v's layout: counts[p] rows for peer p, consecutive from row 0 in peer order.
+  static PeerRowBlocks consecutive(std::span<const int64_t> counts);
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -76,6 +101,21 @@ class Communicator {
   // along dim 0; both tensors have the same row shape and dtype. Counts may be zero.
   virtual CommHandle all_to_all_v(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
                                   std::span<const int64_t> recv_counts) = 0;
+  // all_to_all_v between scattered rows, for layouts that are not one run per peer (the MoE
+  // dispatch lands each (peer, expert) block where its expert's rows are, and the combine sends
+  // from there). The rows of send_blocks.of(p), gathered in order, are one message to peer p;
+  // the message from peer p is scattered, in order, into recv_blocks.of(p). Both lists have
+  // one entry per group rank; blocks may be empty and a peer may have none; the rows received
+  // from p must be as many as p sends here (as all_to_all_v's counts). Receive blocks must not
+  // overlap; send blocks may. Rows are slices along dim 0 of any dtype this communicator
+  // moves; both tensors have the same row shape and dtype.
+  // The default (any backend, any device) gathers the send blocks into one buffer, runs
+  // all_to_all_v, and scatters the received rows into recv when the handle completes (its
+  // test() or wait()); it copies nothing where a side is already consecutive from row 0 in peer
+  // order. A backend overrides it to move the blocks without those copies (MPI: one indexed
+  // datatype per peer; this rank's own rows copied once, block to block).
+  virtual CommHandle all_to_all_blocks(const Tensor& send, const PeerRowBlocks& send_blocks, const Tensor& recv,
+                                       const PeerRowBlocks& recv_blocks);
   // Point to point; peer is a group rank. Messages between a pair match in order per tag.
   virtual CommHandle send(const Tensor& t, int peer, int tag = 0) = 0;
   virtual CommHandle recv(const Tensor& t, int peer, int tag = 0) = 0;
@@ -104,5 +144,9 @@ void check_comm_tensor(const Tensor& t, std::string_view op, std::string_view na
 void check_same_layout(const Tensor& a, const Tensor& b, std::string_view op);
 void check_reducible(const Tensor& t, std::string_view op);  // not FP8
 int64_t row_elements(const Tensor& t);                       // elements per row along dim 0 (1 for 1-D tensors)
+// all_to_all_blocks: one list per group rank, every block inside t's rows; returns the rows per
+// peer. `side` is "send" or "recv", named in the message.
+std::vector<int64_t> check_row_blocks(const PeerRowBlocks& blocks, const Tensor& t, int group_size,
+                                      std::string_view side);
 
 }  // namespace dsx

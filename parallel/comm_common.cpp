@@ -1,9 +1,121 @@
-// Backend-independent parts of parallel/comm.h: handles, argument checks, the counts exchange.
+// Backend-independent parts of parallel/comm.h: handles, argument checks, the counts exchange,
+// and the default all_to_all_blocks.
+#include <algorithm>
+#include <numeric>
 #include <utility>
 
 #include "parallel/comm.h"
 
 namespace dsx {
+namespace {
+
+// True when the blocks, in order, are rows 0, 1, 2, ... without gaps: all_to_all_v's layout.
+bool is_consecutive(const PeerRowBlocks& b) {
+  int64_t next = 0;
+  for (const RowBlock& block : b.blocks) {
+    if (block.rows == 0) continue;
+    if (block.offset != next) return false;
+    next += block.rows;
+  }
+  return true;
+}
+
+int64_t sum(const std::vector<int64_t>& v) {
+  return std::accumulate(v.begin(), v.end(), int64_t{0});
+}
+
+// An uninitialised tensor of `rows` rows shaped, typed and placed like t.
+Tensor rows_like(const Tensor& t, int64_t rows) {
+  Shape shape = t.shape();
+  shape[0] = rows;
+  return Tensor::empty(shape, t.dtype(), t.device());
+}
+
+// Copies the blocks' rows, in order, into consecutive rows of `packed`.
+void gather_blocks(const Tensor& t, const PeerRowBlocks& b, const Tensor& packed) {
+  int64_t at = 0;
+  for (const RowBlock& block : b.blocks) {
+    if (block.rows == 0) continue;
+    packed.slice(at, at + block.rows).copy_from(t.slice(block.offset, block.offset + block.rows));
+    at += block.rows;
+  }
+}
+
+// The default all_to_all_blocks in flight: the all_to_all_v of the packed rows, then (once, on
+// completion) the received rows scattered into their blocks.
+class ScatterOnCompletion final : public PendingOp {
+ public:
+  ScatterOnCompletion(CommHandle transfer, Tensor packed_send, Tensor packed_recv, Tensor recv, PeerRowBlocks blocks)
+      : transfer_(std::move(transfer)),
+        packed_send_(std::move(packed_send)),
+        packed_recv_(std::move(packed_recv)),
+        recv_(std::move(recv)),
+        blocks_(std::move(blocks)) {}
+
+  bool test() override {
+    if (!transfer_.test()) return false;
+    scatter();
+    return true;
+  }
+  void wait() override {
+    transfer_.wait();
+    scatter();
+  }
+
+ private:
+  void scatter() {
+    if (!packed_recv_.defined()) return;  // done already
+    int64_t at = 0;
+    for (const RowBlock& block : blocks_.blocks) {
+      if (block.rows == 0) continue;
+      recv_.slice(block.offset, block.offset + block.rows).copy_from(packed_recv_.slice(at, at + block.rows));
+      at += block.rows;
+    }
+    packed_send_ = packed_recv_ = recv_ = Tensor();
+  }
+
+  CommHandle transfer_;
+  Tensor packed_send_, packed_recv_, recv_;
+  PeerRowBlocks blocks_;
+};
+
+}  // namespace
+
+int64_t PeerRowBlocks::rows_of(int peer) const {
+  int64_t rows = 0;
+  for (const RowBlock& block : of(peer)) rows += block.rows;
+  return rows;
+}
+
+PeerRowBlocks PeerRowBlocks::consecutive(std::span<const int64_t> counts) {
+  PeerRowBlocks b;
+  b.blocks.reserve(counts.size());
+  int64_t at = 0;
+  for (const int64_t n : counts) {
+    b.add(at, n);
+    b.end_peer();
+    at += n;
+  }
+  return b;
+}
+
+CommHandle Communicator::all_to_all_blocks(const Tensor& send, const PeerRowBlocks& send_blocks, const Tensor& recv,
+                                           const PeerRowBlocks& recv_blocks) {
+  check(send.defined() && recv.defined(), "comm all_to_all_blocks", "undefined tensor");
+  check_same_layout(send, recv, "all_to_all_blocks");
+  const std::vector<int64_t> send_counts = check_row_blocks(send_blocks, send, size(), "send");
+  const std::vector<int64_t> recv_counts = check_row_blocks(recv_blocks, recv, size(), "recv");
+  Tensor packed_send = send;
+  if (!is_consecutive(send_blocks)) {
+    packed_send = rows_like(send, sum(send_counts));
+    gather_blocks(send, send_blocks, packed_send);
+  }
+  if (is_consecutive(recv_blocks)) return all_to_all_v(packed_send, send_counts, recv, recv_counts);
+  Tensor packed_recv = rows_like(recv, sum(recv_counts));
+  CommHandle transfer = all_to_all_v(packed_send, send_counts, packed_recv, recv_counts);
+  return CommHandle(std::make_unique<ScatterOnCompletion>(std::move(transfer), std::move(packed_send),
+                                                          std::move(packed_recv), recv, recv_blocks));
+}
 
 CommHandle& CommHandle::operator=(CommHandle&& other) noexcept {
   if (this != &other) {
@@ -61,6 +173,31 @@ int64_t row_elements(const Tensor& t) {
   int64_t n = 1;
   for (int i = 1; i < t.ndim(); ++i) n *= t.dim(i);
   return n;
+}
+
+std::vector<int64_t> check_row_blocks(const PeerRowBlocks& b, const Tensor& t, int group_size, std::string_view side) {
+  const std::string where = "comm all_to_all_blocks";
+  const auto n_blocks = static_cast<int64_t>(b.blocks.size());
+  check(b.peers() == group_size, where, [&] {
+    return std::string(side) + " blocks have lists for " + std::to_string(b.peers()) + " peers in a group of " +
+           std::to_string(group_size);
+  });
+  const std::vector<int64_t>& start = b.peer_start;
+  check(start.front() == 0 && start.back() == n_blocks && std::is_sorted(start.begin(), start.end()), where, [&] {
+    return std::string(side) + " blocks: peer_start must rise from 0 to the " + std::to_string(n_blocks) +
+           " blocks (built with add() and end_peer())";
+  });
+  std::vector<int64_t> rows(static_cast<size_t>(group_size), 0);
+  for (int p = 0; p < group_size; ++p) {
+    for (const RowBlock& block : b.of(p)) {
+      check(block.rows >= 0 && block.offset >= 0 && block.offset <= t.dim(0) - block.rows, where, [&] {
+        return std::string(side) + " block of peer " + std::to_string(p) + " (rows " + std::to_string(block.offset) +
+               " + " + std::to_string(block.rows) + ") is not a row range of " + t.describe();
+      });
+      rows[p] += block.rows;
+    }
+  }
+  return rows;
 }
 
 std::vector<int64_t> exchange_counts(Communicator& comm, std::span<const int64_t> send_counts) {

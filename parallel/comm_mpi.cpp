@@ -219,6 +219,56 @@ int to_count(int64_t n, std::string_view op) {
   return static_cast<int>(n);
 }
 
+// One datatype per peer for MPI_Ialltoallw, owning (and freeing) those it built; a peer with no
+// rows gets MPI_BYTE with count 0.
+class PeerDatatypes {
+ public:
+  PeerDatatypes() = default;
+  PeerDatatypes(const PeerDatatypes&) = delete;
+  PeerDatatypes& operator=(const PeerDatatypes&) = delete;
+  ~PeerDatatypes() { free(); }
+
+  std::vector<MPI_Datatype> types;  // [peers], read by MPI until the operation completes
+  std::vector<int> counts;          // [peers]: 1, or 0 for a peer with no rows
+  std::vector<int> displs;          // [peers]: 0 (the datatypes carry byte displacements)
+
+  // Appends the datatype of `blocks` of rows of `row_type` (`row_bytes` each) in a buffer.
+  void add_peer(std::span<const RowBlock> blocks, MPI_Datatype row_type, int64_t row_bytes) {
+    lengths_.clear();
+    offsets_.clear();
+    for (const RowBlock& block : blocks) {
+      if (block.rows == 0) continue;
+      lengths_.push_back(to_count(block.rows, "all_to_all_blocks"));
+      offsets_.push_back(static_cast<MPI_Aint>(block.offset * row_bytes));
+    }
+    displs.push_back(0);
+    if (lengths_.empty()) {
+      types.push_back(MPI_BYTE);
+      counts.push_back(0);
+      return;
+    }
+    MPI_Datatype t = MPI_DATATYPE_NULL;
+    MPI_Type_create_hindexed(to_count(static_cast<int64_t>(lengths_.size()), "all_to_all_blocks"), lengths_.data(),
+                             offsets_.data(), row_type, &t);
+    owned_.push_back(t);  // owned before the commit, so it is freed whatever follows
+    MPI_Type_commit(&t);
+    types.push_back(t);
+    counts.push_back(1);
+  }
+
+  void free() {
+    if (!mpi_finalized()) {
+      for (MPI_Datatype& t : owned_) MPI_Type_free(&t);
+    }
+    owned_.clear();
+  }
+
+ private:
+  std::vector<MPI_Datatype> owned_;
+  std::vector<int> lengths_;  // scratch for add_peer
+  std::vector<MPI_Aint> offsets_;
+};
+
 class MpiOp final : public PendingOp {
  public:
   // The description is built only when a message needs it, keeping small operations cheap.
@@ -233,7 +283,8 @@ class MpiOp final : public PendingOp {
   std::vector<Tensor> keep_alive;
   std::vector<int> int_args;  // counts and displacements MPI reads until completion
   MPI_Datatype row_type = MPI_DATATYPE_NULL;
-  std::function<void()> finish;  // runs once on completion (bf16: round the f32 result back)
+  PeerDatatypes send_types, recv_types;  // all_to_all_blocks: freed on completion
+  std::function<void()> finish;          // runs once on completion (bf16: round the f32 result back)
 
   void started(int rc) {
     if (rc != MPI_SUCCESS) fail(rc);
@@ -248,6 +299,8 @@ class MpiOp final : public PendingOp {
     done_ = true;
     if (finish) finish();
     keep_alive.clear();
+    send_types.free();
+    recv_types.free();
     return true;
   }
 
@@ -445,6 +498,43 @@ class MpiCommunicator final : public Communicator {
     return CommHandle(std::move(op));
   }
 
+  // One committed hindexed datatype per peer over the peer's blocks (byte displacements from
+  // the tensor's first row), so MPI reads and writes the rows in place. This rank's own rows
+  // are copied here, block to block, once the transfer has started: OpenMPI's non-blocking
+  // collectives (libnbc) copy a self-message of derived datatypes by packing it into a buffer
+  // malloc'ed for the purpose and unpacking it from there: two copies instead of one.
+  CommHandle all_to_all_blocks(const Tensor& send, const PeerRowBlocks& send_blocks, const Tensor& recv,
+                               const PeerRowBlocks& recv_blocks) override {
+    check_host_tensor(send, "all_to_all_blocks", "send");
+    check_host_tensor(recv, "all_to_all_blocks", "recv");
+    check_same_layout(send, recv, "all_to_all_blocks");
+    const std::vector<int64_t> send_rows = check_row_blocks(send_blocks, send, size(), "send");
+    const std::vector<int64_t> recv_rows = check_row_blocks(recv_blocks, recv, size(), "recv");
+    const int me = rank();
+    check(send_rows[me] == recv_rows[me], "comm all_to_all_blocks", [&] {
+      return "rank " + std::to_string(me) + " of group '" + name() + "' sends " + std::to_string(send_rows[me]) +
+             " rows to itself but expects to receive " + std::to_string(recv_rows[me]);
+    });
+    check_int_counts(send_blocks);
+    check_int_counts(recv_blocks);
+    const int row = to_count(row_elements(send), "all_to_all_blocks");
+    const int64_t row_bytes = row * static_cast<int64_t>(dtype_size(send.dtype()));
+    auto op = collective("all_to_all_blocks");
+    MPI_Type_contiguous(row, mpi_type(send.dtype()), &op->row_type);
+    for (int p = 0; p < size(); ++p) {
+      const bool self = p == me;  // copied below; MPI sees an empty message
+      op->send_types.add_peer(self ? std::span<const RowBlock>() : send_blocks.of(p), op->row_type, row_bytes);
+      op->recv_types.add_peer(self ? std::span<const RowBlock>() : recv_blocks.of(p), op->row_type, row_bytes);
+    }
+    op->keep_alive = {send, recv};
+    PeerDatatypes& s = op->send_types;
+    PeerDatatypes& r = op->recv_types;
+    op->started(MPI_Ialltoallw(send.raw(), s.counts.data(), s.displs.data(), s.types.data(), recv.raw(),
+                               r.counts.data(), r.displs.data(), r.types.data(), g_->comm, &op->request));
+    copy_blocks(send, send_blocks.of(me), recv, recv_blocks.of(me), row_bytes);
+    return CommHandle(std::move(op));
+  }
+
   CommHandle send(const Tensor& t, int peer, int tag) override {
     check_host_tensor(t, "send", "tensor");
     check_peer(peer, tag, "send");
@@ -499,6 +589,41 @@ class MpiCommunicator final : public Communicator {
     });
     check(tag >= 0 && tag <= 32767, "comm " + std::string(op),
           [&] { return "tag " + std::to_string(tag) + " is outside [0, 32767]"; });
+  }
+
+  // The rows of `from` blocks, in order, into the `to` blocks, in order (as many rows): each
+  // row is copied once, in runs as long as both sides' blocks allow.
+  static void copy_blocks(const Tensor& src, std::span<const RowBlock> from, const Tensor& dst,
+                          std::span<const RowBlock> to, int64_t row_bytes) {
+    const auto* s = static_cast<const char*>(src.raw());
+    auto* d = static_cast<char*>(dst.raw());
+    size_t i = 0, j = 0;
+    int64_t done_i = 0, done_j = 0;  // rows already copied of from[i] and to[j]
+    while (i < from.size() && j < to.size()) {
+      const int64_t n = std::min(from[i].rows - done_i, to[j].rows - done_j);
+      if (n > 0) {
+        std::memcpy(d + (to[j].offset + done_j) * row_bytes, s + (from[i].offset + done_i) * row_bytes,
+                    static_cast<size_t>(n * row_bytes));
+      }
+      done_i += n;
+      done_j += n;
+      if (done_i == from[i].rows) {
+        ++i;
+        done_i = 0;
+      }
+      if (done_j == to[j].rows) {
+        ++j;
+        done_j = 0;
+      }
+    }
+  }
+
+  // MPI's datatypes count a peer's blocks and each block's rows in int.
+  static void check_int_counts(const PeerRowBlocks& b) {
+    for (int p = 0; p < b.peers(); ++p) {
+      to_count(b.peer_start[p + 1] - b.peer_start[p], "all_to_all_blocks");
+      for (const RowBlock& block : b.of(p)) to_count(block.rows, "all_to_all_blocks");
+    }
   }
 
   // Writes per-peer counts and prefix-sum displacements in units of `unit` elements per row;

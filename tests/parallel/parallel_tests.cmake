@@ -16,6 +16,16 @@ foreach(np 2 4)
                        PROPERTIES ENVIRONMENT "${DSX_MPI_TEST_ENV}" TIMEOUT 120 LABELS parallel)
 endforeach()
 
+# all_to_all_blocks (MPI override and the default) against all_to_all_v, on 2 and 3 ranks.
+add_executable(blocks_check ${CMAKE_CURRENT_LIST_DIR}/mpi/blocks_check.cpp)
+target_link_libraries(blocks_check PRIVATE dsx_parallel)
+foreach(np 2 3)
+  add_test(NAME parallel.comm_all_to_all_blocks_np${np}
+           COMMAND ${DSX_MPIRUN} -np ${np} $<TARGET_FILE:blocks_check>)
+  set_tests_properties(parallel.comm_all_to_all_blocks_np${np}
+                       PROPERTIES ENVIRONMENT "${DSX_MPI_TEST_ENV}" TIMEOUT 120 LABELS parallel)
+endforeach()
+
 # Faults: the job must end non-zero within comm_timeout_s + 10 s, name the victim rank, and
 # leave no process. run_fault.sh MPIEXEC BIN NP MODE VICTIM TIMEOUT_S MAX_SECONDS REGEX
 set(DSX_FAULT_TIMEOUT_S 4)

@@ -1,7 +1,7 @@
 // MoE dispatch + combine through the model's own path (ExpertRouter: plan with the per-expert
-// counts exchange, dispatch with the peer-major -> expert-major regroup, combine with the reverse
-// regroup) against a bare blocking MPI_Alltoallv of exactly the same bytes both ways, in the same
-// run. Run under mpirun:
+// counts exchange, dispatch straight into the expert-major layout, combine straight from it, both
+// through Communicator::all_to_all_blocks) against a bare blocking MPI_Alltoallv of exactly the
+// same bytes both ways, in the same run. Run under mpirun:
 //
 //   mpirun -np 4 --oversubscribe --bind-to none build/release/bench/bench_moe_dispatch --dtype bf16
 //
@@ -115,7 +115,7 @@ Tensor routed_rows(const ops::MoePlan& plan, int64_t hidden, DType dtype, int ra
   return Tensor::from<float>(v, {n_rows, hidden}).to(dtype);
 }
 
-// Every row a local expert received carries that expert's id: the regroup put it in place.
+// Every row a local expert received carries that expert's id: the dispatch landed it in place.
 bool expert_major_ok(const Tensor& expert_rows, const Dispatch& d, const LocalExperts& local) {
   const std::vector<double> v = expert_rows.to_vector();
   const int64_t hidden = expert_rows.dim(1);
@@ -186,11 +186,10 @@ int run(const Options& opt, int rank, int n) {
   const int64_t row_bytes = opt.hidden * static_cast<int64_t>(dtype_size(dtype));
 
   Tensor dsx_back;
-  bool regrouped = true;  // set by the last (untimed) round trip
+  bool expert_major = true;  // set by the last (untimed) round trip
   // This rank's time in each phase of every dsx round trip, to show where the time goes.
-  const char* const phase_names[] = {"plan (routes + counts exchange)", "start_to_experts",
-                                     "finish_to_experts (wait + regroup)", "start_from_experts (regroup + send)",
-                                     "finish_from_experts (wait)"};
+  const char* const phase_names[] = {"plan (routes + counts exchange)", "start_to_experts", "finish_to_experts (wait)",
+                                     "start_from_experts (send)", "finish_from_experts (wait)"};
   constexpr int n_phases = 5;
   std::vector<std::vector<double>> phase_s(n_phases);
   auto dsx_round_trip = [&](bool check) {
@@ -210,7 +209,7 @@ int run(const Options& opt, int rank, int n) {
     lap(3);
     dsx_back = router.finish_from_experts(d, from_experts, dtype);
     lap(4);
-    if (check) regrouped = expert_major_ok(expert_rows, d, router.local());
+    if (check) expert_major = expert_major_ok(expert_rows, d, router.local());
   };
   auto dsx_timed = [&] { dsx_round_trip(false); };
 
@@ -266,7 +265,7 @@ int run(const Options& opt, int rank, int n) {
   // Every row came back to its place unchanged, by both paths, and each local expert's rows
   // were contiguous on the way.
   const std::vector<double> original = rows.to_vector();
-  const int mine = regrouped && dsx_back.to_vector() == original && bare_back.to_vector() == original ? 1 : 0;
+  const int mine = expert_major && dsx_back.to_vector() == original && bare_back.to_vector() == original ? 1 : 0;
   int all_ok = 0;
   MPI_Allreduce(&mine, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
 
@@ -312,8 +311,8 @@ int main(int argc, char** argv) {
   MpiSession mpi;
   Options opt;
   CLI::App app{
-      "MoE dispatch+combine through ExpertRouter (plan, counts exchange, regroup) vs bare MPI_Alltoallv of the same "
-      "bytes (run under mpirun)"};
+      "MoE dispatch+combine through ExpertRouter (plan, counts exchange, expert-major all-to-all) vs bare "
+      "MPI_Alltoallv of the same bytes (run under mpirun)"};
   app.add_option("--tokens", opt.tokens, "tokens each rank routes")->check(CLI::PositiveNumber);
   app.add_option("--hidden", opt.hidden, "elements per row (model hidden size)")->check(CLI::PositiveNumber);
   app.add_option("--top-k", opt.top_k, "experts per token")->check(CLI::PositiveNumber);
@@ -324,5 +323,6 @@ int main(int argc, char** argv) {
   app.add_option("--reps", opt.reps, "timed round trips of each kind")->check(CLI::PositiveNumber);
   app.add_option("--warmup", opt.warmup, "untimed round trips first")->check(CLI::NonNegativeNumber);
   app.add_option("--seed", opt.seed, "router seed");
-  return bench::parse_and_run(app, argc, argv, mpi.world_rank(), "bench_moe_dispatch", [&] { return run(opt, mpi.world_rank(), mpi.world_size()); });
+  return bench::parse_and_run(app, argc, argv, mpi.world_rank(), "bench_moe_dispatch",
+                              [&] { return run(opt, mpi.world_rank(), mpi.world_size()); });
 }

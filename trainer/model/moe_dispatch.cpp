@@ -8,26 +8,22 @@
 namespace dsx {
 namespace {
 
-// Copies row blocks between the peer-major layout [q][j] and the expert-major layout [j][q];
-// counts[q·J + j] rows in block (q, j).
-void regroup(const Tensor& src, Tensor& dst, std::span<const int64_t> counts, int64_t P, int64_t J,
-             bool to_expert_major) {
-  std::vector<int64_t> peer_major(static_cast<size_t>(P * J) + 1, 0), expert_major(peer_major.size(), 0);
-  for (int64_t q = 0, at = 0; q < P; ++q)
-    for (int64_t j = 0; j < J; ++j) at = (peer_major[q * J + j + 1] = at + counts[q * J + j]);
-  // expert_major[q·J + j] = start of block (q, j) in the expert-major layout
-  for (int64_t j = 0, at = 0; j < J; ++j)
-    for (int64_t q = 0; q < P; ++q) {
-      expert_major[q * J + j] = at;
-      at += counts[q * J + j];
+// Where each (peer q, local expert j) block of received rows lies in the expert-major layout:
+// expert j's rows start at local_offsets[j], from peer 0 first, then peer 1, ...
+PeerRowBlocks expert_major_blocks(std::span<const int64_t> recv_expert_counts, std::span<const int64_t> local_offsets,
+                                  int64_t P, int64_t J) {
+  std::vector<int64_t> next(local_offsets.begin(), local_offsets.end() - 1);  // [J] next free row per expert
+  PeerRowBlocks b;
+  b.blocks.reserve(static_cast<size_t>(P * J));
+  for (int64_t q = 0; q < P; ++q) {
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t n = recv_expert_counts[q * J + j];
+      b.add(next[j], n);
+      next[j] += n;
     }
-  for (int64_t b = 0; b < P * J; ++b) {
-    const int64_t n = counts[b];
-    if (n == 0) continue;
-    const int64_t from = to_expert_major ? peer_major[b] : expert_major[b];
-    const int64_t to = to_expert_major ? expert_major[b] : peer_major[b];
-    dst.slice(to, to + n).copy_from(src.slice(from, from + n));
+    b.end_peer();
   }
+  return b;
 }
 
 }  // namespace
@@ -88,6 +84,8 @@ std::vector<Dispatch> ExpertRouter::plan(const Tensor& expert_ids, std::span<con
         d.local_offsets[j + 1] += n;
       }
     std::partial_sum(d.local_offsets.begin(), d.local_offsets.end(), d.local_offsets.begin());
+    d.plan_blocks = PeerRowBlocks::consecutive(d.send_counts);
+    d.expert_blocks = expert_major_blocks(d.recv_expert_counts, d.local_offsets, P, J);
   }
   return out;
 }
@@ -97,8 +95,8 @@ void ExpertRouter::progress(Dispatch& d) const {
   if (!d.pending_scales.done()) d.pending_scales.test();
 }
 
-Tensor ExpertRouter::start_transfer(const Tensor& rows, std::span<const int64_t> send_counts, int64_t recv_rows,
-                                    std::span<const int64_t> recv_counts, WireFormat wire, Dispatch& d) const {
+Tensor ExpertRouter::start_transfer(const Tensor& rows, const PeerRowBlocks& send_blocks, int64_t recv_rows,
+                                    const PeerRowBlocks& recv_blocks, WireFormat wire, Dispatch& d) const {
   const int64_t D = rows.dim(1);
   Communicator& ep = *parallel_.ep;
   int64_t bytes = 0;
@@ -108,7 +106,7 @@ Tensor ExpertRouter::start_transfer(const Tensor& rows, std::span<const int64_t>
     case WireFormat::bf16: {
       const Tensor payload = wire == WireFormat::bf16 && rows.dtype() != DType::bf16 ? rows.to(DType::bf16) : rows;
       received = Tensor::empty({recv_rows, D}, payload.dtype(), rows.device());
-      d.pending = ep.all_to_all_v(payload, send_counts, received, recv_counts);
+      d.pending = ep.all_to_all_blocks(payload, send_blocks, received, recv_blocks);
       bytes = static_cast<int64_t>(payload.nbytes());
       break;
     }
@@ -117,8 +115,8 @@ Tensor ExpertRouter::start_transfer(const Tensor& rows, std::span<const int64_t>
       ops::fp8_quantize(rows, q);
       received = Tensor::empty({recv_rows, D}, DType::fp8_e4m3, rows.device());
       d.received_scales = Tensor::empty({recv_rows, q.scales.dim(1)}, DType::f32, rows.device());
-      d.pending = ep.all_to_all_v(q.data, send_counts, received, recv_counts);
-      d.pending_scales = ep.all_to_all_v(q.scales, send_counts, d.received_scales, recv_counts);
+      d.pending = ep.all_to_all_blocks(q.data, send_blocks, received, recv_blocks);
+      d.pending_scales = ep.all_to_all_blocks(q.scales, send_blocks, d.received_scales, recv_blocks);
       bytes = static_cast<int64_t>(q.data.nbytes() + q.scales.nbytes());
       break;
     }
@@ -143,28 +141,17 @@ Tensor ExpertRouter::finish_transfer(Dispatch& d, const Tensor& received, DType 
 Tensor ExpertRouter::start_to_experts(const Tensor& rows, Dispatch& d, Transfer transfer) const {
   d.row_dtype = rows.dtype();
   if (!parallel_.ep) return rows;
-  return start_transfer(rows, d.send_counts, d.local_offsets.back(), d.recv_counts, format(transfer), d);
+  return start_transfer(rows, d.plan_blocks, d.local_offsets.back(), d.expert_blocks, format(transfer), d);
 }
 
 Tensor ExpertRouter::finish_to_experts(Dispatch& d, const Tensor& received) const {
   if (!parallel_.ep) return received;
-  const Tensor rows = finish_transfer(d, received, d.row_dtype);
-  const int64_t P = parallel_.ep_size(), J = local_.count;
-  if (P == 1 || J == 1) return rows;  // peer-major is already expert-major
-  Tensor expert_rows = Tensor::empty(rows.shape(), rows.dtype(), rows.device());
-  regroup(rows, expert_rows, d.recv_expert_counts, P, J, /*to_expert_major=*/true);
-  return expert_rows;
+  return finish_transfer(d, received, d.row_dtype);
 }
 
 Tensor ExpertRouter::start_from_experts(const Tensor& expert_rows, Dispatch& d) const {
   if (!parallel_.ep) return expert_rows;
-  const int64_t P = parallel_.ep_size(), J = local_.count;
-  Tensor peer_major = expert_rows;
-  if (P > 1 && J > 1) {
-    peer_major = Tensor::empty(expert_rows.shape(), expert_rows.dtype(), expert_rows.device());
-    regroup(expert_rows, peer_major, d.recv_expert_counts, P, J, /*to_expert_major=*/false);
-  }
-  return start_transfer(peer_major, d.recv_counts, d.n_rows, d.send_counts, parallel_.combine, d);
+  return start_transfer(expert_rows, d.expert_blocks, d.n_rows, d.plan_blocks, parallel_.combine, d);
 }
 
 Tensor ExpertRouter::finish_from_experts(Dispatch& d, const Tensor& in_flight, DType dtype) const {

@@ -4,16 +4,19 @@
 //
 //   plan         (token, choice) rows sorted by global expert: rows for EP rank p are contiguous
 //   counts       every rank tells each peer how many rows it sends for each of the peer's experts
-//   dispatch     all-to-all of the permuted rows: rank q's rows for me arrive peer-major
-//                  received = [from q=0: expert j=0 rows, j=1 rows, ...][from q=1: ...]...
-//   regroup      peer-major -> expert-major, so each local expert's rows are contiguous
+//   dispatch     all-to-all of the permuted rows straight into the expert-major layout: rank q's
+//                rows for my local expert j land in block (q, j), so each expert's rows are
+//                contiguous on arrival (Communicator::all_to_all_blocks)
 //                  expert_x = [expert j=0: from q=0, q=1, ...][expert j=1: ...]...
+//                  block (q, j) starts at local_offsets[j] + Σ_{q' < q} recv_expert_counts[q'·J + j]
 //   experts      local expert j computes rows local_offsets[j] .. local_offsets[j+1]
-//   combine      expert-major -> peer-major, reverse all-to-all back to the permuted order
+//   combine      reverse all-to-all from the same blocks back to the permuted order
 //   unpermute    the routing weights are applied where the token lives (they never travel)
 //
-// The backward moves gradients along the same routes in reverse. With one EP rank (no
-// communicator) the all-to-alls and regroups are the identity and no row is copied.
+// The backward moves gradients along the same routes in reverse. The MPI communicator moves
+// the blocks in place (one indexed datatype per peer), so no row is copied outside the
+// all-to-all; other backends gather/scatter them around their all_to_all_v. With one EP rank
+// (no communicator) the all-to-alls are the identity and no row is copied.
 #pragma once
 #include <cstdint>
 #include <span>
@@ -31,6 +34,8 @@ struct Dispatch {
   std::vector<int64_t> recv_counts;         // [P] rows from each EP peer
   std::vector<int64_t> recv_expert_counts;  // [P · J] rows from peer q for local expert j
   std::vector<int64_t> local_offsets;       // [J + 1] expert-major row offsets of the local experts
+  PeerRowBlocks plan_blocks;                // per peer: its rows in the plan's order (one block)
+  PeerRowBlocks expert_blocks;              // per peer q: blocks (q, j = 0..J-1) of the expert-major rows
   CommHandle pending;                       // the all-to-all in flight, if any
   CommHandle pending_scales;                // FP8 rows: their scales' all-to-all
   Tensor received_scales;                   // FP8 rows: scales of the rows being received
@@ -60,8 +65,8 @@ class ExpertRouter {
 
   // Rows in the plan's order [Tc·K, D] -> this rank's expert rows, expert-major [R, D]: the
   // forward dispatch, and the backward of the combine. start_ returns the receive buffer with
-  // the transfer in flight; finish_ waits, converts the wire format back to the rows' dtype and
-  // regroups.
+  // the transfer in flight (the rows land expert-major); finish_ waits and converts the wire
+  // format back to the rows' dtype.
   Tensor start_to_experts(const Tensor& rows, Dispatch& d, Transfer transfer) const;
   Tensor finish_to_experts(Dispatch& d, const Tensor& received) const;
   // Expert-major rows [R, D] -> rows in the plan's order [Tc·K, D]: the forward combine, and
@@ -71,9 +76,10 @@ class ExpertRouter {
   Tensor finish_from_experts(Dispatch& d, const Tensor& in_flight, DType dtype) const;
 
  private:
-  // Sends rows [n, D] in the transfer's wire format; returns the receive buffer [m, D] (wire dtype).
-  Tensor start_transfer(const Tensor& rows, std::span<const int64_t> send_counts, int64_t recv_rows,
-                        std::span<const int64_t> recv_counts, WireFormat format, Dispatch& d) const;
+  // Sends the send_blocks of rows [n, D] in the transfer's wire format into recv_blocks of the
+  // returned receive buffer [recv_rows, D] (wire dtype).
+  Tensor start_transfer(const Tensor& rows, const PeerRowBlocks& send_blocks, int64_t recv_rows,
+                        const PeerRowBlocks& recv_blocks, WireFormat format, Dispatch& d) const;
   // Waits and returns the received rows as `dtype`.
   Tensor finish_transfer(Dispatch& d, const Tensor& received, DType dtype) const;
   WireFormat format(Transfer t) const { return t == Transfer::dispatch ? parallel_.dispatch : parallel_.combine; }
