@@ -58,6 +58,7 @@ add_test(NAME parallel_train.ep4_writer COMMAND ${DSX_LAYOUT_RUN} ep4_writer 4 $
          --set parallel.dp=4 --set parallel.ep=4 --set parallel.zero=1 --stop-after 3)
 set_tests_properties(parallel_train.ep4_writer PROPERTIES FIXTURES_REQUIRED layout_reference
                      FIXTURES_SETUP ep4_checkpoint)
+list(APPEND DSX_LAYOUT_TESTS parallel_train.ep4_writer)  # its environment (run as root) like the others
 foreach(target "ep2|2|--set parallel.dp=2 --set parallel.ep=2" "single|0|")
   string(REPLACE "|" ";" fields "${target}")
   list(GET fields 0 name)
