@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -40,11 +41,14 @@ struct ModelRun {
   std::vector<std::vector<double>> grads;
 };
 
-// Two micro-batches of forward + backward on the tiny test config.
-ModelRun run_model(const PrecisionPolicy* policy) {
+// Two micro-batches of forward + backward on the tiny test config; with_weight_copies: inside a
+// GemmWeightCopies scope, as the trainer runs them.
+ModelRun run_model(const PrecisionPolicy* policy, bool with_weight_copies = false) {
   const ModelConfig config = test::tiny_config();
   Model model = policy ? Model(config, DType::f32, 7, {}, *policy) : Model(config, DType::f32, 7);
   ModelRun r;
+  std::optional<GemmWeightCopies> copies;
+  if (with_weight_copies) copies.emplace(model.parameters());
   for (uint64_t mb = 0; mb < 2; ++mb) {
     r.losses.push_back(model.forward(test::make_batch(config, 2, 8, 40 + mb)));
     model.backward(0.5);
@@ -229,6 +233,35 @@ TEST_CASE("precision: bf16 activations (attention core on bf16 tensors) keep eve
   INFO("largest relative gradient difference (L2, per parameter): " << worst);
   CHECK(worst < 0.05);
   CHECK(worst > 0);  // the bf16 path was taken
+}
+
+TEST_CASE("precision: bf16 weight copies for a step give the same bits as rounding per GEMM", "[precision]") {
+  PrecisionPolicy bf16;
+  bf16.gemm = GemmKind::bf16;
+  bf16.exceptions = {{"lm_head.weight", GemmKind::bf16}};  // any GEMM weight may be bf16
+  const ModelRun per_call = run_model(&bf16), copied = run_model(&bf16, /*with_weight_copies=*/true);
+  for (size_t mb = 0; mb < 2; ++mb) CHECK(copied.losses[mb].total == per_call.losses[mb].total);
+  CHECK(copied.grads == per_call.grads);
+
+  // Which weights hold a copy, and only while the scope lives.
+  Model model(test::tiny_config(), DType::f32, 7, {}, bf16);
+  const Parameter& o_proj = model.parameters().at("model.layers.1.self_attn.o_proj.weight");
+  const Parameter& head = model.parameters().at("lm_head.weight");
+  const Parameter& gate = model.parameters().at("model.layers.1.mlp.gate.weight");  // fp32 GEMM
+  const Parameter& norm = model.parameters().at("model.norm.weight");
+  {
+    const GemmWeightCopies copies(model.parameters());
+    REQUIRE(o_proj.gemm_copy.defined());
+    CHECK(o_proj.gemm_copy.dtype() == DType::bf16);
+    CHECK(o_proj.gemm_copy.to_vector() == o_proj.value.to(DType::bf16).to_vector());
+    CHECK(head.gemm_copy.defined());
+    CHECK_FALSE(gate.gemm_copy.defined());
+    CHECK_FALSE(norm.gemm_copy.defined());
+    CHECK(&o_proj.gemm_operand() == &o_proj.gemm_copy);
+    CHECK(&gate.gemm_operand() == &gate.value);
+  }
+  CHECK_FALSE(o_proj.gemm_copy.defined());
+  CHECK(&o_proj.gemm_operand() == &o_proj.value);
 }
 
 TEST_CASE("precision: the FP8 set is DeepSeek-V3's (attention projections, dense FFN, experts)", "[precision]") {

@@ -13,7 +13,7 @@ void round_output(const Parameter& weight, Tensor& out) {
 }
 
 void linear_into(const Tensor& x, const Parameter& weight, Tensor& y) {
-  linear_forward_in(weight.precision.gemm, x, weight.value, y);
+  linear_forward_in(weight.precision.gemm, x, weight.gemm_operand(), y);
   round_output(weight, y);
 }
 
@@ -24,7 +24,7 @@ Tensor linear(const Tensor& x, const Parameter& weight) {
 }
 
 void linear_input_grad_into(const Tensor& dy, const Parameter& weight, Tensor& dx) {
-  linear_backward_input_in(weight.precision.gemm, dy, weight.value, dx);
+  linear_backward_input_in(weight.precision.gemm, dy, weight.gemm_operand(), dx);
 }
 
 Tensor linear_input_grad(const Tensor& dy, const Parameter& weight) {

@@ -193,4 +193,17 @@ int64_t ParameterStore::numel() const {
   return n;
 }
 
+GemmWeightCopies::GemmWeightCopies(ParameterStore& params) : params_(params) {
+  for (Parameter& p : params_) {
+    // f32 matrices only: an f64 model never runs bf16 GEMMs (Model rejects that policy).
+    if (p.precision.gemm == GemmKind::bf16 && p.value.dtype() == DType::f32 && p.value.ndim() == 2) {
+      p.gemm_copy = p.value.to(DType::bf16);  // round to nearest even, as the bf16 GEMM would
+    }
+  }
+}
+
+GemmWeightCopies::~GemmWeightCopies() {
+  for (Parameter& p : params_) p.gemm_copy = Tensor();
+}
+
 }  // namespace dsx

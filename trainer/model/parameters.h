@@ -64,6 +64,12 @@ struct Parameter {
   Tensor value;
   Tensor grad;
   LinearPrecision precision;  // how the owning module computes (trainer/model/precision.h); set by Model
+  // value rounded to bf16 for its bf16 GEMMs, made once for the micro-batches of a step instead
+  // of by every GEMM call; defined only while a GemmWeightCopies scope is open (below).
+  Tensor gemm_copy;
+  // The weight operand of this parameter's GEMMs: the bf16 copy when one is held, else value
+  // (rounded by the bf16 GEMM itself; both give the same bits).
+  const Tensor& gemm_operand() const { return gemm_copy.defined() ? gemm_copy : value; }
 };
 
 // Values and gradients by name, kept in registration order. References to entries stay valid
@@ -103,6 +109,22 @@ class ParameterStore {
   Device device_;
   std::deque<Parameter> params_;  // deque: push_back keeps references to earlier entries valid
   std::unordered_map<std::string, size_t> index_;
+};
+
+// While alive, every weight whose GEMMs run in bf16 (precision.gemm / exceptions) holds a bf16
+// copy of its value (Parameter::gemm_copy), so the forward and backward GEMMs of all the
+// micro-batches of a step convert it once instead of once per call (on a GPU the conversions of
+// every weight per call cost ~10% of a step). The values must not change while the copies live:
+// open the scope after the optimizer step, close it before the next (trainer/train/trainer.cpp).
+class GemmWeightCopies {
+ public:
+  explicit GemmWeightCopies(ParameterStore& params);
+  ~GemmWeightCopies();
+  GemmWeightCopies(const GemmWeightCopies&) = delete;
+  GemmWeightCopies& operator=(const GemmWeightCopies&) = delete;
+
+ private:
+  ParameterStore& params_;
 };
 
 // The value of element `index` (row-major, global) of a parameter initialised with `spec`.

@@ -26,6 +26,12 @@ void check_f32(const Tensor& t, const char* op, const char* name) {
   }
 }
 
+void check_f32_or_bf16(const Tensor& t, const char* op, const char* name) {
+  if (t.dtype() != DType::f32 && t.dtype() != DType::bf16) {
+    throw std::invalid_argument(std::string(op) + ": " + name + " must be an f32 or bf16 tensor, got " + t.describe());
+  }
+}
+
 ops::Fp8Matrix quantize(const Tensor& x, ops::Fp8Scaling scaling) {
   ops::Fp8Matrix q = ops::Fp8Matrix::empty(x.dim(0), x.dim(1), scaling, x.device());
   ops::fp8_quantize(x, q);
@@ -156,14 +162,15 @@ void fp8_linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dw) {
 
 void bf16_linear_forward(const Tensor& x, const Tensor& w, Tensor& y) {
   check_f32(x, "bf16_linear_forward", "x");
-  check_f32(w, "bf16_linear_forward", "w");
+  check_f32_or_bf16(w, "bf16_linear_forward", "w");  // a bf16 copy of the weight (GemmWeightCopies) is used as is
   check_f32(y, "bf16_linear_forward", "y");
   ops::bf16_gemm(false, true, x, w, y);
 }
 
 void bf16_linear_backward_input(const Tensor& dy, const Tensor& w, Tensor& dx) {
   check_f32(dy, "bf16_linear_backward_input", "dy");
-  check_f32(w, "bf16_linear_backward_input", "w");
+  check_f32_or_bf16(w, "bf16_linear_backward_input",
+                    "w");  // a bf16 copy of the weight (GemmWeightCopies) is used as is
   check_f32(dx, "bf16_linear_backward_input", "dx");
   ops::bf16_gemm(false, false, dy, w, dx);
 }

@@ -95,7 +95,8 @@ void fp8_linear_backward_input(const Tensor& dy, const Tensor& w, Tensor& dx);
 void fp8_linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dw);
 
 // The same three GEMMs in bf16 (ops::bf16_gemm: operands rounded to bf16, fp32 accumulation),
-// f32 in and out; the Wgrad accumulates into the f32 gradient in fp32.
+// f32 in and out (w may also be its bf16 copy, Parameter::gemm_copy: the same bits); the Wgrad
+// accumulates into the f32 gradient in fp32.
 void bf16_linear_forward(const Tensor& x, const Tensor& w, Tensor& y);
 void bf16_linear_backward_input(const Tensor& dy, const Tensor& w, Tensor& dx);
 void bf16_linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dw);

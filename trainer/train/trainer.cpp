@@ -9,6 +9,7 @@
 #include <chrono>
 #include <csignal>
 #include <fstream>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -167,6 +168,10 @@ StepMetrics Trainer::train_step(int64_t step) {
   model_->parameters().zero_grad();
   StepMetrics m;
   double grad_norm = 0;
+  // bf16 copies of the bf16-GEMM weights for this step's micro-batches, dropped before the
+  // optimizer changes the values.
+  std::optional<GemmWeightCopies> weight_copies;
+  weight_copies.emplace(model_->parameters());
   for (const Action& a : gradient_accumulation_schedule(n_micro)) {
     switch (a.kind) {
       case Action::Kind::forward: {
@@ -183,6 +188,7 @@ StepMetrics Trainer::train_step(int64_t step) {
         last_backward_ = false;
         break;
       case Action::Kind::optimizer_step:
+        weight_copies.reset();
         grad_norm = optimizer_->step(lr);
         break;
       default:
