@@ -19,7 +19,8 @@
 # Environment: OUT (logs; default ./gpu-out), DSX_GPU_BUDGET_S (default 540: the whole run;
 # a session's command may take 600 s, so run the phases in two calls when all do not fit),
 # DSX_BENCH_STEPS (h100-bench steps, default 12), DSX_TORCH_STEPS (default 8),
-# DSX_TORCH_COMPILE (1 = try torch.compile, default 1).
+# DSX_TORCH_COMPILE (1 = try torch.compile, default 1), DSX_BENCH_MICRO_BATCH (both models' micro-batch;
+# default the recipe's, and 1 if dsx runs out of memory with it).
 # Output: $OUT/summary.txt (also printed at the end), $OUT/{tests,bench,train,torch}.log,
 # $OUT/build.log, $OUT/results.tar.gz (metrics.jsonl of every run, JSON results, env).
 set -uo pipefail
@@ -187,8 +188,19 @@ if wants train; then
   else
     bsteps=${DSX_BENCH_STEPS:-12}
     bench=(--set train.steps="$bsteps" --set optim.schedule.warmup=$((bsteps / 4 + 1)))
-    train_run h100-bench-nomtp 180 recipes/h100-bench.yaml "${bench[@]}" --set model.num_nextn_predict_layers=0
-    train_run h100-bench 150 recipes/h100-bench.yaml "${bench[@]}"
+    # The recipe's micro_batch 2 was sized from CPU measurements (~70 GiB of 79.6 at the peak):
+    # if the GPU runs out of memory, measure both models at micro_batch 1 instead
+    # (DSX_BENCH_MICRO_BATCH forces one; the torch phase reads the choice from $OUT/micro_batch).
+    mb=(${DSX_BENCH_MICRO_BATCH:+--set train.micro_batch=$DSX_BENCH_MICRO_BATCH})
+    if ! train_run h100-bench-nomtp 180 recipes/h100-bench.yaml "${bench[@]}" "${mb[@]}" \
+      --set model.num_nextn_predict_layers=0 && tail -n 20 "$OUT/train.log" | grep -qi 'out of memory'; then
+      say "train: out of memory at the recipe's micro_batch; again with micro_batch 1"
+      mb=(--set train.micro_batch=1)
+      train_run h100-bench-nomtp-mb1 180 recipes/h100-bench.yaml "${bench[@]}" "${mb[@]}" \
+        --set model.num_nextn_predict_layers=0
+    fi
+    [[ ${#mb[@]} -gt 0 ]] && echo "${mb[1]#train.micro_batch=}" >"$OUT/micro_batch"
+    train_run h100-bench 150 recipes/h100-bench.yaml "${bench[@]}" "${mb[@]}"
   fi
 fi
 
@@ -200,8 +212,10 @@ if wants torch; then
   if "${py[@]}" -c 'import torch, transformers, yaml' 2>>"$log"; then
     compile=()
     [[ "${DSX_TORCH_COMPILE:-1}" == 1 ]] && compile=(--compile)
+    torch_mb=()  # the micro-batch the dsx runs used, when not the recipe's
+    [[ -f "$OUT/micro_batch" ]] && torch_mb=(--micro-batch "$(cat "$OUT/micro_batch")")
     run_limited 240 "$log" "${py[@]}" "$root/tools/bench/torch_deepseek_v3.py" "$root/recipes/h100-bench.yaml" \
-      --steps "${DSX_TORCH_STEPS:-8}" --warmup 3 "${compile[@]}" --json "$keep/torch_deepseek_v3.json"
+      --steps "${DSX_TORCH_STEPS:-8}" --warmup 3 "${compile[@]}" "${torch_mb[@]}" --json "$keep/torch_deepseek_v3.json"
     rc=$?
     say "torch deepseek_v3: exit $rc; $(grep -E '^(torch_deepseek_v3:|dsx count)' "$log" | tr '\n' ' ')"
     for s in "$root"/tools/bench/torch_*.py; do
