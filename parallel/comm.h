@@ -77,6 +77,19 @@ struct PeerRowBlocks {
   static PeerRowBlocks consecutive(std::span<const int64_t> counts);
 };
 
+// How the two sides of an all_to_all_blocks cut the rows of one (sender, receiver) pair.
+enum class BlockMatch : uint8_t {
+  // Only the rows agree: p sends q as many rows as q expects from p, each side cutting them
+  // into blocks as it likes.
+  rows,
+  // Block for block: the k-th non-empty block p lists for q has as many rows as the k-th
+  // non-empty block q lists for p (empty blocks are skipped on both sides). The MPI
+  // communicator then sends each block as one contiguous message (OpenMPI moves a large
+  // contiguous message between processes with one copy, a derived datatype with two); blocks
+  // that disagree end the job with a message naming the pair and the block.
+  blocks,
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -112,10 +125,13 @@ class Communicator {
   // The default (any backend, any device) gathers the send blocks into one buffer, runs
   // all_to_all_v, and scatters the received rows into recv when the handle completes (its
   // test() or wait()); it copies nothing where a side is already consecutive from row 0 in peer
-  // order. A backend overrides it to move the blocks without those copies (MPI: one indexed
-  // datatype per peer; this rank's own rows copied once, block to block).
+  // order. A backend overrides it to move the blocks without those copies (MPI: BlockMatch::rows,
+  // one indexed datatype per peer; BlockMatch::blocks, one message per block; both copy this
+  // rank's own rows once, block to block). `match` promises how the two sides' blocks
+  // correspond (BlockMatch; the default implementation works with either); every rank of one
+  // call passes the same value.
   virtual CommHandle all_to_all_blocks(const Tensor& send, const PeerRowBlocks& send_blocks, const Tensor& recv,
-                                       const PeerRowBlocks& recv_blocks);
+                                       const PeerRowBlocks& recv_blocks, BlockMatch match = BlockMatch::rows);
   // Point to point; peer is a group rank. Messages between a pair match in order per tag.
   virtual CommHandle send(const Tensor& t, int peer, int tag = 0) = 0;
   virtual CommHandle recv(const Tensor& t, int peer, int tag = 0) = 0;

@@ -100,7 +100,8 @@ PeerRowBlocks PeerRowBlocks::consecutive(std::span<const int64_t> counts) {
 }
 
 CommHandle Communicator::all_to_all_blocks(const Tensor& send, const PeerRowBlocks& send_blocks, const Tensor& recv,
-                                           const PeerRowBlocks& recv_blocks) {
+                                           const PeerRowBlocks& recv_blocks, BlockMatch /*match*/) {
+  // The packed rows of a pair travel as one message, so how the sides cut them does not matter.
   check(send.defined() && recv.defined(), "comm all_to_all_blocks", "undefined tensor");
   check_same_layout(send, recv, "all_to_all_blocks");
   const std::vector<int64_t> send_counts = check_row_blocks(send_blocks, send, size(), "send");

@@ -181,14 +181,17 @@ struct GroupState {
   int rank = 0;
   double timeout_s = 600;
   MPI_Comm comm = MPI_COMM_NULL;
-  uint64_t collectives = 0;  // sequence numbers in messages; equal across ranks for collectives
+  MPI_Comm blocks_comm = MPI_COMM_NULL;  // all_to_all_blocks' messages only: they match any tag
+  uint64_t collectives = 0;              // sequence numbers in messages; equal across ranks for collectives
   uint64_t p2p = 0;
 
   GroupState() = default;
   GroupState(const GroupState&) = delete;
   GroupState& operator=(const GroupState&) = delete;
   ~GroupState() {
-    if (comm != MPI_COMM_NULL && !mpi_finalized()) MPI_Comm_free(&comm);
+    if (mpi_finalized()) return;
+    if (blocks_comm != MPI_COMM_NULL) MPI_Comm_free(&blocks_comm);
+    if (comm != MPI_COMM_NULL) MPI_Comm_free(&comm);
   }
 };
 
@@ -269,6 +272,149 @@ class PeerDatatypes {
   std::vector<MPI_Aint> offsets_;
 };
 
+// all_to_all_blocks with BlockMatch::blocks: one contiguous message per non-empty block, on the
+// group's communicator for these messages, where a pair's messages match in the order they
+// were posted. A receive takes any tag and checks what arrived against its block: the sender
+// tags each message with the call's sequence number and whether it is the pair's last block,
+// so blocks that disagree (a different size, count or call) are named instead of landing in
+// the wrong rows. A message larger than its block fails inside MPI (MPI_ERR_TRUNCATE).
+class BlockMessages {
+ public:
+  BlockMessages(uint64_t seq, DType dtype, int64_t row_elements, MPI_Comm comm)
+      : seq_(seq),
+        element_(mpi_type(dtype)),
+        row_(row_elements),
+        row_bytes_(row_elements * static_cast<int64_t>(dtype_size(dtype))),
+        comm_(comm) {}
+  BlockMessages(const BlockMessages&) = delete;
+  BlockMessages& operator=(const BlockMessages&) = delete;
+  ~BlockMessages() {
+    if (row_type_ != MPI_DATATYPE_NULL && !mpi_finalized()) MPI_Type_free(&row_type_);
+  }
+
+  // Posts a receive per non-empty block from `peer` into `dst`; returns the first MPI error.
+  int receive(const Tensor& dst, std::span<const RowBlock> blocks, int peer) {
+    return post(dst, blocks, peer, /*sending=*/false);
+  }
+  int send(const Tensor& src, std::span<const RowBlock> blocks, int peer) {
+    return post(src, blocks, peer, /*sending=*/true);
+  }
+
+  // nullopt while messages are in flight; then "" when every receive got its block, else what
+  // went wrong.
+  std::optional<std::string> test() {
+    int flag = 0;
+    const int rc = MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &flag, statuses_.data());
+    if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) return "MPI_Testall failed: " + mpi_error_string(rc);
+    if (rc == MPI_SUCCESS && !flag) return std::nullopt;
+    return first_problem(/*statuses_carry_errors=*/rc == MPI_ERR_IN_STATUS);
+  }
+
+ private:
+  struct Message {
+    bool receive = false;
+    int peer = 0;
+    int block = 0;  // index among the pair's non-empty blocks
+    int64_t rows = 0;
+    bool last = false;
+    int count = 0;  // in units of `type`
+    MPI_Datatype type = MPI_DATATYPE_NULL;
+  };
+
+  // The call's sequence number (mod 2^14, enough to tell calls in flight together apart) and
+  // the last-block bit: 15 bits, the tag range every MPI provides.
+  static int tag(uint64_t seq, bool last) { return static_cast<int>((seq & 0x3FFF) << 1) | (last ? 1 : 0); }
+
+  int post(const Tensor& t, std::span<const RowBlock> blocks, int peer, bool sending) {
+    int n_blocks = 0;
+    for (const RowBlock& b : blocks) n_blocks += b.rows > 0 ? 1 : 0;
+    int k = 0;
+    for (const RowBlock& b : blocks) {
+      if (b.rows == 0) continue;
+      const auto [count, type] = count_of(b.rows);
+      const Message m{!sending, peer, k, b.rows, k + 1 == n_blocks, count, type};
+      ++k;
+      char* at = static_cast<char*>(t.raw()) + b.offset * row_bytes_;
+      MPI_Request& request = requests_.emplace_back(MPI_REQUEST_NULL);
+      const int rc = sending ? MPI_Isend(at, count, type, peer, tag(seq_, m.last), comm_, &request)
+                             : MPI_Irecv(at, count, type, peer, MPI_ANY_TAG, comm_, &request);
+      expected_.push_back(m);
+      statuses_.emplace_back();
+      if (rc != MPI_SUCCESS) return rc;
+    }
+    return MPI_SUCCESS;
+  }
+
+  // Elements of the base type while they fit an int, else rows of a contiguous row type (the
+  // type signature is the same, so the two sides may choose differently).
+  std::pair<int, MPI_Datatype> count_of(int64_t rows) {
+    if (rows * row_ <= INT_MAX) return {static_cast<int>(rows * row_), element_};
+    if (row_type_ == MPI_DATATYPE_NULL) {
+      MPI_Type_contiguous(static_cast<int>(row_), element_, &row_type_);
+      MPI_Type_commit(&row_type_);
+    }
+    return {static_cast<int>(rows), row_type_};
+  }
+
+  std::string describe(const Message& m) const {
+    return "block " + std::to_string(m.block) + " (" + std::to_string(m.rows) + " rows" + (m.last ? ", the last" : "") +
+           ") of the rows from group rank " + std::to_string(m.peer);
+  }
+
+  static std::string disagree() {
+    return ": the two sides' blocks disagree (BlockMatch::blocks needs the sender and the receiver to cut each "
+           "pair's rows into blocks of the same sizes)";
+  }
+
+  std::string check_arrival(const Message& m, const MPI_Status& status) const {
+    int got = 0;
+    MPI_Get_count(&status, m.type, &got);
+    const bool same_call = (status.MPI_TAG >> 1) == (tag(seq_, false) >> 1);
+    const bool last = (status.MPI_TAG & 1) != 0;
+    if (got == m.count && same_call && last == m.last) return "";
+    const int64_t unit = m.type == element_ ? row_ : 1;
+    std::string got_text = got == MPI_UNDEFINED || got % unit != 0
+                               ? std::string("a message of a partial row")
+                               : "a message of " + std::to_string(got / unit) + " rows";
+    if (!same_call) {
+      got_text += " sent by another all_to_all_blocks call";
+    } else if (last != m.last) {
+      got_text += last ? " that is the sender's last block" : " that is not the sender's last block";
+    }
+    return describe(m) + " received " + got_text + disagree();
+  }
+
+  // The first message, in posting order, that failed or did not match its block ("" if none).
+  // The statuses' error fields are only set when MPI_Testall reported MPI_ERR_IN_STATUS.
+  std::string first_problem(bool statuses_carry_errors) const {
+    for (size_t i = 0; i < expected_.size(); ++i) {
+      const Message& m = expected_[i];
+      const int err = statuses_carry_errors ? statuses_[i].MPI_ERROR : MPI_SUCCESS;
+      if (err == MPI_ERR_PENDING) continue;
+      if (err != MPI_SUCCESS) {
+        int err_class = 0;
+        MPI_Error_class(err, &err_class);
+        if (m.receive && err_class == MPI_ERR_TRUNCATE) return describe(m) + " received a larger message" + disagree();
+        return std::string(m.receive ? "receiving " : "sending ") + "block " + std::to_string(m.block) +
+               (m.receive ? " from" : " to") + " group rank " + std::to_string(m.peer) + ": " + mpi_error_string(err);
+      }
+      if (!m.receive) continue;
+      std::string problem = check_arrival(m, statuses_[i]);
+      if (!problem.empty()) return problem;
+    }
+    return statuses_carry_errors ? "MPI_Testall reported an error in a status but none carries one" : "";
+  }
+
+  uint64_t seq_;
+  MPI_Datatype element_;
+  int64_t row_, row_bytes_;
+  MPI_Comm comm_;
+  MPI_Datatype row_type_ = MPI_DATATYPE_NULL;  // built for blocks of more elements than an int counts
+  std::vector<MPI_Request> requests_;
+  std::vector<MPI_Status> statuses_;
+  std::vector<Message> expected_;  // per request
+};
+
 class MpiOp final : public PendingOp {
  public:
   // The description is built only when a message needs it, keeping small operations cheap.
@@ -283,24 +429,24 @@ class MpiOp final : public PendingOp {
   std::vector<Tensor> keep_alive;
   std::vector<int> int_args;  // counts and displacements MPI reads until completion
   MPI_Datatype row_type = MPI_DATATYPE_NULL;
-  PeerDatatypes send_types, recv_types;  // all_to_all_blocks: freed on completion
-  std::function<void()> finish;          // runs once on completion (bf16: round the f32 result back)
+  PeerDatatypes send_types, recv_types;     // all_to_all_blocks: freed on completion
+  std::unique_ptr<BlockMessages> messages;  // all_to_all_blocks, one message per block: replaces `request`
+  std::function<void()> finish;             // runs once on completion (bf16: round the f32 result back)
 
   void started(int rc) {
     if (rc != MPI_SUCCESS) fail(rc);
   }
+  uint64_t seq() const { return seq_; }
 
   bool test() override {
     if (done_) return true;
-    int flag = 0;
-    const int rc = MPI_Test(&request, &flag, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) fail(rc);
-    if (!flag) return false;
+    if (!complete()) return false;
     done_ = true;
     if (finish) finish();
     keep_alive.clear();
     send_types.free();
     recv_types.free();
+    messages.reset();
     return true;
   }
 
@@ -327,9 +473,22 @@ class MpiOp final : public PendingOp {
   }
 
  private:
-  [[noreturn]] void fail(int rc) {
+  bool complete() {
+    if (messages) {
+      const std::optional<std::string> outcome = messages->test();
+      if (outcome && !outcome->empty()) fail(*outcome);
+      return outcome.has_value();
+    }
+    int flag = 0;
+    const int rc = MPI_Test(&request, &flag, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) fail(rc);
+    return flag != 0;
+  }
+
+  [[noreturn]] void fail(int rc) { fail(mpi_error_string(rc)); }
+  [[noreturn]] void fail(const std::string& problem) {
     abort_job("dsx: communication error in " + what() + " on world rank " + std::to_string(world_rank()) + ": " +
-              mpi_error_string(rc) + ". Aborting the job.");
+              problem + ". Aborting the job.");
   }
 
   [[noreturn]] void report_timeout_and_abort(double elapsed) {
@@ -504,7 +663,7 @@ class MpiCommunicator final : public Communicator {
   // collectives (libnbc) copy a self-message of derived datatypes by packing it into a buffer
   // malloc'ed for the purpose and unpacking it from there: two copies instead of one.
   CommHandle all_to_all_blocks(const Tensor& send, const PeerRowBlocks& send_blocks, const Tensor& recv,
-                               const PeerRowBlocks& recv_blocks) override {
+                               const PeerRowBlocks& recv_blocks, BlockMatch match = BlockMatch::rows) override {
     check_host_tensor(send, "all_to_all_blocks", "send");
     check_host_tensor(recv, "all_to_all_blocks", "recv");
     check_same_layout(send, recv, "all_to_all_blocks");
@@ -520,6 +679,19 @@ class MpiCommunicator final : public Communicator {
     const int row = to_count(row_elements(send), "all_to_all_blocks");
     const int64_t row_bytes = row * static_cast<int64_t>(dtype_size(send.dtype()));
     auto op = collective("all_to_all_blocks");
+    if (match == BlockMatch::blocks) {
+      // One contiguous message per block, receives posted first; then this rank's own rows.
+      op->messages = std::make_unique<BlockMessages>(op->seq(), send.dtype(), row, g_->blocks_comm);
+      op->keep_alive = {send, recv};
+      for (int p = 0; p < size(); ++p) {
+        if (p != me) op->started(op->messages->receive(recv, recv_blocks.of(p), p));
+      }
+      for (int p = 0; p < size(); ++p) {
+        if (p != me) op->started(op->messages->send(send, send_blocks.of(p), p));
+      }
+      copy_blocks(send, send_blocks.of(me), recv, recv_blocks.of(me), row_bytes);
+      return CommHandle(std::move(op));
+    }
     MPI_Type_contiguous(row, mpi_type(send.dtype()), &op->row_type);
     for (int p = 0; p < size(); ++p) {
       const bool self = p == me;  // copied below; MPI sees an empty message
@@ -669,6 +841,8 @@ std::shared_ptr<GroupState> split_group(const std::string& name, const std::vect
   const int color = *std::min_element(members.begin(), members.end());
   MPI_Comm_split(MPI_COMM_WORLD, color, g->rank, &g->comm);
   MPI_Comm_set_errhandler(g->comm, MPI_ERRORS_RETURN);
+  MPI_Comm_dup(g->comm, &g->blocks_comm);
+  MPI_Comm_set_errhandler(g->blocks_comm, MPI_ERRORS_RETURN);
   int rank = -1, size = -1;
   MPI_Comm_rank(g->comm, &rank);
   MPI_Comm_size(g->comm, &size);

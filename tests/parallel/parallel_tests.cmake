@@ -26,6 +26,16 @@ foreach(np 2 3)
                        PROPERTIES ENVIRONMENT "${DSX_MPI_TEST_ENV}" TIMEOUT 120 LABELS parallel)
 endforeach()
 
+# all_to_all_blocks with BlockMatch::blocks whose two sides cut a pair's rows differently: the
+# job must end at once (well within the timeout) with a message naming the block.
+foreach(kind larger smaller last unexpected)
+  add_test(NAME parallel.comm_all_to_all_blocks_mismatch_${kind}
+           COMMAND sh ${CMAKE_CURRENT_LIST_DIR}/mpi/run_fault.sh ${MPIEXEC_EXECUTABLE} $<TARGET_FILE:blocks_check>
+                   2 mismatch ${kind} 30 20 "on world rank 1: block 0 .* of the rows from group rank 0 received .*blocks disagree")
+  set_tests_properties(parallel.comm_all_to_all_blocks_mismatch_${kind}
+                       PROPERTIES ENVIRONMENT "${DSX_MPI_TEST_ENV}" TIMEOUT 90 LABELS parallel)
+endforeach()
+
 # Faults: the job must end non-zero within comm_timeout_s + 10 s, name the victim rank, and
 # leave no process. run_fault.sh MPIEXEC BIN NP MODE VICTIM TIMEOUT_S MAX_SECONDS REGEX
 set(DSX_FAULT_TIMEOUT_S 4)

@@ -30,8 +30,9 @@ Tensor numbered_rows(int64_t rows, DType d) {
 }
 
 CommHandle blocks(Communicator& c, bool base_default, const Tensor& send, const PeerRowBlocks& sb, const Tensor& recv,
-                  const PeerRowBlocks& rb) {
-  return base_default ? c.Communicator::all_to_all_blocks(send, sb, recv, rb) : c.all_to_all_blocks(send, sb, recv, rb);
+                  const PeerRowBlocks& rb, BlockMatch match = BlockMatch::rows) {
+  return base_default ? c.Communicator::all_to_all_blocks(send, sb, recv, rb, match)
+                      : c.all_to_all_blocks(send, sb, recv, rb, match);
 }
 
 PeerRowBlocks one_peer(std::initializer_list<RowBlock> list) {
@@ -49,22 +50,27 @@ TEST_CASE("comm: all_to_all_blocks gathers the send blocks in order and scatters
   auto world = make_mpi_world_communicator(5.0);
   for (const bool base_default : {false, true}) {
     for (DType d : {DType::f32, DType::bf16, DType::fp8_e4m3, DType::i64}) {
-      INFO((base_default ? "default " : "MPI override ") << dtype_name(d));
-      const Tensor send = numbered_rows(6, d);
-      // Sent in this order: rows 4, 5, 0, 1 (an empty block in between).
-      const PeerRowBlocks sb = one_peer({{4, 2}, {2, 0}, {0, 1}, {1, 1}});
-      // Received into rows 3 | 0, 1 | 5; rows 2, 4 and 6 are no block's and keep -1.
-      const PeerRowBlocks rb = one_peer({{3, 1}, {0, 2}, {6, 0}, {5, 1}});
-      Tensor recv = Tensor::full({7, 2}, -1.0, d);
-      blocks(*world, base_default, send, sb, recv, rb).wait();
-      const std::vector<double> s = send.to_vector();
-      auto row = [&](int64_t r) { return std::vector<double>{s[2 * r], s[2 * r + 1]}; };
-      std::vector<double> want;
-      for (const auto& r : {row(5), row(0), std::vector<double>{-1, -1}, row(4), std::vector<double>{-1, -1}, row(1),
-                            std::vector<double>{-1, -1}}) {
-        want.insert(want.end(), r.begin(), r.end());
+      for (const BlockMatch match : {BlockMatch::rows, BlockMatch::blocks}) {
+        INFO((base_default ? "default " : "MPI override ")
+             << dtype_name(d) << (match == BlockMatch::blocks ? " matched blocks" : ""));
+        const Tensor send = numbered_rows(6, d);
+        // Sent in this order: rows 4, 5, 0, 1 (an empty block in between).
+        const PeerRowBlocks sb = one_peer({{4, 2}, {2, 0}, {0, 1}, {1, 1}});
+        // Received into rows 3 | 0, 1 | 5; rows 2, 4 and 6 are no block's and keep -1. (Cut
+        // otherwise than the send blocks: a rank's own rows are copied, never messages, so
+        // BlockMatch::blocks does not bind them.)
+        const PeerRowBlocks rb = one_peer({{3, 1}, {0, 2}, {6, 0}, {5, 1}});
+        Tensor recv = Tensor::full({7, 2}, -1.0, d);
+        blocks(*world, base_default, send, sb, recv, rb, match).wait();
+        const std::vector<double> s = send.to_vector();
+        auto row = [&](int64_t r) { return std::vector<double>{s[2 * r], s[2 * r + 1]}; };
+        std::vector<double> want;
+        for (const auto& r : {row(5), row(0), std::vector<double>{-1, -1}, row(4), std::vector<double>{-1, -1}, row(1),
+                              std::vector<double>{-1, -1}}) {
+          want.insert(want.end(), r.begin(), r.end());
+        }
+        REQUIRE(recv.to_vector() == want);
       }
-      REQUIRE(recv.to_vector() == want);
     }
   }
 }
@@ -116,6 +122,8 @@ TEST_CASE("comm: all_to_all_blocks refuses bad blocks before anything is sent", 
                         Catch::Contains("dtypes differ"));
     REQUIRE_THROWS_WITH(blocks(*world, base_default, f, ok, Tensor::zeros({4, 3}, DType::f32), ok),
                         Catch::Contains("row shapes differ"));
+    REQUIRE_THROWS_WITH(blocks(*world, base_default, f, ok, out, one_peer({{3, 2}}), BlockMatch::blocks),
+                        Catch::Contains("recv block of peer 0 (rows 3 + 2) is not a row range of f32[4, 2]"));
   }
 }
 
@@ -126,6 +134,8 @@ TEST_CASE("comm: the MPI all_to_all_blocks refuses a self-send of another size t
   const Tensor f = numbered_rows(4, DType::f32);
   Tensor out = Tensor::zeros({4, 2}, DType::f32);
   REQUIRE_THROWS_WITH(world->all_to_all_blocks(f, one_peer({{0, 2}}), out, one_peer({{0, 1}})),
+                      Catch::Contains("rank 0 of group 'world' sends 2 rows to itself but expects to receive 1"));
+  REQUIRE_THROWS_WITH(world->all_to_all_blocks(f, one_peer({{0, 2}}), out, one_peer({{0, 1}}), BlockMatch::blocks),
                       Catch::Contains("rank 0 of group 'world' sends 2 rows to itself but expects to receive 1"));
 }
 

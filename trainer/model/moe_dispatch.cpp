@@ -26,6 +26,22 @@ PeerRowBlocks expert_major_blocks(std::span<const int64_t> recv_expert_counts, s
   return b;
 }
 
+// The plan's rows for each peer p, cut at its experts: block (p, j) holds the rows for p's local
+// expert j. They are consecutive, but cut like the peer's expert-major blocks (q = this rank, j)
+// so the two sides' blocks match one for one (BlockMatch::blocks).
+PeerRowBlocks plan_expert_blocks(std::span<const int64_t> expert_offsets, int64_t P, int64_t J) {
+  PeerRowBlocks b;
+  b.blocks.reserve(static_cast<size_t>(P * J));
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t e = p * J + j;
+      b.add(expert_offsets[e], expert_offsets[e + 1] - expert_offsets[e]);
+    }
+    b.end_peer();
+  }
+  return b;
+}
+
 }  // namespace
 
 ExpertRouter::ExpertRouter(int64_t n_experts, const ModelParallel& parallel)
@@ -84,7 +100,7 @@ std::vector<Dispatch> ExpertRouter::plan(const Tensor& expert_ids, std::span<con
         d.local_offsets[j + 1] += n;
       }
     std::partial_sum(d.local_offsets.begin(), d.local_offsets.end(), d.local_offsets.begin());
-    d.plan_blocks = PeerRowBlocks::consecutive(d.send_counts);
+    d.plan_blocks = plan_expert_blocks(d.plan.expert_offsets, P, J);
     d.expert_blocks = expert_major_blocks(d.recv_expert_counts, d.local_offsets, P, J);
   }
   return out;
@@ -106,7 +122,7 @@ Tensor ExpertRouter::start_transfer(const Tensor& rows, const PeerRowBlocks& sen
     case WireFormat::bf16: {
       const Tensor payload = wire == WireFormat::bf16 && rows.dtype() != DType::bf16 ? rows.to(DType::bf16) : rows;
       received = Tensor::empty({recv_rows, D}, payload.dtype(), rows.device());
-      d.pending = ep.all_to_all_blocks(payload, send_blocks, received, recv_blocks);
+      d.pending = ep.all_to_all_blocks(payload, send_blocks, received, recv_blocks, BlockMatch::blocks);
       bytes = static_cast<int64_t>(payload.nbytes());
       break;
     }
@@ -115,8 +131,9 @@ Tensor ExpertRouter::start_transfer(const Tensor& rows, const PeerRowBlocks& sen
       ops::fp8_quantize(rows, q);
       received = Tensor::empty({recv_rows, D}, DType::fp8_e4m3, rows.device());
       d.received_scales = Tensor::empty({recv_rows, q.scales.dim(1)}, DType::f32, rows.device());
-      d.pending = ep.all_to_all_blocks(q.data, send_blocks, received, recv_blocks);
-      d.pending_scales = ep.all_to_all_blocks(q.scales, send_blocks, d.received_scales, recv_blocks);
+      d.pending = ep.all_to_all_blocks(q.data, send_blocks, received, recv_blocks, BlockMatch::blocks);
+      d.pending_scales =
+          ep.all_to_all_blocks(q.scales, send_blocks, d.received_scales, recv_blocks, BlockMatch::blocks);
       bytes = static_cast<int64_t>(q.data.nbytes() + q.scales.nbytes());
       break;
     }

@@ -13,9 +13,10 @@
 //   combine      reverse all-to-all from the same blocks back to the permuted order
 //   unpermute    the routing weights are applied where the token lives (they never travel)
 //
-// The backward moves gradients along the same routes in reverse. The MPI communicator moves
-// the blocks in place (one indexed datatype per peer), so no row is copied outside the
-// all-to-all; other backends gather/scatter them around their all_to_all_v. With one EP rank
+// The backward moves gradients along the same routes in reverse. Both sides cut a pair's rows
+// at the same (peer, expert) blocks (BlockMatch::blocks), so the MPI communicator moves each
+// block as one contiguous message straight between the two layouts and no row is copied
+// outside the all-to-all; other backends gather/scatter them around their all_to_all_v. With one EP rank
 // (no communicator) the all-to-alls are the identity and no row is copied.
 #pragma once
 #include <cstdint>
@@ -34,7 +35,7 @@ struct Dispatch {
   std::vector<int64_t> recv_counts;         // [P] rows from each EP peer
   std::vector<int64_t> recv_expert_counts;  // [P · J] rows from peer q for local expert j
   std::vector<int64_t> local_offsets;       // [J + 1] expert-major row offsets of the local experts
-  PeerRowBlocks plan_blocks;                // per peer: its rows in the plan's order (one block)
+  PeerRowBlocks plan_blocks;                // per peer p: blocks (p, j = 0..J-1) of the plan's rows
   PeerRowBlocks expert_blocks;              // per peer q: blocks (q, j = 0..J-1) of the expert-major rows
   CommHandle pending;                       // the all-to-all in flight, if any
   CommHandle pending_scales;                // FP8 rows: their scales' all-to-all
