@@ -16,6 +16,7 @@ struct GrpoArgs {
 void run_grpo(const GrpoArgs& args) {
   grpo::GrpoTrainer trainer(load_recipe(args.recipe, args.overrides));
   const grpo::GrpoResult r = trainer.run();
+  if (!trainer.is_rank0()) return;  // data-parallel runs: rank 0 reports
   std::string accuracy;
   if (r.evals.size() >= 2) {
     accuracy = fmt::format("; held-out accuracy {:.1f}% -> {:.1f}%", 100 * r.evals.front().accuracy,

@@ -88,10 +88,10 @@ void validate(const PolicyLossInput& in, const PolicyLossConfig& config) {
 }  // namespace
 
 std::vector<double> group_advantages(std::span<const double> rewards, int64_t group_size, ScaleRewards scale,
-                                     double eps) {
+                                     double eps, std::optional<double> step_std) {
   check_groups(rewards.size(), group_size);
   const auto g = static_cast<size_t>(group_size);
-  const double batch_std = sample_std(rewards);
+  const double batch_std = step_std ? *step_std : sample_std(rewards);
   std::vector<double> adv(rewards.size(), 0.0);
   for (size_t start = 0; start < rewards.size(); start += g) {
     const std::span<const double> group = rewards.subspan(start, g);

@@ -10,6 +10,7 @@
 // and the batch loss is Σ_t w_t·loss_t with the weights of the aggregation mode.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -28,8 +29,12 @@ enum class LossAggregation {
 // std is the sample standard deviation (n − 1), as TRL computes it. Groups whose rewards are
 // all equal get exactly zero advantages. std::invalid_argument when the size is not a
 // multiple of group_size or group_size < 1.
+//
+// batch_std (scale batch only): the standard deviation of the whole step's rewards when
+// `rewards` is one data-parallel rank's share of them (the ranks' groups together form the step);
+// unset, it is computed from `rewards`.
 std::vector<double> group_advantages(std::span<const double> rewards, int64_t group_size, ScaleRewards scale,
-                                     double eps = 1e-4);
+                                     double eps = 1e-4, std::optional<double> batch_std = std::nullopt);
 
 // One flag per group: true when all its rewards are equal, so it carries no learning signal
 // (DAPO's dynamic sampling drops these groups; the fraction is a metric).

@@ -2,7 +2,10 @@
 
 #include <fmt/core.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -10,6 +13,7 @@
 #include <limits>
 #include <numbers>
 #include <numeric>
+#include <tuple>
 
 #include "data/prompts.h"
 #include "data/tokenizer.h"
@@ -19,9 +23,11 @@
 #include "trainer/grpo/addition_task.h"
 #include "trainer/grpo/generate.h"
 #include "trainer/model/param_count.h"
+#include "trainer/optim/distributed_optimizer.h"
 #include "trainer/optim/lr_schedule.h"
 #include "trainer/optim/optimizer.h"
 #include "trainer/train/stop_signals.h"
+#include "trainer/train/train_parallel.h"
 
 namespace dsx::grpo {
 namespace {
@@ -97,10 +103,6 @@ std::string completion_text(const data::Tokenizer& tok, std::span<const int32_t>
   return text + tok.decode(run);
 }
 
-double mean_of(std::span<const double> v) {
-  return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
-}
-
 }  // namespace
 
 // One prompt with its G completions and their scores.
@@ -113,6 +115,9 @@ struct Group {
 };
 
 struct GrpoTrainer::State {
+  // Data parallelism (null in one process). Declared first: destroyed after the model and the
+  // optimizer, which hold its communicators.
+  std::unique_ptr<TrainParallel> parallel;
   Recipe recipe;
   GrpoOptions options;
   std::filesystem::path run_dir, checkpoint_root;
@@ -122,7 +127,7 @@ struct GrpoTrainer::State {
   int64_t task_prompts_consumed = 0;
   std::vector<data::Prompt> eval_prompts;
   std::unique_ptr<Model> model, reference;
-  std::unique_ptr<AdamW> optimizer;
+  std::unique_ptr<Optimizer> optimizer;  // AdamW, or DistributedAdamW under data parallelism
   CombinedReward rewards;
   AnswerMatchReward accuracy;
   std::unique_ptr<LrSchedule> lr_schedule;
@@ -142,12 +147,134 @@ struct GrpoTrainer::State {
     jsonl->flush();
   }
 
+  // ---- data parallelism ----------------------------------------------------------------------
+  //
+  // `mpirun -np N dsx grpo` with parallel.dp = N: every rank holds the whole model and runs the
+  // same loop on its share of each step. DP rank r owns the step's prompt groups
+  // [r·P/N, (r+1)·P/N) of every generation round (validation: N divides grpo.prompts_per_step),
+  // a prompt and its G completions always on one rank, so rewards and group advantages need no
+  // communication. What the single process computes over the whole step is summed over the DP
+  // group instead: the normalisers of the loss aggregation (sequences, tokens), the kept-group
+  // counts of dynamic sampling, the batch reward std of scale_rewards: batch, and every metric.
+  // Gradients are summed by the pre-training DistributedAdamW (ZeRO-1 included), whose update
+  // keeps the replicas equal. The SFT warm-up runs whole on every rank (a short, identical
+  // computation; its router-load sums over DP are N equal counts, which leave the sign-based
+  // bias update unchanged).
+
+  int dp_rank() const { return parallel ? parallel->mesh.coords.dp : 0; }
+  int dp_size() const { return parallel ? parallel->mesh.sizes.dp : 1; }
+  bool is_rank0() const { return !parallel || parallel->world_rank() == 0; }
+  void sum_over_dp(std::span<double> values) {
+    if (parallel) parallel->sum_over_dp(values);
+  }
+  // Every DP rank's `values`, rank after rank (a sum of zero-padded slots: exact).
+  std::vector<double> gather_over_dp(std::span<const double> values) {
+    const size_t n = values.size();
+    std::vector<double> all(n * static_cast<size_t>(dp_size()), 0.0);
+    std::copy(values.begin(), values.end(), all.begin() + static_cast<std::ptrdiff_t>(n * dp_rank()));
+    sum_over_dp(all);
+    return all;
+  }
+  // A signal may reach the ranks at different steps: they stop together at the first check
+  // where any of them has seen one. Every rank must call this at the same points.
+  bool stop_requested() {
+    return parallel ? parallel->any_rank(StopSignals::stop_requested()) : StopSignals::stop_requested();
+  }
+  // The rollout metrics over every generated completion of the step (dropped groups included),
+  // summed over the DP ranks: the single process's values up to the order of the sums. Returns
+  // the step's generated tokens over all ranks.
+  double add_rollout_metrics(const std::vector<Group>& generated, int64_t generated_tokens, GrpoStepMetrics& m) {
+    const std::vector<RewardSample> samples = reward_samples(generated);
+    const RewardScores scores = rewards.score(samples);
+    const std::vector<double> correct = accuracy.score(samples);
+    const size_t n_rewards = scores.names.size();
+    // [completions, groups, zero-spread groups, truncated, length sum, generated tokens,
+    //  correct answers, Σ total reward, Σ each reward]
+    std::vector<double> sums(8 + n_rewards, 0.0);
+    sums[0] = static_cast<double>(samples.size());
+    sums[1] = static_cast<double>(generated.size());
+    int64_t length_min = std::numeric_limits<int64_t>::max(), length_max = 0;
+    for (const Group& grp : generated) {
+      sums[2] += grp.zero_spread;
+      for (const Completion& c : grp.completions) {
+        const auto n = static_cast<int64_t>(c.tokens.size());
+        sums[3] += c.finish == FinishReason::length;
+        sums[4] += static_cast<double>(n);
+        length_min = std::min(length_min, n);
+        length_max = std::max(length_max, n);
+      }
+    }
+    sums[5] = static_cast<double>(generated_tokens);
+    sums[6] = std::accumulate(correct.begin(), correct.end(), 0.0);
+    sums[7] = std::accumulate(scores.total.begin(), scores.total.end(), 0.0);
+    for (size_t k = 0; k < n_rewards; ++k)
+      sums[8 + k] = std::accumulate(scores.per_reward[k].begin(), scores.per_reward[k].end(), 0.0);
+    sum_over_dp(sums);
+    const double n = sums[0];
+    // Standard deviations in two passes like mean_std (rewards.h): squared deviations from the step's means.
+    std::vector<double> squares(1 + n_rewards, 0.0);
+    const auto add_squares = [&](const std::vector<double>& values, double mean, double& out) {
+      for (double v : values) out += (v - mean) * (v - mean);
+    };
+    add_squares(scores.total, sums[7] / n, squares[0]);
+    for (size_t k = 0; k < n_rewards; ++k) add_squares(scores.per_reward[k], sums[8 + k] / n, squares[1 + k]);
+    sum_over_dp(squares);
+    m.reward_mean = sums[7] / n;
+    m.reward_std = std::sqrt(squares[0] / n);
+    for (size_t k = 0; k < n_rewards; ++k)
+      m.per_reward[scores.names[k]] = {sums[8 + k] / n, std::sqrt(squares[1 + k] / n)};
+    m.accuracy = sums[6] / n;
+    m.completions = static_cast<int64_t>(n);
+    m.prompts = static_cast<int64_t>(sums[1]);
+    m.zero_spread_fraction = sums[2] / sums[1];
+    m.truncated_fraction = sums[3] / n;
+    m.length_mean = sums[4] / n;
+    const std::array<double, 2> extremes{static_cast<double>(length_min), static_cast<double>(length_max)};
+    const std::vector<double> all = gather_over_dp(extremes);
+    m.length_min = std::numeric_limits<int64_t>::max();
+    m.length_max = 0;
+    for (size_t r = 0; r < all.size(); r += 2) {
+      m.length_min = std::min(m.length_min, static_cast<int64_t>(all[r]));
+      m.length_max = std::max(m.length_max, static_cast<int64_t>(all[r + 1]));
+    }
+    return sums[5];
+  }
+
+  // Sample standard deviation (n − 1) of the step's rewards given this rank's share, in two
+  // passes like group_advantages' own.
+  double step_sample_std(const std::vector<double>& rewards) {
+    std::array<double, 2> sums{std::accumulate(rewards.begin(), rewards.end(), 0.0),
+                               static_cast<double>(rewards.size())};
+    sum_over_dp(sums);
+    if (sums[1] < 2) return 0.0;
+    const double mean = sums[0] / sums[1];
+    std::array<double, 1> squares{0.0};
+    for (double r : rewards) squares[0] += (r - mean) * (r - mean);
+    sum_over_dp(squares);
+    return std::sqrt(squares[0] / (sums[1] - 1));
+  }
+
+  std::unique_ptr<Optimizer> make_optimizer() {
+    if (!parallel) return std::make_unique<AdamW>(model->parameters(), recipe.optim);
+    MeshComms& c = parallel->comms;
+    return std::make_unique<DistributedAdamW>(model->parameters(), recipe.optim, *c.dp, *c.edp, *c.world,
+                                              DistributedOptimizerOptions{.zero1 = recipe.parallel.zero >= 1});
+  }
+
   // ---- prompts -------------------------------------------------------------------------------
 
+  // This rank's first group of a round, in the round's order over all ranks.
+  int64_t first_group() const { return dp_rank() * (g().prompts_per_step / dp_size()); }
+
+  // This rank's prompts of the next round: its slice of the round's grpo.prompts_per_step.
+  // Every rank advances through the same prompt stream (the task's counter, the loader's global
+  // sample position), so the state saved by rank 0 resumes on any number of ranks.
   std::vector<data::Prompt> next_prompts() {
     if (task) {
       std::vector<data::Prompt> out;
-      for (int64_t i = 0; i < g().prompts_per_step; ++i) out.push_back(task->train_prompt(task_prompts_consumed++));
+      const int64_t share = g().prompts_per_step / dp_size();
+      for (int64_t i = 0; i < share; ++i) out.push_back(task->train_prompt(task_prompts_consumed + first_group() + i));
+      task_prompts_consumed += g().prompts_per_step;
       return out;
     }
     return loader->next().prompts;
@@ -207,15 +334,37 @@ struct GrpoTrainer::State {
 
   // ---- checkpoints ---------------------------------------------------------------------------
 
-  std::vector<ckpt::TensorSlice> slices() {
+  // What this rank writes: the replicated policy and reference by rank 0, the AdamW moments as
+  // the optimizer lays them out (1-D ranges of the flattened tensors, as in pre-training: one
+  // process writes them whole, ZeRO-1 ranks their shards), so any layout resumes any other.
+  std::vector<ckpt::TensorSlice> save_slices() {
     std::vector<ckpt::TensorSlice> out;
+    if (is_rank0()) {
+      for (Parameter& p : model->parameters()) out.push_back({p.spec.name, p.value.shape(), {}, p.value});
+      if (reference) {
+        for (Parameter& p : reference->parameters())
+          out.push_back({"reference." + p.spec.name, p.value.shape(), {}, p.value});
+      }
+    }
+    for (ckpt::TensorSlice& sl : optimizer->state_slices()) out.push_back(std::move(sl));
+    return out;
+  }
+
+  // What this rank reads back: the whole policy and reference, its own moments.
+  std::vector<ckpt::LoadRequest> load_requests() {
+    std::vector<ckpt::LoadRequest> out;
     for (Parameter& p : model->parameters()) out.push_back({p.spec.name, p.value.shape(), {}, p.value});
-    for (const auto& st : optimizer->state_tensors()) out.push_back({st.name, st.tensor->shape(), {}, *st.tensor});
     if (reference) {
       for (Parameter& p : reference->parameters())
         out.push_back({"reference." + p.spec.name, p.value.shape(), {}, p.value});
     }
+    for (ckpt::LoadRequest& r : optimizer->state_requests()) out.push_back(std::move(r));
     return out;
+  }
+
+  // checkpoint.resume: auto; every rank resumes from the same step.
+  std::optional<std::filesystem::path> latest_checkpoint() {
+    return newest_checkpoint_on_every_rank(checkpoint_root, parallel.get());
   }
 
   std::filesystem::path save(double sft_loss) {
@@ -229,7 +378,13 @@ struct GrpoTrainer::State {
     state.recipe_yaml = to_yaml(recipe);
     ckpt::SaveOptions options;
     options.keep_last = static_cast<int>(recipe.checkpoint.keep_last);
-    const auto s = slices();
+    if (parallel) {
+      options.writer_index = parallel->world_rank();
+      options.n_writers = parallel->world_size();
+      options.barrier = [this] { parallel->barrier(); };
+      options.attempt_id = std::to_string(parallel->broadcast_from_rank0(static_cast<int64_t>(::getpid())));
+    }
+    const auto s = save_slices();
     last_checkpoint = ckpt::save(checkpoint_root, state, s, options);
     last_saved_step = step;
     return *last_checkpoint;
@@ -237,9 +392,7 @@ struct GrpoTrainer::State {
 
   // Returns the SFT loss recorded in the checkpoint.
   double restore(const std::filesystem::path& dir) {
-    std::vector<ckpt::LoadRequest> requests;
-    for (auto& sl : slices()) requests.push_back({sl.name, sl.global_shape, {}, sl.data});
-    const ckpt::CheckpointState state = ckpt::load(dir, requests);
+    const ckpt::CheckpointState state = ckpt::load(dir, load_requests());
     if (state.metadata.value("phase", "") != "grpo") {
       throw UserError(
           fmt::format("checkpoint.resume: {} is not a GRPO checkpoint (no \"phase\": \"grpo\"); use "
@@ -283,24 +436,26 @@ GrpoTrainer::GrpoTrainer(Recipe recipe, GrpoOptions options) : s_(std::make_uniq
     throw UserError(
         "model.device: dsx grpo runs on the CPU only for now (its generator is host code); set model.device: cpu");
   }
+  s.parallel = start_train_parallel(r);  // checks the world size against parallel.dp before any work
+  s.options.console = s.options.console && s.is_rank0();
   s.run_dir = r.logging.run_dir;
   s.checkpoint_root = r.checkpoint.dir;
   std::filesystem::create_directories(s.run_dir);
-  std::ofstream(s.run_dir / "recipe.yaml") << to_yaml(r);
+  if (s.is_rank0()) std::ofstream(s.run_dir / "recipe.yaml") << to_yaml(r);
 
   if (g.task == GrpoTask::addition) {
     s.task.emplace(AdditionTaskConfig{.digits = g.addition.digits,
                                       .direct_fraction = g.addition.direct_fraction,
                                       .seed = static_cast<uint64_t>(r.data.seed)});
-    std::ofstream(s.run_dir / "tokenizer.json") << AdditionTask::tokenizer_json();
+    if (s.is_rank0()) std::ofstream(s.run_dir / "tokenizer.json") << AdditionTask::tokenizer_json();
     if (g.eval.count > 0 && g.eval.prompts.empty()) s.eval_prompts = s.task->heldout_prompts(g.eval.count);
   } else {
     s.file_tokenizer.emplace(data::Tokenizer::load(r.data.tokenizer));
     auto set = std::make_shared<const data::PromptSet>(data::PromptSet::load(g.prompts));
-    s.loader.emplace(
-        set,
-        data::PromptLoaderConfig{
-            .global_batch = g.prompts_per_step, .dp_rank = 0, .dp_size = 1, .seed = static_cast<uint64_t>(g.seed)});
+    s.loader.emplace(set, data::PromptLoaderConfig{.global_batch = g.prompts_per_step,
+                                                   .dp_rank = s.dp_rank(),
+                                                   .dp_size = s.dp_size(),
+                                                   .seed = static_cast<uint64_t>(g.seed)});
   }
   if (g.eval.count > 0 && !g.eval.prompts.empty()) {
     const data::PromptSet held_out = data::PromptSet::load(g.eval.prompts);
@@ -311,19 +466,27 @@ GrpoTrainer::GrpoTrainer(Recipe recipe, GrpoOptions options) : s_(std::make_uniq
     for (int64_t i = 0; i < g.eval.count; ++i) s.eval_prompts.push_back(held_out[static_cast<size_t>(i)]);
   }
 
+  // Under DP the MoE layers sum their router loads over the DP group before the bias update.
+  const ModelParallel model_parallel =
+      s.parallel ? s.parallel->model_parallel(r.parallel, r.precision) : ModelParallel{};
   s.model = std::make_unique<Model>(r.model, r.model.dtype, static_cast<uint64_t>(r.train.seed),
-                                    recompute_policy(r.train), precision_policy(r.precision));
+                                    recompute_policy(r.train), precision_policy(r.precision), model_parallel);
   model_ = s.model.get();
   if (!g.init_checkpoint.empty()) s.load_initial_parameters(g.init_checkpoint);
   s.rewards = build_rewards(g);
   s.lr_schedule = std::make_unique<LrSchedule>(r);
-  if (r.logging.jsonl) s.jsonl = std::make_unique<std::ofstream>(s.run_dir / "metrics.jsonl", std::ios::app);
+  if (r.logging.jsonl && s.is_rank0())
+    s.jsonl = std::make_unique<std::ofstream>(s.run_dir / "metrics.jsonl", std::ios::app);
 }
 
 GrpoTrainer::~GrpoTrainer() = default;
 
 const data::Tokenizer& GrpoTrainer::tokenizer() const {
   return s_->tokenizer();
+}
+
+bool GrpoTrainer::is_rank0() const {
+  return s_->is_rank0();
 }
 
 // ---- supervised warm-up ------------------------------------------------------------------------
@@ -337,7 +500,8 @@ double GrpoTrainer::sft(int64_t steps) {
   auto interval_start = start;
   int64_t interval_tokens = 0;
   double loss = 0;
-  for (int64_t step = 0; step < steps && !StopSignals::stop_requested(); ++step) {
+  // Every DP rank runs the whole warm-up (see "data parallelism" above).
+  for (int64_t step = 0; step < steps && !s.stop_requested(); ++step) {
     std::vector<SftSequence> seqs;
     int64_t width = 0;
     for (int64_t i = 0; i < g.sft_batch; ++i) {
@@ -395,7 +559,10 @@ EvalMetrics GrpoTrainer::evaluate() {
   const auto start = Clock::now();
   std::vector<Group> groups;
   std::vector<GenerationRequest> requests;
-  for (size_t i = 0; i < s.eval_prompts.size(); ++i) {
+  // DP rank r evaluates held-out prompts [r·C/N, (r+1)·C/N); the sums are reduced over the ranks.
+  const auto count = static_cast<int64_t>(s.eval_prompts.size());
+  const int64_t begin = count * s.dp_rank() / s.dp_size(), end = count * (s.dp_rank() + 1) / s.dp_size();
+  for (auto i = static_cast<size_t>(begin); i < static_cast<size_t>(end); ++i) {
     Group grp;
     grp.prompt = s.eval_prompts[i];
     grp.prompt_tokens = s.prompt_tokens(grp.prompt);
@@ -407,22 +574,28 @@ EvalMetrics GrpoTrainer::evaluate() {
     groups.push_back(std::move(grp));
   }
   Generator generator(*s.model, &s.tokenizer());
-  std::vector<Completion> completions = generator.generate(requests, s.sampling(g.eval.temperature));
+  std::vector<Completion> completions;
+  if (!requests.empty()) completions = generator.generate(requests, s.sampling(g.eval.temperature));
   for (size_t i = 0; i < groups.size(); ++i)
     for (int64_t k = 0; k < g.eval.samples; ++k)
       groups[i].completions.push_back(std::move(completions[i * static_cast<size_t>(g.eval.samples) + k]));
 
   const std::vector<RewardSample> samples = s.reward_samples(groups);
-  EvalMetrics m;
-  m.step = s.step;
-  m.prompts = static_cast<int64_t>(groups.size());
-  m.samples = g.eval.samples;
-  m.accuracy = mean_of(s.accuracy.score(samples));
-  m.format_rate = mean_of(FormatReward().score(samples));
-  m.reward_mean = mean_of(s.rewards.score(samples).total);
+  const auto sum_of = [](const std::vector<double>& v) { return std::accumulate(v.begin(), v.end(), 0.0); };
   double length = 0;
   for (const RewardSample& x : samples) length += static_cast<double>(x.completion_tokens);
-  m.length_mean = samples.empty() ? 0.0 : length / static_cast<double>(samples.size());
+  std::array<double, 5> sums{sum_of(s.accuracy.score(samples)), sum_of(FormatReward().score(samples)),
+                             sum_of(s.rewards.score(samples).total), length, static_cast<double>(samples.size())};
+  s.sum_over_dp(sums);
+  const double n = sums[4];
+  EvalMetrics m;
+  m.step = s.step;
+  m.prompts = count;
+  m.samples = g.eval.samples;
+  m.accuracy = n > 0 ? sums[0] / n : 0.0;
+  m.format_rate = n > 0 ? sums[1] / n : 0.0;
+  m.reward_mean = n > 0 ? sums[2] / n : 0.0;
+  m.length_mean = n > 0 ? sums[3] / n : 0.0;
   m.seconds = seconds_since(start);
   if (s.options.console) fmt::print("{}\n", console_line(m));
   s.log(to_json(m));
@@ -436,7 +609,7 @@ EvalMetrics GrpoTrainer::evaluate() {
 GrpoStepMetrics GrpoTrainer::step() {
   State& s = *s_;
   const GrpoSection& g = s.g();
-  if (!s.optimizer) s.optimizer = std::make_unique<AdamW>(s.model->parameters(), s.recipe.optim);
+  if (!s.optimizer) s.optimizer = s.make_optimizer();
   if (g.beta > 0 && !s.reference) {
     s.reference = std::make_unique<Model>(s.recipe.model, s.recipe.model.dtype, 0, RecomputePolicy{},
                                           precision_policy(s.recipe.precision));
@@ -448,11 +621,16 @@ GrpoStepMetrics GrpoTrainer::step() {
   m.lr = s.lr_schedule->lr(s.step, 0);
 
   // Rollouts: G completions per prompt; with dynamic sampling, fresh prompts refill dropped groups.
+  // Under DP this rank generates its groups of each round; a request's Philox seed is keyed by
+  // its index in the round over all ranks ((first group + g)·G + k), so the ranks together sample
+  // exactly the single process's completions.
   const auto rollout_start = Clock::now();
   std::vector<Group> generated, kept;
+  int64_t kept_total = 0;  // groups kept so far, over every rank
   int64_t generated_tokens = 0;
   double generation_s = 0, reward_s = 0;
   const int64_t rounds = g.dynamic_sampling ? 1 + g.resample_rounds : 1;
+  const auto first_request = static_cast<uint64_t>(s.first_group() * g.group_size);
   Generator generator(*s.model, &s.tokenizer());
   for (int64_t round = 0; round < rounds; ++round) {
     std::vector<Group> groups;
@@ -462,7 +640,7 @@ GrpoStepMetrics GrpoTrainer::step() {
       grp.prompt = std::move(p);
       grp.prompt_tokens = s.prompt_tokens(grp.prompt);
       for (int64_t k = 0; k < g.group_size; ++k) {
-        const uint64_t counter = (static_cast<uint64_t>(round) << 32) | static_cast<uint64_t>(requests.size());
+        const uint64_t counter = (static_cast<uint64_t>(round) << 32) | (first_request + requests.size());
         requests.push_back({grp.prompt_tokens, seed_of(static_cast<uint64_t>(g.seed),
                                                        kRolloutSeedStream + static_cast<uint64_t>(s.step), counter)});
       }
@@ -480,46 +658,31 @@ GrpoStepMetrics GrpoTrainer::step() {
     const RewardScores scores = s.rewards.score(s.reward_samples(groups));
     reward_s += seconds_since(reward_start);
     const std::vector<bool> flat_zero = zero_spread_groups(scores.total, g.group_size);
+    std::vector<Group> kept_now;
     for (size_t i = 0; i < groups.size(); ++i) {
       const auto first = scores.total.begin() + static_cast<std::ptrdiff_t>(i * g.group_size);
       groups[i].rewards.assign(first, first + g.group_size);
       groups[i].zero_spread = flat_zero[i];
-      if (!g.dynamic_sampling || !groups[i].zero_spread) kept.push_back(groups[i]);
+      if (!g.dynamic_sampling || !groups[i].zero_spread) kept_now.push_back(groups[i]);
     }
+    // The step trains the first grpo.prompts_per_step kept groups in generation order (round,
+    // then rank, then group): this rank's kept groups are numbered after every earlier round's
+    // and every lower rank's of this round.
+    const std::array<double, 1> kept_here{static_cast<double>(kept_now.size())};
+    const std::vector<double> kept_per_rank = s.gather_over_dp(kept_here);
+    auto index = kept_total +
+                 static_cast<int64_t>(std::accumulate(kept_per_rank.begin(), kept_per_rank.begin() + s.dp_rank(), 0.0));
+    for (Group& grp : kept_now)
+      if (index++ < g.prompts_per_step) kept.push_back(std::move(grp));
+    kept_total += static_cast<int64_t>(std::accumulate(kept_per_rank.begin(), kept_per_rank.end(), 0.0));
     generated.insert(generated.end(), std::make_move_iterator(groups.begin()), std::make_move_iterator(groups.end()));
     m.generation_rounds = round + 1;
-    if (static_cast<int64_t>(kept.size()) >= g.prompts_per_step) break;
+    if (kept_total >= g.prompts_per_step) break;
   }
-  if (static_cast<int64_t>(kept.size()) > g.prompts_per_step) kept.resize(static_cast<size_t>(g.prompts_per_step));
-
-  // Metrics over every generated completion (dropped groups included).
-  const std::vector<RewardSample> samples = s.reward_samples(generated);
-  const RewardScores scores = s.rewards.score(samples);
-  const MeanStd total = mean_std(scores.total);
-  m.reward_mean = total.mean;
-  m.reward_std = total.std;
-  for (size_t k = 0; k < scores.names.size(); ++k) m.per_reward[scores.names[k]] = mean_std(scores.per_reward[k]);
-  m.accuracy = mean_of(s.accuracy.score(samples));
-  m.prompts = static_cast<int64_t>(generated.size());
-  m.completions = static_cast<int64_t>(samples.size());
-  int64_t zero = 0, truncated = 0;
-  m.length_min = std::numeric_limits<int64_t>::max();
-  double length_sum = 0;
-  for (const Group& grp : generated) {
-    zero += grp.zero_spread;
-    for (const Completion& c : grp.completions) {
-      const auto n = static_cast<int64_t>(c.tokens.size());
-      length_sum += static_cast<double>(n);
-      m.length_min = std::min(m.length_min, n);
-      m.length_max = std::max(m.length_max, n);
-      truncated += c.finish == FinishReason::length;
-    }
-  }
-  m.zero_spread_fraction = static_cast<double>(zero) / static_cast<double>(generated.size());
-  m.length_mean = length_sum / static_cast<double>(samples.size());
-  m.truncated_fraction = static_cast<double>(truncated) / static_cast<double>(samples.size());
-  m.groups_trained = static_cast<int64_t>(kept.size());
-  m.generation_tokens_per_s = generation_s > 0 ? static_cast<double>(generated_tokens) / generation_s : 0.0;
+  m.groups_trained = std::min(kept_total, g.prompts_per_step);
+  const double step_generated_tokens = s.add_rollout_metrics(generated, generated_tokens, m);
+  // throughput of the step's tokens over this rank's generation time (the ranks generate at once)
+  m.generation_tokens_per_s = generation_s > 0 ? step_generated_tokens / generation_s : 0.0;
   m.reward_s = reward_s;
   m.rollout_s = seconds_since(rollout_start) - reward_s;
 
@@ -531,9 +694,11 @@ GrpoStepMetrics GrpoTrainer::step() {
     kept_rewards.insert(kept_rewards.end(), grp.rewards.begin(), grp.rewards.end());
     for (const Completion& c : grp.completions) rollouts.push_back({grp.prompt_tokens, c.tokens, c.logprobs, {}, 0.0});
   }
-  std::vector<double> advantages = group_advantages(kept_rewards, g.group_size, g.scale_rewards);
+  std::optional<double> step_std;  // scale_rewards: batch over the whole step's rewards
+  if (s.parallel && g.scale_rewards == ScaleRewards::batch) step_std = s.step_sample_std(kept_rewards);
+  std::vector<double> advantages = group_advantages(kept_rewards, g.group_size, g.scale_rewards, 1e-4, step_std);
   if (g.debug_advantages == GrpoAdvantages::zero) std::fill(advantages.begin(), advantages.end(), 0.0);
-  if (g.debug_advantages == GrpoAdvantages::shuffled) {
+  if (g.debug_advantages == GrpoAdvantages::shuffled) {  // one process only (validation)
     // Fisher-Yates with Philox draws: the same permutation for a given seed and step.
     for (size_t i = advantages.size(); i > 1; --i) {
       const uint64_t r = seed_of(static_cast<uint64_t>(g.seed), kShuffleStream + static_cast<uint64_t>(s.step), i);
@@ -545,6 +710,18 @@ GrpoStepMetrics GrpoTrainer::step() {
     auto ref = completion_logprobs(*s.reference, rollouts, g.micro_batch, s.pad_id());
     for (size_t i = 0; i < rollouts.size(); ++i) rollouts[i].ref_logp = std::move(ref[i]);
   }
+  // The step's rollouts and completion tokens over every rank: the aggregation's normalisers.
+  std::array<double, 3> batch{static_cast<double>(rollouts.size()), 0.0, 0.0};
+  int64_t longest = 1;  // positions of the longest row (prompt + completion − 1)
+  for (const Rollout& r : rollouts) {
+    const auto positions = static_cast<int64_t>(r.prompt.size() + r.completion.size()) - 1;
+    batch[1] += static_cast<double>(r.completion.size());
+    batch[2] += static_cast<double>(positions);
+    longest = std::max(longest, positions);
+  }
+  s.sum_over_dp(batch);
+  const std::array<double, 1> longest_here{static_cast<double>(longest)};
+  const std::vector<double> longest_per_rank = s.gather_over_dp(longest_here);
   UpdateConfig config;
   config.loss = {.epsilon_low = g.epsilon_low,
                  .epsilon_high = g.epsilon_high,
@@ -553,22 +730,33 @@ GrpoStepMetrics GrpoTrainer::step() {
                  .max_completion_length = g.max_completion_length};
   config.micro_batch = g.micro_batch;
   config.pad_id = s.pad_id();
-  int64_t trained_tokens = 0;
-  for (const Rollout& r : rollouts) trained_tokens += static_cast<int64_t>(r.prompt.size() + r.completion.size()) - 1;
-  if (!rollouts.empty()) {
+  config.batch_sequences = static_cast<int64_t>(batch[0]);
+  config.batch_tokens = static_cast<int64_t>(batch[1]);
+  config.seq_len = static_cast<int64_t>(*std::max_element(longest_per_rank.begin(), longest_per_rank.end()));
+  if (config.batch_sequences > 0) {  // every rank steps (the optimizer is collective), rollouts or not
+    // This rank's parts of the step's loss, KL, entropy and clip fractions, summed over DP below.
+    std::array<double, 5> parts{};
+    double max_abs_log_ratio = 0;
     for (int64_t it = 0; it < g.mu; ++it) {
       const UpdateStats u = policy_update(*s.model, *s.optimizer, m.lr, rollouts, config);
       s.model->update_router_biases(s.recipe.model.bias_update_rate);
       const double w = 1.0 / static_cast<double>(g.mu);
-      m.loss += w * u.loss;
-      m.grad_norm += w * u.grad_norm;
-      m.kl += w * u.mean_kl;
-      m.entropy += w * u.entropy;
-      m.clip_low += w * u.clip_fraction_low;
-      m.clip_high += w * u.clip_fraction_high;
-      if (it == 0) m.max_abs_log_ratio = u.max_abs_log_ratio;
+      parts[0] += w * u.loss;
+      parts[1] += w * u.mean_kl;
+      parts[2] += w * u.entropy;
+      parts[3] += w * u.clip_fraction_low;
+      parts[4] += w * u.clip_fraction_high;
+      m.grad_norm += w * u.grad_norm;  // already the norm of the gradient summed over DP
+      if (it == 0) max_abs_log_ratio = u.max_abs_log_ratio;
     }
+    s.sum_over_dp(parts);
+    std::tie(m.loss, m.kl, m.entropy, m.clip_low, m.clip_high) =
+        std::tuple(parts[0], parts[1], parts[2], parts[3], parts[4]);
+    const std::array<double, 1> ratio{max_abs_log_ratio};
+    const std::vector<double> ratios = s.gather_over_dp(ratio);
+    m.max_abs_log_ratio = *std::max_element(ratios.begin(), ratios.end());
   }
+  const auto trained_tokens = static_cast<int64_t>(batch[2]);
   m.train_s = seconds_since(train_start);
   m.training_tokens_per_s = m.train_s > 0 ? static_cast<double>(trained_tokens * g.mu) / m.train_s : 0.0;
   ++s.step;
@@ -586,14 +774,14 @@ GrpoResult GrpoTrainer::run() {
   const int64_t total = total_steps(s.recipe);
   GrpoResult result;
   result.run_dir = s.run_dir;
-  s.optimizer = std::make_unique<AdamW>(s.model->parameters(), s.recipe.optim);
+  s.optimizer = s.make_optimizer();
   if (g.beta > 0) {
     s.reference = std::make_unique<Model>(s.recipe.model, s.recipe.model.dtype, 0, RecomputePolicy{},
                                           precision_policy(s.recipe.precision));
   }
   const std::string& resume = s.recipe.checkpoint.resume;
   if (resume == "auto") {
-    if (auto dir = ckpt::latest(s.checkpoint_root, {.remove_stale = true})) result.sft_loss = s.restore(*dir);
+    if (auto dir = s.latest_checkpoint()) result.sft_loss = s.restore(*dir);
   } else if (resume != "never") {
     result.sft_loss = s.restore(resume);
   }
@@ -605,20 +793,24 @@ GrpoResult GrpoTrainer::run() {
         counts.total, s.resumed ? 0 : g.sft_steps, total, g.prompts_per_step, g.group_size, enum_name(g.loss), g.beta,
         g.mu, g.prompts.empty() ? fmt::format("addition task, {} digits", g.addition.digits) : g.prompts,
         s.run_dir.string());
+    if (s.parallel) {
+      fmt::print("  layout: {} (zero {}): {} prompts per rank and step\n", describe_mesh(s.parallel->mesh.sizes),
+                 s.recipe.parallel.zero, g.prompts_per_step / s.dp_size());
+    }
     if (s.resumed) fmt::print("resumed from {} at GRPO step {}\n", s.last_checkpoint->string(), s.step);
   }
   if (!s.resumed) {
     if (g.sft_steps > 0) result.sft_loss = sft(g.sft_steps);
     if (s.reference) s.copy_policy_into_reference();
     // The SFT result is step 0: a resumed run starts GRPO from it, other runs can init from it.
-    if (g.sft_steps > 0 && !StopSignals::stop_requested()) s.save(result.sft_loss);
+    if (g.sft_steps > 0 && !s.stop_requested()) s.save(result.sft_loss);
   }
   const bool evaluating = g.eval.count > 0;
-  if (evaluating && !StopSignals::stop_requested()) result.evals.push_back(evaluate());
+  if (evaluating && !s.stop_requested()) result.evals.push_back(evaluate());
 
   const auto start = Clock::now();
   const int64_t first = s.step;
-  while (s.step < total && !StopSignals::stop_requested()) {
+  while (s.step < total && !s.stop_requested()) {
     GrpoStepMetrics m = step();
     m.elapsed_s = seconds_since(start);
     m.eta_s = m.elapsed_s / static_cast<double>(s.step - first) * static_cast<double>(total - s.step);
@@ -633,7 +825,7 @@ GrpoResult GrpoTrainer::run() {
     const int64_t interval = s.recipe.checkpoint.interval;  // 0 = only at the end
     if ((interval > 0 && s.step % interval == 0) || s.step == total) s.save(result.sft_loss);
   }
-  if (StopSignals::stop_requested()) {
+  if (s.stop_requested()) {
     if (s.last_saved_step != s.step) s.save(result.sft_loss);
     if (s.options.console) fmt::print("stopped by signal at GRPO step {}; checkpoint saved\n", s.step);
   } else if (evaluating && (s.step > first || result.evals.empty())) {

@@ -1,6 +1,9 @@
 // The GRPO stage (`dsx grpo`): an optional supervised warm-up on a built-in task, then
 // reinforcement learning with Group Relative Policy Optimization (DeepSeekMath; DeepSeek-R1),
-// in one process, generating with the policy's own weights. Read top to bottom:
+// generating with the policy's own weights, in one process or data-parallel
+// (`mpirun -np N dsx grpo RECIPE` with parallel.dp = N: each rank generates, scores and trains
+// on N-th of every step's prompt groups and the result is the single process's; see "data
+// parallelism" in the .cpp). Read top to bottom:
 //
 //   [sft]    grpo.sft_steps steps of cross entropy on the task's reference completions
 //   evaluate held-out accuracy
@@ -104,7 +107,8 @@ struct GrpoResult {
 class GrpoTrainer {
  public:
   // UserError for a recipe without a prompt source (grpo.task / grpo.prompts) or one this build
-  // cannot run (CUDA, several processes).
+  // cannot run (CUDA; layouts other than data parallelism are refused by recipe validation).
+  // With parallel.dp > 1 (under mpirun/srun) every rank constructs it: MPI starts here.
   explicit GrpoTrainer(Recipe recipe, GrpoOptions options = {});
   ~GrpoTrainer();
   GrpoTrainer(const GrpoTrainer&) = delete;
@@ -118,6 +122,8 @@ class GrpoTrainer {
   GrpoStepMetrics step();
   Model& model() { return *model_; }
   const data::Tokenizer& tokenizer() const;
+  // True in one process and on world rank 0 of a data-parallel run (the rank that prints).
+  bool is_rank0() const;
 
  private:
   struct State;

@@ -37,9 +37,9 @@ std::vector<double> flat_per_token(std::span<const Rollout> rollouts, const Poli
 
 }  // namespace
 
-PolicyBatch pack_rollouts(std::span<const Rollout> rollouts, int32_t pad_id) {
+PolicyBatch pack_rollouts(std::span<const Rollout> rollouts, int32_t pad_id, int64_t min_seq_len) {
   PolicyBatch pb;
-  int64_t seq_len = 1;
+  int64_t seq_len = std::max<int64_t>(1, min_seq_len);
   for (size_t i = 0; i < rollouts.size(); ++i) {
     const Rollout& r = rollouts[i];
     if (r.prompt.empty()) throw UserError("GRPO: rollout " + std::to_string(i) + " has an empty prompt");
@@ -103,20 +103,23 @@ std::vector<std::vector<double>> completion_logprobs(Model& model, std::span<con
   return out;
 }
 
-UpdateStats policy_update(Model& policy, AdamW& optimizer, double lr, std::span<const Rollout> rollouts,
+UpdateStats policy_update(Model& policy, Optimizer& optimizer, double lr, std::span<const Rollout> rollouts,
                           const UpdateConfig& config) {
   const bool with_reference = config.loss.beta > 0;
-  int64_t total_tokens = 0;
-  for (const Rollout& r : rollouts) total_tokens += static_cast<int64_t>(r.completion.size());
-  const auto n_rollouts = static_cast<double>(rollouts.size());
+  int64_t own_tokens = 0;
+  for (const Rollout& r : rollouts) own_tokens += static_cast<int64_t>(r.completion.size());
+  // Normalisers of the whole batch: this call's rollouts, or the step's over every DP rank.
+  const int64_t total_tokens = config.batch_tokens > 0 ? config.batch_tokens : own_tokens;
+  const auto n_rollouts =
+      static_cast<double>(config.batch_sequences > 0 ? config.batch_sequences : static_cast<int64_t>(rollouts.size()));
 
   policy.parameters().zero_grad();
   UpdateStats stats;
-  stats.tokens = total_tokens;
+  stats.tokens = own_tokens;
   double entropy_sum = 0;
   for (const auto& [begin, end] : micro_batches(rollouts.size(), config.micro_batch)) {
     const auto part = rollouts.subspan(begin, end - begin);
-    const PolicyBatch pb = pack_rollouts(part, config.pad_id);
+    const PolicyBatch pb = pack_rollouts(part, config.pad_id, config.seq_len);
     const Model::PolicyOutput out = policy.policy_forward(pb.batch);
     const std::vector<double> logp = gather_completion(out.logp, pb);
     const std::vector<double> old_logp = flat_per_token(part, pb, &Rollout::old_logp, "old_logp");

@@ -36,8 +36,9 @@ struct PolicyBatch {
   std::vector<int64_t> offsets;  // position of the first completion target in each row (prompt length − 1)
 };
 
-// UserError when a rollout has no prompt; pad_id fills the padding (any valid id).
-PolicyBatch pack_rollouts(std::span<const Rollout> rollouts, int32_t pad_id);
+// UserError when a rollout has no prompt; pad_id fills the padding (any valid id). Rows are
+// padded to the longest one, or to min_seq_len when that is longer.
+PolicyBatch pack_rollouts(std::span<const Rollout> rollouts, int32_t pad_id, int64_t min_seq_len = 1);
 // [rows · width] completion values of a [rows, seq_len] per-position tensor (0 on padding).
 std::vector<double> gather_completion(const Tensor& per_position, const PolicyBatch& pb);
 // The inverse: a [rows, seq_len] f64 tensor with the completion values in place, 0 elsewhere.
@@ -53,12 +54,24 @@ struct UpdateConfig {
   int64_t micro_batch = 0;     // rollouts per forward/backward; 0 = all
   double balance_scale = 1.0;  // weight of the MoE sequence-wise balance loss (as in pre-training)
   int32_t pad_id = 0;
+  // The whole step's rollouts and completion tokens when `rollouts` is one data-parallel rank's
+  // share (0 = this call's own). The aggregation normalises by these, so each rank's gradient is
+  // its part of the step's gradient and their sum over the ranks is the single-process one; the
+  // loss, KL, entropy and clip fractions in UpdateStats are then this rank's parts of the step's
+  // values (sum them over the ranks).
+  int64_t batch_sequences = 0;
+  int64_t batch_tokens = 0;
+  // Pad every micro-batch's rows to at least this many positions. The MoE router counts padding
+  // positions into its expert loads like any other, so the step's pads must not depend on how its
+  // rows are split into micro-batches or over ranks: the trainer passes the step's longest row
+  // (over every rank), which gives every row the same padded length whatever the layout.
+  int64_t seq_len = 1;
 };
 
 struct UpdateStats {
   double loss = 0;
   double grad_norm = 0;  // before clipping
-  int64_t tokens = 0;    // completion tokens trained on
+  int64_t tokens = 0;    // completion tokens trained on (this call's)
   double clip_fraction_low = 0;
   double clip_fraction_high = 0;
   double mean_kl = 0;
@@ -67,7 +80,7 @@ struct UpdateStats {
 };
 
 // zero_grad, then forward/backward of every micro-batch, then optimizer.step(lr).
-UpdateStats policy_update(Model& policy, AdamW& optimizer, double lr, std::span<const Rollout> rollouts,
+UpdateStats policy_update(Model& policy, Optimizer& optimizer, double lr, std::span<const Rollout> rollouts,
                           const UpdateConfig& config);
 
 }  // namespace dsx::grpo

@@ -451,8 +451,28 @@ void check_grpo(const Recipe& r, const Reporter& report) {
                 fmt::format("`grpo.init_checkpoint`: `{}` is not a checkpoint directory (no manifest.json)",
                             g.init_checkpoint));
   if (!g.eval.prompts.empty()) check_file("grpo.eval.prompts", g.eval.prompts, report);
-  if (r.parallel.pp * r.parallel.dp * r.parallel.tp != 1)
-    report.fail("parallel.dp", "the GRPO stage runs in a single process; set parallel.pp, dp and tp to 1");
+  // The GRPO stage runs data-parallel only: every rank holds the whole model (its generator reads
+  // every expert locally) and owns whole prompt groups of each step (trainer/grpo/grpo_trainer.cpp).
+  const ParallelSection& p = r.parallel;
+  if (p.ep > 1)
+    report.fail("parallel.ep",
+                fmt::format("`parallel.ep` ({}): the GRPO stage does not shard experts (its generator reads every "
+                            "expert locally); set parallel.ep to 1 and scale with parallel.dp",
+                            p.ep));
+  for (const auto& [key, size] : {std::pair{"parallel.pp", p.pp}, std::pair{"parallel.tp", p.tp}})
+    if (size > 1)
+      report.fail(key, fmt::format("`{}` ({}): the GRPO stage runs data-parallel only; set it to 1 and scale with "
+                                   "parallel.dp",
+                                   key, size));
+  if (p.dp > 1 && g.prompts_per_step % p.dp != 0)
+    report.fail({"grpo.prompts_per_step", "parallel.dp"},
+                fmt::format("`grpo.prompts_per_step` ({}) must be a multiple of `parallel.dp` ({}): each rank "
+                            "takes the same number of whole prompt groups",
+                            g.prompts_per_step, p.dp));
+  if (p.dp > 1 && g.debug_advantages == GrpoAdvantages::shuffled)
+    report.fail({"grpo.debug_advantages", "parallel.dp"},
+                "`grpo.debug_advantages: shuffled` permutes advantages across the whole step; run it in one "
+                "process (parallel.dp: 1)");
 }
 
 }  // namespace

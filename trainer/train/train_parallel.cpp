@@ -4,6 +4,7 @@
 #include <array>
 
 #include "kernels/error.h"
+#include "trainer/checkpoint/checkpoint.h"
 #if DSX_HAVE_NCCL
 #include "parallel/comm_nccl.h"
 #endif
@@ -38,6 +39,16 @@ int64_t TrainParallel::broadcast_from_rank0(int64_t value) {
   Tensor t = Tensor::from<int64_t>(std::span<const int64_t>(&value, 1), {1});
   comms.world->broadcast(t, 0).wait();
   return t.data<int64_t>()[0];
+}
+
+std::optional<std::filesystem::path> newest_checkpoint_on_every_rank(const std::filesystem::path& root,
+                                                                     TrainParallel* parallel) {
+  std::optional<std::filesystem::path> dir;
+  if (!parallel || parallel->world_rank() == 0) dir = ckpt::latest(root, {.remove_stale = true});
+  if (!parallel) return dir;
+  const int64_t step = parallel->broadcast_from_rank0(dir ? ckpt::read_manifest(*dir).step : -1);
+  if (step < 0) return std::nullopt;
+  return root / ckpt::step_dir_name(step);
 }
 
 bool TrainParallel::any_rank(bool flag) {

@@ -6,7 +6,9 @@
 // TrainParallel at all (start_train_parallel returns null) and never initialises MPI.
 #pragma once
 #include <cstdint>
+#include <filesystem>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -44,6 +46,12 @@ struct TrainParallel {
   // True on every rank when `flag` is true on any rank (blocking).
   bool any_rank(bool flag);
 };
+
+// checkpoint.resume: auto. Rank 0 picks the newest complete checkpoint under `root` (and removes
+// stale temporary directories, which only one rank may do); every rank gets the same answer.
+// parallel may be null (one process).
+std::optional<std::filesystem::path> newest_checkpoint_on_every_rank(const std::filesystem::path& root,
+                                                                     TrainParallel* parallel);
 
 // Null for a single process (except model.device: cuda under mpirun/srun, see the .cpp); otherwise initialises MPI,
 // checks the world size against the recipe's layout (dsx::UserError on every rank when they differ), builds the mesh

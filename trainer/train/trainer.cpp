@@ -83,15 +83,9 @@ Trainer::Trainer(Recipe recipe, TrainerOptions options)
 
 Trainer::~Trainer() = default;
 
-// checkpoint.resume: auto. Rank 0 picks the newest complete checkpoint (and removes stale
-// temporary directories, which only one rank may do); every rank resumes from the same step.
+// checkpoint.resume: auto; every rank resumes from the same step.
 std::optional<std::filesystem::path> Trainer::find_resume_checkpoint() {
-  std::optional<std::filesystem::path> dir;
-  if (is_rank0()) dir = ckpt::latest(checkpoint_root_, {.remove_stale = true});
-  if (!parallel_) return dir;
-  const int64_t step = parallel_->broadcast_from_rank0(dir ? ckpt::read_manifest(*dir).step : -1);
-  if (step < 0) return std::nullopt;
-  return checkpoint_root_ / ckpt::step_dir_name(step);
+  return newest_checkpoint_on_every_rank(checkpoint_root_, parallel_.get());
 }
 
 void Trainer::resume_if_requested() {

@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/trainer/parallel/checkpoint_compare.h"
 #include "trainer/checkpoint/checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -36,15 +37,6 @@ std::map<int64_t, std::pair<double, double>> metrics_by_step(const fs::path& run
     out[j.at("step").get<int64_t>()] = {j.at("loss").get<double>(), j.at("grad_norm").get<double>()};
   }
   return out;
-}
-
-double relative_l2(const std::vector<double>& a, const std::vector<double>& b) {
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff += (a[i] - b[i]) * (a[i] - b[i]);
-    norm += b[i] * b[i];
-  }
-  return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
 
 }  // namespace
@@ -81,28 +73,7 @@ int main(int argc, char** argv) {
       return ok ? 0 : 1;
     }
 
-    const auto cand_ckpt = ckpt::latest(cand_dir / "checkpoints");
-    if (!cand_ckpt) throw std::runtime_error("the candidate run has no complete checkpoint");
-    ckpt::CheckpointReader cand(*cand_ckpt);
-    ckpt::CheckpointReader ref(ref_dir / "checkpoints" / ckpt::step_dir_name(cand.step()));
-    double worst_tensor = 0;
-    std::string worst_name;
-    for (const ckpt::TensorInfo& info : ref.manifest().tensors) {
-      if (!cand.find(info.name)) {
-        std::printf("tensor %s missing from the candidate\n", info.name.c_str());
-        ok = false;
-        continue;
-      }
-      const double err = relative_l2(cand.read_whole(info.name).to_vector(), ref.read_whole(info.name).to_vector());
-      if (err > worst_tensor) {
-        worst_tensor = err;
-        worst_name = info.name;
-      }
-    }
-    if (cand.manifest().tensors.size() != ref.manifest().tensors.size()) ok = false;
-    std::printf("checkpoint step %lld: %zu tensors, worst relative error %.3g (%s)\n",
-                static_cast<long long>(ref.step()), ref.manifest().tensors.size(), worst_tensor, worst_name.c_str());
-    if (worst_tensor > rtol) ok = false;
+    if (!test::checkpoints_match(ref_dir, cand_dir, rtol)) ok = false;
     std::printf("%s (rtol %.3g)\n", ok ? "MATCH" : "MISMATCH", rtol);
     return ok ? 0 : 1;
   } catch (const std::exception& e) {
