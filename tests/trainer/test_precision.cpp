@@ -167,7 +167,7 @@ TinyRun train_tiny(int64_t steps, const std::string& gemm) {
       fs::temp_directory_path() / ("dsx-test-precision-" + gemm + "-" + std::to_string(::getpid()));
   fs::remove_all(run_dir);
   const Recipe recipe =
-      load_recipe(std::string(DSX_SOURCE_DIR) + "/recipes/tiny.yaml",
+      load_recipe((fs::path(DSX_SOURCE_DIR) / "recipes" / "tiny.yaml").string(),
                   {"train.steps=" + std::to_string(steps), "checkpoint.interval=0", "checkpoint.resume=never",
                    "logging.run_dir=" + run_dir.string(), "logging.jsonl=false", "precision.gemm=" + gemm});
   TinyRun r;

@@ -43,6 +43,9 @@ struct ModelParallel {
   WireFormat dispatch = WireFormat::f32;  // forward: token activations to the experts
   WireFormat combine = WireFormat::f32;   // forward: expert outputs back; backward: both ways
   CommTimer* timer = nullptr;
+  // Pipeline parallelism: this rank runs stage pp_rank of pp_size (trainer/model/pipeline_stage.h).
+  int pp_size = 1;
+  int pp_rank = 0;
 
   int ep_size() const { return ep ? ep->size() : 1; }
   int ep_rank() const { return ep ? ep->rank() : 0; }

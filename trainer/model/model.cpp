@@ -2,6 +2,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "kernels/ops/rope.h"
 #include "trainer/model/param_count.h"
@@ -42,6 +43,7 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
              const PrecisionPolicy& precision, const ModelParallel& parallel, Device device)
     : config_(config),
       dtype_(compute_dtype),
+      stage_(pipeline_stage(config.num_hidden_layers, parallel.pp_size, parallel.pp_rank)),
       params_(compute_dtype, device),
       flops_per_token_(model_flops_per_token(config, 0)) {
   if (compute_dtype != DType::f32 && compute_dtype != DType::f64) {
@@ -52,33 +54,48 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
     throw std::invalid_argument(
         "Model: FP8 GEMMs and bf16 activations need compute dtype f32 (f64 is the reference path)");
   }
+  if (stage_.count > 1 && config_.tie_word_embeddings) {
+    throw std::invalid_argument(
+        "Model: pipeline parallelism needs an untied output head (tie_word_embeddings: false); the embedding "
+        "table lives on the first stage only");
+  }
   const LocalExperts local = config_.n_routed_experts > 0
                                  ? local_experts(config_.n_routed_experts, parallel.ep_size(), parallel.ep_rank())
                                  : LocalExperts{};
+  const std::string layer_prefix = "model.layers.";
+  const auto on_this_stage = [&](const ParamSpec& spec) {
+    if (spec.name == "model.embed_tokens.weight") return stage_.is_first() || config_.tie_word_embeddings;
+    if (!spec.name.starts_with(layer_prefix)) return stage_.is_last();  // model.norm, lm_head
+    const auto layer = static_cast<int64_t>(std::stoul(spec.name.substr(layer_prefix.size())));
+    if (layer >= config_.num_hidden_layers) return stage_.is_last();  // an MTP module
+    return layer >= stage_.first_layer && layer < stage_.end_layer;
+  };
   for (ParamSpec& spec : model_param_specs(config_)) {
     if (spec.shard.axis == ShardAxis::expert && !local.holds(spec.shard.expert_index)) continue;  // another EP rank's
+    if (!on_this_stage(spec)) continue;  // another pipeline stage's
     params_.add(std::move(spec));
   }
   params_.initialize(seed);
   // before the modules are built: they read their weights' precision
   for (Parameter& p : params_) p.precision = precision.for_parameter(p.spec.name);
 
-  embedding_.emplace(params_.at("model.embed_tokens.weight"));
-  Parameter& head_weight = params_.at(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
-  layers_.reserve(static_cast<size_t>(config_.num_hidden_layers));
-  mtp_.reserve(static_cast<size_t>(config_.num_nextn_predict_layers));
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l)
+  if (stage_.is_first()) embedding_.emplace(params_.at("model.embed_tokens.weight"));
+  layers_.reserve(static_cast<size_t>(stage_.layers()));
+  for (int64_t l = stage_.first_layer; l < stage_.end_layer; ++l)
     layers_.emplace_back(params_, l, config_, recompute, parallel);
-  head_.emplace(params_.at("model.norm.weight"), head_weight, config_.rms_norm_eps);
-  for (int64_t k = 0; k < config_.num_nextn_predict_layers; ++k) {
-    mtp_.emplace_back(params_, config_.num_hidden_layers + k, config_, recompute, *embedding_, head_weight, parallel);
+  if (stage_.is_last()) {
+    Parameter& head_weight = params_.at(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+    head_.emplace(params_.at("model.norm.weight"), head_weight, config_.rms_norm_eps);
+    mtp_.reserve(static_cast<size_t>(mtp_depth()));
+    for (int64_t k = 0; k < mtp_depth(); ++k)
+      mtp_.emplace_back(params_, config_.num_hidden_layers + k, config_, recompute, head_weight, parallel);
   }
   group_params_by_module();
 }
 
 void Model::group_params_by_module() {
   const std::string layer_prefix = "model.layers.";
-  layer_params_.assign(static_cast<size_t>(config_.num_hidden_layers + config_.num_nextn_predict_layers), {});
+  layer_params_.assign(static_cast<size_t>(config_.num_hidden_layers + mtp_depth()), {});
   for (Parameter& p : params_) {
     if (!p.spec.trainable) continue;
     const std::string& name = p.spec.name;
@@ -101,6 +118,27 @@ Tensor Model::on_device(const Tensor& t) const {
   return !t.defined() || t.device() == params_.device() ? t : t.to(params_.device());
 }
 
+Tensor Model::empty_stage_tensor(int64_t rows) const {
+  return Tensor::empty({rows, config_.hidden_size}, dtype_, params_.device());
+}
+
+void Model::require_whole_model(const char* op) const {
+  if (stage_.count != 1) {
+    throw std::logic_error(std::string(op) + ": this model holds pipeline " + describe(stage_, mtp_depth()) +
+                           "; use forward_stage / backward_stage");
+  }
+}
+
+void Model::check_stage_tensor(const Tensor& t, int64_t rows, const char* op, const char* name) const {
+  if (!t.defined() || t.shape() != Shape{rows, config_.hidden_size} || t.dtype() != dtype_ ||
+      t.device() != params_.device()) {
+    throw std::invalid_argument(std::string(op) + ": " + name + " must be [" + std::to_string(rows) + ", " +
+                                std::to_string(config_.hidden_size) + "] " + std::string(dtype_name(dtype_)) +
+                                " on the model's device, got " +
+                                (t.defined() ? t.describe() : std::string("undefined")));
+  }
+}
+
 SequenceInfo Model::sequence_info(const Batch& batch) {
   SequenceInfo seq;
   seq.batch = batch.inputs.dim(0);
@@ -119,112 +157,216 @@ SequenceInfo Model::sequence_info(const Batch& batch) {
   return seq;
 }
 
+namespace {
+
 // Depth k reads token t_{i+k} and predicts targets[i + k] (= t_{i+k+1}). Positions whose
 // shifted token lies past the end of the row, or in another document of a packed row, have no
-// target: their ids are set to 0 (embedded like any token) and their targets to -100, so the loss drops them.
-void Model::prepare_mtp_inputs(const Batch& batch, int64_t depth, MtpContext& ctx) const {
-  const int64_t B = batch.inputs.dim(0), S = batch.inputs.dim(1);
+// target: their ids are set to 0 (embedded like any token) and their targets to -100, so the loss
+// drops them. Returns host tensors [depth·T] (ids, then targets) for depths 1..depth, depth-major.
+std::pair<Tensor, Tensor> shifted_tokens(const Batch& batch, int64_t depth) {
+  const int64_t B = batch.inputs.dim(0), S = batch.inputs.dim(1), T = B * S;
   const auto on_host = [](const Tensor& t) {
     return !t.defined() || t.device() == Device::cpu ? t : t.to(Device::cpu);
   };
   const Tensor inputs = on_host(batch.inputs), all_targets = on_host(batch.targets),
                segments = on_host(batch.segment_ids);
-  Tensor shifted_ids = Tensor::empty({B * S}, DType::i32);
-  Tensor shifted_targets = Tensor::empty({B * S}, DType::i32);
+  Tensor shifted_ids = Tensor::empty({depth * T}, DType::i32);
+  Tensor shifted_targets = Tensor::empty({depth * T}, DType::i32);
   const int32_t* in = inputs.data<int32_t>();
   const int32_t* tg = all_targets.data<int32_t>();
   const int32_t* segment = segments.defined() ? segments.data<int32_t>() : nullptr;
-  int32_t* ids = shifted_ids.data<int32_t>();
-  int32_t* targets = shifted_targets.data<int32_t>();
-  for (int64_t t = 0; t < B * S; ++t) {
-    const int64_t shifted = t + depth;
-    const bool inside = t % S + depth < S && (!segment || segment[shifted] == segment[t]);
-    ids[t] = inside ? in[shifted] : 0;
-    targets[t] = inside ? tg[shifted] : static_cast<int32_t>(OutputHead::kIgnoreIndex);
+  for (int64_t k = 1; k <= depth; ++k) {
+    int32_t* ids = shifted_ids.data<int32_t>() + (k - 1) * T;
+    int32_t* targets = shifted_targets.data<int32_t>() + (k - 1) * T;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t shifted = t + k;
+      const bool inside = t % S + k < S && (!segment || segment[shifted] == segment[t]);
+      ids[t] = inside ? in[shifted] : 0;
+      targets[t] = inside ? tg[shifted] : static_cast<int32_t>(OutputHead::kIgnoreIndex);
+    }
   }
-  ctx.ids = on_device(shifted_ids);
-  ctx.targets = on_device(shifted_targets);
+  return {shifted_ids, shifted_targets};
 }
 
-// Starts a micro-batch and runs embedding, decoder layers and the main head (what forward and
-// policy_forward share); returns the layers' summed balance loss.
-double Model::forward_trunk(const Batch& batch, const char* op) {
+}  // namespace
+
+Model::MicroBatch& Model::start_micro_batch(int64_t id, const Batch& batch, const char* op) {
   check_batch(batch, op);
-  micro_batch_.emplace();
-  MicroBatch& mb = *micro_batch_;
+  MicroBatch& mb = micro_batches_[id] = MicroBatch{};
   mb.seq = sequence_info(batch);
   if (mb.seq.seq_len != last_seq_len_) {
     last_seq_len_ = mb.seq.seq_len;
     flops_per_token_ = model_flops_per_token(config_, last_seq_len_);
   }
-  const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
-  mb.ids = on_device(batch.inputs.view({T}));
-  double balance = 0;
-  mb.hidden.push_back(embedding_->forward(mb.ids));
-  mb.layers.resize(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) {
-    mb.hidden.push_back(layers_[l].forward(mb.hidden[l], mb.seq, mb.layers[l]));
-    balance += mb.layers[l].balance_loss;
+  return mb;
+}
+
+Model::MicroBatch& Model::micro_batch(int64_t id, const char* op) {
+  const auto it = micro_batches_.find(id);
+  if (it == micro_batches_.end()) {
+    throw std::logic_error(std::string(op) + ": micro-batch " + std::to_string(id) +
+                           " has no forward to differentiate (call forward first)");
   }
-  head_->forward(mb.hidden[L], on_device(batch.targets.view({T})), mb.head);
+  return it->second;
+}
+
+// The stage's decoder layers from hidden_in; returns their summed balance loss.
+double Model::forward_layers(MicroBatch& mb, Tensor hidden_in) {
+  double balance = 0;
+  mb.hidden.push_back(std::move(hidden_in));
+  mb.layers.resize(layers_.size());
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    mb.hidden.push_back(layers_[i].forward(mb.hidden[i], mb.seq, mb.layers[i]));
+    balance += mb.layers[i].balance_loss;
+  }
   return balance;
 }
 
-Losses Model::forward(const Batch& batch) {
-  Losses losses;
-  losses.balance = forward_trunk(batch, "Model::forward");
-  MicroBatch& mb = *micro_batch_;
-  losses.lm = mean_loss(mb.head.ce);
-  losses.tokens = mb.head.ce.count;
-
+// The MTP modules (last stage), each reading the previous depth's head-norm output and its rows
+// of mtp_embedded; returns the mean of their losses and adds their balance losses to `balance`.
+double Model::forward_mtp(MicroBatch& mb, const Batch& batch, const Tensor& mtp_embedded) {
+  const int64_t T = mb.seq.tokens();
+  const Tensor targets = on_device(shifted_tokens(batch, mtp_depth()).second);
   mb.mtp.resize(mtp_.size());
+  double mtp_loss = 0;
   const Tensor* h_prev = &mb.head.normed;
   for (size_t k = 0; k < mtp_.size(); ++k) {
-    prepare_mtp_inputs(batch, static_cast<int64_t>(k) + 1, mb.mtp[k]);
-    mtp_[k].forward(*h_prev, mb.seq, mb.mtp[k]);
-    losses.mtp += mean_loss(mb.mtp[k].head.ce) / static_cast<double>(mtp_.size());
-    losses.balance += mb.mtp[k].block.balance_loss;
-    h_prev = &mb.mtp[k].head.normed;
+    const auto at = static_cast<int64_t>(k) * T;
+    MtpContext& ctx = mb.mtp[k];
+    ctx.targets = targets.slice(at, at + T);
+    ctx.embedded = mtp_embedded.slice(at, at + T);
+    mtp_[k].forward(*h_prev, mb.seq, ctx);
+    mtp_loss += mean_loss(ctx.head.ce) / static_cast<double>(mtp_.size());
+    h_prev = &ctx.head.normed;
+  }
+  return mtp_loss;
+}
+
+Losses Model::forward(const Batch& batch) {
+  require_whole_model("Model::forward");
+  return forward_stage(0, batch).losses;
+}
+
+StageForward Model::forward_stage(int64_t id, const Batch& batch, const Tensor& hidden_in,
+                                  const Tensor& mtp_embedded_in) {
+  constexpr const char* op = "Model::forward";
+  MicroBatch& mb = start_micro_batch(id, batch, op);
+  const int64_t T = mb.seq.tokens(), D = mtp_depth();
+  StageForward out;
+  Tensor mtp_embedded;  // Emb(shifted tokens) of every MTP depth, [D·T, hidden]
+  if (stage_.is_first()) {
+    mb.ids = on_device(batch.inputs.view({T}));
+    out.losses.balance = forward_layers(mb, embedding_->forward(mb.ids));
+    if (D > 0) {
+      mb.mtp_ids = on_device(shifted_tokens(batch, D).first);
+      mtp_embedded = embedding_->forward(mb.mtp_ids);
+      if (!stage_.is_last()) out.mtp_embedded = mtp_embedded;
+    }
+  } else {
+    check_stage_tensor(hidden_in, T, op, "hidden_in (the previous stage's output)");
+    out.losses.balance = forward_layers(mb, hidden_in);
+    if (stage_.is_last() && D > 0) {
+      check_stage_tensor(mtp_embedded_in, D * T, op, "mtp_embedded_in (the first stage's MTP embeddings)");
+      mtp_embedded = mtp_embedded_in;
+    }
+  }
+  if (!stage_.is_last()) {
+    out.hidden = mb.hidden.back();
+    out.losses.total = out.losses.balance;
+    return out;
+  }
+  Losses& losses = out.losses;
+  head_->forward(mb.hidden.back(), on_device(batch.targets.view({T})), mb.head);
+  losses.lm = mean_loss(mb.head.ce);
+  losses.tokens = mb.head.ce.count;
+  if (D > 0) {
+    losses.mtp = forward_mtp(mb, batch, mtp_embedded);
+    for (const MtpContext& ctx : mb.mtp) losses.balance += ctx.block.balance_loss;
   }
   losses.total = losses.lm + config_.mtp_loss_weight * losses.mtp + losses.balance;
-  return losses;
+  return out;
 }
 
 void Model::backward(double loss_scale) {
-  if (!micro_batch_) throw std::logic_error("Model::backward: no forward to differentiate (call forward first)");
-  MicroBatch& mb = *micro_batch_;
-  const int64_t L = config_.num_hidden_layers;
+  require_whole_model("Model::backward");
+  backward_stage(0, loss_scale);
+}
+
+StageBackward Model::backward_stage(int64_t id, double loss_scale, const Tensor& d_hidden_out,
+                                    const Tensor& d_mtp_embedded_in) {
+  constexpr const char* op = "Model::backward";
+  MicroBatch& mb = micro_batch(id, op);
+  const int64_t T = mb.seq.tokens();
+  StageBackward out;
+  Tensor dh;
+  if (stage_.is_last()) {
+    Tensor d_next;  // from the MTP modules into the final norm's output
+    backward_mtp(mb, loss_scale, d_next, out);
+    dh = head_->backward_input(mb.hidden.back(), mean_loss_grad(mb.head.ce, loss_scale), d_next, mb.head);
+    head_->backward_weight(mb.hidden.back(), mb.head);
+    grads_ready(head_params_);
+  } else {
+    check_stage_tensor(d_hidden_out, T, op, "d_hidden_out (the next stage's input gradient)");
+    dh = d_hidden_out;
+  }
+  backward_layers(mb, dh, loss_scale);
+  if (stage_.is_first()) {
+    if (!stage_.is_last() && mtp_depth() > 0) {
+      check_stage_tensor(d_mtp_embedded_in, mtp_depth() * T, op, "d_mtp_embedded_in (the last stage's MTP gradients)");
+    }
+    backward_embedding(mb, dh, d_mtp_embedded_in);
+  } else {
+    out.d_hidden = dh;
+  }
+  micro_batches_.erase(id);
+  return out;
+}
+
+// MTP modules, deepest first: each passes the gradient of its h input to the depth before; the
+// last one's reaches the main head's norm output (d_next). The gradients of their embeddings go
+// into the table when this stage holds it, else into out.d_mtp_embedded for the first stage.
+void Model::backward_mtp(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out) {
+  const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
   const double mtp_weight =
       mtp_.empty() ? 0.0 : loss_scale * config_.mtp_loss_weight / static_cast<double>(mtp_.size());
-
-  // MTP modules, deepest first: each passes the gradient of its h input to the depth before.
-  Tensor d_next;
+  if (!mtp_.empty() && !stage_.is_first()) out.d_mtp_embedded = empty_stage_tensor(mtp_depth() * T);
   for (size_t k = mtp_.size(); k-- > 0;) {
     const Tensor& h_prev = k == 0 ? mb.head.normed : mb.mtp[k - 1].head.normed;
     MtpContext& ctx = mb.mtp[k];
     d_next = mtp_[k].backward_input(h_prev, mean_loss_grad(ctx.head.ce, mtp_weight), d_next, mb.seq, loss_scale, ctx);
-    mtp_[k].backward_weight(h_prev, ctx);
+    const Tensor d_embedded = mtp_[k].backward_weight(h_prev, ctx);
+    const auto at = static_cast<int64_t>(k) * T;
+    if (stage_.is_first()) {
+      embedding_->backward_weight(mb.mtp_ids.slice(at, at + T), d_embedded);
+    } else {
+      out.d_mtp_embedded.slice(at, at + T).copy_from(d_embedded);
+    }
     grads_ready(layer_params_[static_cast<size_t>(L) + k]);
   }
-
-  Tensor dh = head_->backward_input(mb.hidden[L], mean_loss_grad(mb.head.ce, loss_scale), d_next, mb.head);
-  head_->backward_weight(mb.hidden[L], mb.head);
-  grads_ready(head_params_);
-  backward_trunk(dh, loss_scale);
 }
 
-// From the gradient of the last layer's output: the decoder layers, last first, then the
-// embedding; ends the micro-batch. balance_scale: d objective / d balance losses.
-void Model::backward_trunk(Tensor dh, double balance_scale) {
-  MicroBatch& mb = *micro_batch_;
-  for (int64_t l = config_.num_hidden_layers - 1; l >= 0; --l) {
-    dh = layers_[l].backward_input(mb.hidden[l], dh, mb.seq, balance_scale, mb.layers[l]);
-    layers_[l].backward_weight(mb.hidden[l], mb.layers[l]);
-    grads_ready(layer_params_[static_cast<size_t>(l)]);
+// From the gradient of the stage's last layer output to that of its input (dh is updated): the
+// stage's decoder layers, last first. balance_scale: d objective / d balance losses.
+void Model::backward_layers(MicroBatch& mb, Tensor& dh, double balance_scale) {
+  for (size_t i = layers_.size(); i-- > 0;) {
+    dh = layers_[i].backward_input(mb.hidden[i], dh, mb.seq, balance_scale, mb.layers[i]);
+    layers_[i].backward_weight(mb.hidden[i], mb.layers[i]);
+    grads_ready(layer_params_[static_cast<size_t>(stage_.first_layer) + i]);
+  }
+}
+
+// The embedding table's gradient (first stage): the MTP depths' rows, deepest first (what the
+// last stage sent, or nothing when this stage ran the MTP modules itself), then the main input's
+// — the order of the one-stage backward, so the sums agree.
+void Model::backward_embedding(MicroBatch& mb, const Tensor& dh, const Tensor& d_mtp_embedded) {
+  const int64_t T = mb.seq.tokens();
+  if (!stage_.is_last()) {
+    for (int64_t k = mtp_depth(); k-- > 0;) {
+      embedding_->backward_weight(mb.mtp_ids.slice(k * T, (k + 1) * T), d_mtp_embedded.slice(k * T, (k + 1) * T));
+    }
   }
   embedding_->backward_weight(mb.ids, dh);
   grads_ready(embedding_params_);
-  micro_batch_.reset();
 }
 
 std::vector<Moe*> Model::moe_layers() {

@@ -12,6 +12,11 @@
 // Expert parallelism (ModelParallel, trainer/model/expert_parallel.h): the store holds only this
 // EP rank's routed experts, and the MoE layers exchange tokens over the EP group.
 //
+// Pipeline parallelism (ModelParallel::pp_size > 1, trainer/model/pipeline_stage.h): the model
+// holds one stage's modules and parameters, and the pipeline schedule drives it through
+// forward_stage / backward_stage, several micro-batches in flight, passing the tensors they
+// return to the neighbouring stages. forward / backward are the one-stage case (micro-batch 0).
+//
 // Loss: total = lm + λ · mtp + balance, with lm the token-mean cross entropy of the next token
 // (targets equal to -100 are ignored), mtp = (1/D) Σ_k mtp_k where depth k reads the inputs
 // shifted by k and predicts the targets shifted by k (positions without a target ignored), and
@@ -19,6 +24,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <optional>
 #include <vector>
 
@@ -30,6 +36,7 @@
 #include "trainer/model/moe.h"
 #include "trainer/model/mtp.h"
 #include "trainer/model/parameters.h"
+#include "trainer/model/pipeline_stage.h"
 #include "trainer/model/precision.h"
 #include "trainer/model/recompute.h"
 #include "trainer/model/sequence.h"
@@ -46,6 +53,21 @@ struct Losses {
   double mtp = 0;  // mean over the MTP depths of their token-mean losses (before λ)
   double balance = 0;
   int64_t tokens = 0;  // tokens counted by the LM loss
+};
+
+// What a pipeline stage's forward hands on (ModelParallel::pp_size > 1).
+struct StageForward {
+  Losses losses;  // this stage's part: its layers' balance losses; lm, mtp and tokens on the last
+  Tensor hidden;  // all but the last stage: the output of the stage's last layer [T, D], for the next
+  // the first stage of a model with MTP (when it is not also the last): Emb(tokens shifted by k)
+  // for k = 1..D, [D·T, D], for the last stage's MTP modules
+  Tensor mtp_embedded;
+};
+
+// What a pipeline stage's backward hands on.
+struct StageBackward {
+  Tensor d_hidden;        // all but the first stage: d loss / d (the stage's input), for the previous
+  Tensor d_mtp_embedded;  // the last stage of a model with MTP (when not also the first), for the first
 };
 
 struct ExpertLoadStats {
@@ -67,9 +89,27 @@ class Model {
   const ParameterStore& parameters() const { return params_; }
   const ModelConfig& config() const { return config_; }
 
+  const PipelineStage& stage() const { return stage_; }
+
+  // The whole model (one pipeline stage): forward and backward of micro-batch 0.
   Losses forward(const Batch& batch);
   Tensor logits(const Batch& batch);  // [B·S, vocab] full-forward logits of the main head, no state kept
   void backward(double loss_scale);
+
+  // One pipeline stage's part of a micro-batch. Every stage gets the micro-batch's Batch (the
+  // first reads the inputs, the last the targets and, for MTP, the inputs). hidden_in: the previous
+  // stage's StageForward::hidden (undefined on the first stage); mtp_embedded_in: the first stage's
+  // StageForward::mtp_embedded (on the last stage of a model with MTP, pp > 1). A forward of a
+  // micro-batch id that is still in flight replaces it.
+  StageForward forward_stage(int64_t micro_batch, const Batch& batch, const Tensor& hidden_in = {},
+                             const Tensor& mtp_embedded_in = {});
+  // d_hidden_out: the next stage's StageBackward::d_hidden (undefined on the last stage);
+  // d_mtp_embedded_in: the last stage's StageBackward::d_mtp_embedded (on the first stage of a
+  // model with MTP, pp > 1). Ends the micro-batch.
+  StageBackward backward_stage(int64_t micro_batch, double loss_scale, const Tensor& d_hidden_out = {},
+                               const Tensor& d_mtp_embedded_in = {});
+  // The [rows, hidden_size] tensor stages exchange (compute dtype, on the model's device).
+  Tensor empty_stage_tensor(int64_t rows) const;
   // Called by backward for every trainable parameter as soon as its gradient for this backward
   // is complete (last module first; the shared embedding and head once nothing else adds to
   // them), so data parallelism can start reducing while the backward goes on. Empty = none.
@@ -107,8 +147,9 @@ class Model {
   // Everything one micro-batch keeps between forward and backward.
   struct MicroBatch {
     SequenceInfo seq;
-    Tensor ids;                  // [T]
-    std::vector<Tensor> hidden;  // hidden[l]: input of layer l; hidden[L]: the last layer's output
+    Tensor ids;                  // [T] (first stage)
+    Tensor mtp_ids;              // [D·T] tokens shifted by 1..D, the MTP embeddings' (first stage)
+    std::vector<Tensor> hidden;  // hidden[i]: input of the stage's layer i; back(): the last one's output
     std::vector<DecoderLayerContext> layers;
     HeadContext head;
     std::vector<MtpContext> mtp;
@@ -116,24 +157,32 @@ class Model {
 
   SequenceInfo sequence_info(const Batch& batch);
   Tensor on_device(const Tensor& t) const;  // t on the model's device (undefined stays undefined)
-  double forward_trunk(const Batch& batch, const char* op);
-  void backward_trunk(Tensor dh, double balance_scale);
-  void prepare_mtp_inputs(const Batch& batch, int64_t depth, MtpContext& ctx) const;
+  MicroBatch& start_micro_batch(int64_t id, const Batch& batch, const char* op);
+  MicroBatch& micro_batch(int64_t id, const char* op);
+  void require_whole_model(const char* op) const;
+  void check_stage_tensor(const Tensor& t, int64_t rows, const char* op, const char* name) const;
+  double forward_layers(MicroBatch& mb, Tensor hidden_in);  // the stage's layers; their balance loss
+  double forward_mtp(MicroBatch& mb, const Batch& batch, const Tensor& mtp_embedded);  // last stage
+  void backward_mtp(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out);
+  void backward_layers(MicroBatch& mb, Tensor& dh, double balance_scale);
+  void backward_embedding(MicroBatch& mb, const Tensor& dh, const Tensor& d_mtp_embedded);
+  int64_t mtp_depth() const { return config_.num_nextn_predict_layers; }
   std::vector<Moe*> moe_layers();
   std::vector<const Moe*> moe_layers() const;
 
   ModelConfig config_;
   DType dtype_;
+  PipelineStage stage_;
   ParameterStore params_;
   std::optional<Embedding> embedding_;
-  std::vector<DecoderLayer> layers_;
+  std::vector<DecoderLayer> layers_;  // the stage's: layers_[i] is decoder layer stage_.first_layer + i
   std::optional<OutputHead> head_;
   std::vector<MtpModule> mtp_;
   ops::RopeTable rope_;
   int64_t rope_positions_ = 0;
   int64_t last_seq_len_ = 0;
   double flops_per_token_ = 0;
-  std::optional<MicroBatch> micro_batch_;
+  std::map<int64_t, MicroBatch> micro_batches_;  // in flight, by micro-batch id
   std::function<void(Parameter&)> grad_ready_hook_;
   // Trainable parameters by the module whose backward_weight completes their gradient.
   std::vector<Parameter*> embedding_params_, head_params_;

@@ -23,6 +23,7 @@ void check_ids(const Tensor& t, const char* name) {
 }  // namespace
 
 Tensor Model::logits(const Batch& batch) {
+  require_whole_model("Model::logits");
   check_ids(batch.inputs, "inputs");  // targets are not needed
   if (batch.segment_ids.defined()) {
     check_ids(batch.segment_ids, "segment_ids");

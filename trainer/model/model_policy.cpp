@@ -16,10 +16,13 @@
 
 namespace dsx {
 Model::PolicyOutput Model::policy_forward(const Batch& batch) {
+  require_whole_model("Model::policy_forward");
   PolicyOutput out;
-  out.balance = forward_trunk(batch, "Model::policy_forward");
-  MicroBatch& mb = *micro_batch_;
+  MicroBatch& mb = start_micro_batch(0, batch, "Model::policy_forward");
   const int64_t B = mb.seq.batch, S = mb.seq.seq_len, T = mb.seq.tokens();
+  mb.ids = on_device(batch.inputs.view({T}));
+  out.balance = forward_layers(mb, embedding_->forward(mb.ids));
+  head_->forward(mb.hidden.back(), on_device(batch.targets.view({T})), mb.head);
   out.tokens = mb.head.ce.count;
   // Computed where the logits are; returned on the host (the RL loop's arithmetic is host code).
   Tensor logp = Tensor::empty({T}, DType::f64, mb.head.logits.device());
@@ -32,13 +35,13 @@ Model::PolicyOutput Model::policy_forward(const Batch& batch) {
 
 Model::PolicyOutput Model::policy_logprobs(const Batch& batch) {
   PolicyOutput out = policy_forward(batch);
-  micro_batch_.reset();
+  micro_batches_.erase(0);
   return out;
 }
 
 void Model::policy_backward(const Tensor& grad_logp, double balance_scale) {
-  if (!micro_batch_) throw std::logic_error("Model::policy_backward: no policy_forward to differentiate");
-  MicroBatch& mb = *micro_batch_;
+  require_whole_model("Model::policy_backward");
+  MicroBatch& mb = micro_batch(0, "Model::policy_backward");
   const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
   check_shape(grad_logp, {mb.seq.batch, mb.seq.seq_len}, "Model::policy_backward", "grad_logp");
   HeadContext& head = mb.head;
@@ -62,13 +65,15 @@ void Model::policy_backward(const Tensor& grad_logp, double balance_scale) {
   head.logits = Tensor();
   head.lse = Tensor();
   const Tensor d_normed = linear_input_grad(head.d_logits, head_weight);
-  Tensor dh = final_norm.backward_input(mb.hidden[L], d_normed, head.norm);
+  Tensor dh = final_norm.backward_input(mb.hidden.back(), d_normed, head.norm);
   linear_weight_grad(head.d_logits, head.normed, head_weight);
-  final_norm.backward_weight(mb.hidden[L], head.norm);
+  final_norm.backward_weight(mb.hidden.back(), head.norm);
   head = {};
   grads_ready(head_params_);
 
-  backward_trunk(dh, balance_scale);
+  backward_layers(mb, dh, balance_scale);
+  backward_embedding(mb, dh, Tensor());
+  micro_batches_.erase(0);
 }
 
 }  // namespace dsx

@@ -1,15 +1,15 @@
 #include "trainer/model/mtp.h"
 
 #include <string>
+#include <utility>
 
 #include "kernels/ops/elementwise.h"
 
 namespace dsx {
 
 MtpModule::MtpModule(ParameterStore& params, int64_t layer, const ModelConfig& config, const RecomputePolicy& recompute,
-                     const Embedding& embedding, Parameter& head_weight, const ModelParallel& parallel)
+                     Parameter& head_weight, const ModelParallel& parallel)
     : hidden_(config.hidden_size),
-      embedding_(&embedding),
       enorm_(params.at("model.layers." + std::to_string(layer) + ".enorm.weight"), config.rms_norm_eps),
       hnorm_(params.at("model.layers." + std::to_string(layer) + ".hnorm.weight"), config.rms_norm_eps),
       eh_proj_(&params.at("model.layers." + std::to_string(layer) + ".eh_proj.weight")),
@@ -18,7 +18,6 @@ MtpModule::MtpModule(ParameterStore& params, int64_t layer, const ModelConfig& c
             config.rms_norm_eps) {}
 
 void MtpModule::forward(const Tensor& h_prev, const SequenceInfo& seq, MtpContext& ctx) {
-  ctx.embedded = embedding_->forward(ctx.ids);
   ctx.concat = empty_like(h_prev, {h_prev.dim(0), 2 * hidden_});
   ops::set_columns(ctx.concat, 0, enorm_.forward(ctx.embedded, ctx.enorm));
   ops::set_columns(ctx.concat, hidden_, hnorm_.forward(h_prev, ctx.hnorm));
@@ -40,14 +39,15 @@ Tensor MtpModule::backward_input(const Tensor& h_prev, double loss_grad, const T
   return hnorm_.backward_input(h_prev, d_h_normed, ctx.hnorm);
 }
 
-void MtpModule::backward_weight(const Tensor& h_prev, MtpContext& ctx) const {
+Tensor MtpModule::backward_weight(const Tensor& h_prev, MtpContext& ctx) const {
   head_.backward_weight(ctx.block_out, ctx.head);
   block_.backward_weight(ctx.block_in, ctx.block);
   linear_weight_grad(ctx.d_block_in, ctx.concat, *eh_proj_);
   hnorm_.backward_weight(h_prev, ctx.hnorm);
   enorm_.backward_weight(ctx.embedded, ctx.enorm);
-  embedding_->backward_weight(ctx.ids, ctx.d_embedded);
+  Tensor d_embedded = std::move(ctx.d_embedded);
   ctx = {};
+  return d_embedded;
 }
 
 }  // namespace dsx

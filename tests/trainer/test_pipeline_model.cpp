@@ -1,0 +1,132 @@
+// A model split into pipeline stages (ModelParallel::pp_size, trainer/model/pipeline_stage.h),
+// driven in one process by passing each stage's outputs to the next by hand, computes the whole
+// model's losses and exactly its gradients: every stage runs the same ops on the same values in
+// the same order (the embedding table's gradient included: the MTP rows first, then the main
+// input's, as in one stage). Only the balance loss, summed over the stages in another order,
+// may differ by one rounding.
+#include <catch2/catch.hpp>
+
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "tests/trainer/test_model_fixtures.h"
+#include "trainer/model/model.h"
+
+using namespace dsx;
+
+namespace {
+
+struct Run {
+  std::vector<Losses> losses;  // per micro-batch, the stages' parts summed
+  std::map<std::string, std::vector<double>> grads;
+  std::map<std::string, int> reports;  // grad-ready reports per parameter
+};
+
+ModelConfig untied_mtp2_config() {
+  ModelConfig c = test::tiny_config_direct_q();
+  c.tie_word_embeddings = false;
+  return c;
+}
+
+// Two micro-batches in flight on every stage: F0 and F1 through all stages, then B0 and B1 back.
+Run run_stages(const ModelConfig& config, int stages, DType dtype) {
+  std::vector<std::unique_ptr<Model>> models;
+  Run r;
+  for (int s = 0; s < stages; ++s) {
+    models.push_back(std::make_unique<Model>(config, dtype, 5, RecomputePolicy{}, PrecisionPolicy{},
+                                             ModelParallel{.pp_size = stages, .pp_rank = s}));
+    models.back()->set_grad_ready_hook([&r](Parameter& p) { ++r.reports[p.spec.name]; });
+  }
+  const std::vector<Batch> batches = {test::make_batch(config, 2, 8, 100), test::make_batch(config, 2, 8, 101)};
+  for (int64_t mb = 0; mb < 2; ++mb) {
+    Losses sum;
+    Tensor hidden, mtp;
+    for (int s = 0; s < stages; ++s) {
+      StageForward out = models[s]->forward_stage(mb, batches[mb], hidden, mtp);
+      sum.total += out.losses.total;
+      sum.lm += out.losses.lm;
+      sum.mtp += out.losses.mtp;
+      sum.balance += out.losses.balance;
+      sum.tokens += out.losses.tokens;
+      hidden = out.hidden;
+      if (out.mtp_embedded.defined()) mtp = out.mtp_embedded;  // stages between pass it on
+    }
+    r.losses.push_back(sum);
+  }
+  for (int64_t mb = 0; mb < 2; ++mb) {
+    Tensor d_hidden, d_mtp;
+    for (int s = stages - 1; s >= 0; --s) {
+      StageBackward out = models[s]->backward_stage(mb, 0.5, d_hidden, d_mtp);
+      d_hidden = out.d_hidden;
+      if (out.d_mtp_embedded.defined()) d_mtp = out.d_mtp_embedded;
+    }
+  }
+  for (const auto& m : models) {
+    for (const Parameter& p : m->parameters()) {
+      INFO(p.spec.name);
+      CHECK(!r.grads.contains(p.spec.name));  // each parameter lives on one stage
+      if (p.grad.defined()) r.grads[p.spec.name] = p.grad.to_vector();
+    }
+  }
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("pipeline stages give the whole model's losses and exactly its gradients", "[model][pipeline]") {
+  for (const ModelConfig& config : {test::tiny_config(), untied_mtp2_config()}) {
+    for (DType dtype : {DType::f32, DType::f64}) {
+      const Run whole = run_stages(config, 1, dtype);
+      for (int stages : {2, 3}) {
+        INFO("MTP depth " << config.num_nextn_predict_layers << ", " << dtype_name(dtype) << ", " << stages
+                          << " stages");
+        const Run split = run_stages(config, stages, dtype);
+        for (size_t mb = 0; mb < 2; ++mb) {
+          CHECK(split.losses[mb].lm == whole.losses[mb].lm);
+          CHECK(split.losses[mb].mtp == whole.losses[mb].mtp);
+          CHECK(split.losses[mb].tokens == whole.losses[mb].tokens);
+          CHECK(split.losses[mb].balance == Approx(whole.losses[mb].balance).epsilon(1e-12));
+          CHECK(split.losses[mb].total == Approx(whole.losses[mb].total).epsilon(1e-12));
+        }
+        REQUIRE(split.grads.size() == whole.grads.size());
+        for (const auto& [name, grad] : whole.grads) {
+          INFO(name);
+          CHECK(split.grads.at(name) == grad);
+          CHECK(split.reports.at(name) == 2);  // once per backward, on its stage
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("pipeline stages refuse what they cannot run", "[model][pipeline]") {
+  const ModelConfig config = test::tiny_config();
+  Model first(config, DType::f64, 5, {}, {}, ModelParallel{.pp_size = 2, .pp_rank = 0});
+  Model last(config, DType::f64, 5, {}, {}, ModelParallel{.pp_size = 2, .pp_rank = 1});
+  const Batch batch = test::make_batch(config, 2, 8, 1);
+  CHECK(first.stage().first_layer == 0);
+  CHECK(first.stage().end_layer == 2);
+  CHECK(last.stage().first_layer == 2);
+  CHECK_THROWS_WITH(first.forward(batch), Catch::Contains("Model::forward: this model holds pipeline stage 0/2"));
+  CHECK_THROWS_AS(last.logits(batch), std::logic_error);
+  CHECK_THROWS_AS(last.policy_forward(batch), std::logic_error);
+  // the last stage needs the previous stage's output and the MTP embeddings, of the right shape
+  CHECK_THROWS_WITH(last.forward_stage(0, batch),
+                    Catch::Contains("hidden_in (the previous stage's output) must be [16, 16]"));
+  CHECK_THROWS_WITH(last.forward_stage(0, batch, Tensor::zeros({16, 16}, DType::f64)),
+                    Catch::Contains("mtp_embedded_in (the first stage's MTP embeddings) must be [16, 16]"));
+  CHECK_THROWS_WITH(last.forward_stage(0, batch, Tensor::zeros({16, 8}, DType::f64)), Catch::Contains("got"));
+  CHECK_THROWS_WITH(first.backward_stage(3, 1.0), Catch::Contains("micro-batch 3 has no forward"));
+  // the embedding table is the first stage's only: a tied head cannot live on the last
+  ModelConfig tied = config;
+  tied.tie_word_embeddings = true;
+  CHECK_THROWS_WITH(Model(tied, DType::f64, 5, {}, {}, ModelParallel{.pp_size = 2, .pp_rank = 1}),
+                    Catch::Contains("tie_word_embeddings: false"));
+  ModelConfig shallow = config;
+  shallow.num_hidden_layers = 1;
+  shallow.first_k_dense_replace = 1;
+  CHECK_THROWS_WITH(Model(shallow, DType::f64, 5, {}, {}, ModelParallel{.pp_size = 2, .pp_rank = 0}),
+                    Catch::Contains("1 decoder layers cannot fill 2 pipeline stages"));
+}

@@ -1,0 +1,39 @@
+// Pipeline parallelism (ARCHITECTURE.md §4d): which part of the model a pipeline stage holds.
+//
+// The num_hidden_layers decoder layers are split into pp contiguous runs; the first
+// num_hidden_layers % pp stages take one layer more, because the last stage also runs the final
+// norm, the output head and the MTP modules (each a whole decoder block plus the shared head).
+// The first stage holds the embedding table; the last stage the final norm, lm_head and the MTP
+// modules. The MTP modules need Emb(t_{i+k}) of the shifted tokens: the first stage looks them up
+// with the table only it holds and they travel to the last stage with the activations (one
+// [D·T, hidden] tensor per micro-batch, passed on by the stages between), their gradients back
+// with the activations' gradients. No weight is duplicated across stages and no gradient needs
+// summing between them; the price is D more activation-sized messages per hop and micro-batch
+// (Megatron instead keeps a copy of the table on the last stage and all-reduces its gradient).
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace dsx {
+
+struct PipelineStage {
+  int index = 0;            // this stage, 0 = the embedding's
+  int count = 1;            // pp
+  int64_t first_layer = 0;  // decoder layers [first_layer, end_layer) of the main model
+  int64_t end_layer = 0;
+
+  bool is_first() const { return index == 0; }
+  bool is_last() const { return index == count - 1; }
+  int64_t layers() const { return end_layer - first_layer; }
+};
+
+// Stage `index` of `count` over num_layers decoder layers. Throws std::invalid_argument when a
+// stage would get no layer (count > num_layers) or index is outside [0, count).
+PipelineStage pipeline_stage(int64_t num_layers, int count, int index);
+
+// "stage 1/4: layers 8-15" (and the embedding / head + MTP where the stage holds them).
+std::string describe(const PipelineStage& stage, int64_t mtp_depth);
+// Every stage of the split, "stage 0/2: embedding, layers 0-1 | stage 1/2: layers 2-3, head + 1 MTP".
+std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, int count);
+
+}  // namespace dsx
