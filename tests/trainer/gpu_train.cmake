@@ -18,3 +18,12 @@ if(DSX_CUDA AND MPIEXEC_EXECUTABLE)
                    ${CMAKE_CURRENT_BINARY_DIR}/gpu_train_np1 50 5e-3 ${MPIEXEC_EXECUTABLE})
   set_tests_properties(gpu.train_tiny_mpi_np1 PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 TIMEOUT 900)
 endif()
+
+# Pipeline parallelism on the GPU: two stages as two ranks sharing the one GPU, activations and
+# MTP embeddings sent by NCCL send/recv in 1F1B groups. Same tolerance against the CPU run.
+if(DSX_CUDA AND MPIEXEC_EXECUTABLE)
+  add_test(NAME gpu.train_tiny_pp2_one_gpu
+           COMMAND ${CMAKE_CURRENT_LIST_DIR}/gpu_train.sh $<TARGET_FILE:dsx> $<TARGET_FILE:compare_runs>
+                   ${CMAKE_CURRENT_BINARY_DIR}/gpu_train_pp2 50 5e-3 ${MPIEXEC_EXECUTABLE} 2 --set parallel.pp=2)
+  set_tests_properties(gpu.train_tiny_pp2_one_gpu PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 TIMEOUT 900)
+endif()

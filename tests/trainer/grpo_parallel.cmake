@@ -52,6 +52,12 @@ dsx_grpo_layout_test(uneven_prompts 2 "`grpo.prompts_per_step` (6) must be a mul
   -- $<TARGET_FILE:dsx> recipe check ${_dsx_grpo_dp_recipe} --set parallel.dp=4 --set grpo.prompts_per_step=6)
 dsx_grpo_layout_test(shuffled_advantages 2 "`grpo.debug_advantages: shuffled` permutes advantages across the whole step"
   -- $<TARGET_FILE:dsx> recipe check ${_dsx_grpo_dp_recipe} --set parallel.dp=2 --set grpo.debug_advantages=shuffled)
+dsx_grpo_layout_test(lr_in_tokens 2 "the GRPO stage counts steps: give `optim.schedule` (and its segments) in steps"
+  -- $<TARGET_FILE:dsx> recipe check ${_dsx_grpo_dp_recipe} --set optim.schedule.unit=tokens)
+# The pre-training batch keys do not constrain the GRPO stage's layout (its batches are prompt groups).
+add_test(NAME grpo_parallel.train_global_batch_unused COMMAND ${_dsx_grpo_dp_expect} 0 "valid"
+  -- $<TARGET_FILE:dsx> recipe check ${_dsx_grpo_dp_recipe} --set parallel.dp=2 --set train.global_batch=3)
+set_tests_properties(grpo_parallel.train_global_batch_unused PROPERTIES LABELS "trainer;grpo" WORKING_DIRECTORY /tmp)
 # parallel.dp = 2 started as one process: says how to launch it, before touching MPI.
 dsx_grpo_layout_test(started_alone 2 "needs that many processes" "mpirun -np 2"
   -- $<TARGET_FILE:dsx> grpo ${_dsx_grpo_dp_recipe} --set parallel.dp=2 --set checkpoint.resume=never

@@ -29,7 +29,12 @@ set(DSX_LAYOUTS
     "dp4_ep4|4|--set parallel.dp=4 --set parallel.ep=4 --set parallel.zero=0"
     "dp4_ep4_no_overlap|4|--set parallel.dp=4 --set parallel.ep=4 --set parallel.zero=0 --set parallel.overlap_a2a=false"
     "dp4_ep2|4|--set parallel.dp=4 --set parallel.ep=2 --set parallel.zero=1"
-    "dp8_ep4_zero1|8|--set parallel.dp=8 --set parallel.ep=4 --set parallel.zero=1")
+    "dp8_ep4_zero1|8|--set parallel.dp=8 --set parallel.ep=4 --set parallel.zero=1"
+    # Pipeline parallelism (1F1B, 8 micro-batches): 2 stages; 4 stages of one layer each, the two
+    # middle ones passing the MTP embeddings on; and PP with DP, EP and ZeRO-1 at once.
+    "pp2|2|--set parallel.pp=2"
+    "pp4|4|--set parallel.pp=4"
+    "pp2_dp2_ep2_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1")
 set(DSX_LAYOUT_TESTS parallel_train.reference)
 foreach(layout ${DSX_LAYOUTS})
   string(REPLACE "|" ";" fields "${layout}")
@@ -52,6 +57,26 @@ add_test(NAME parallel_train.dp2_ep2_fp8_dispatch
 set_tests_properties(parallel_train.dp2_ep2_fp8_dispatch PROPERTIES FIXTURES_REQUIRED layout_reference)
 list(APPEND DSX_LAYOUT_TESTS parallel_train.dp2_ep2_fp8_dispatch)
 
+# Resume tests: WRITER's checkpoints are copied into a fresh run directory and training goes on
+# there with each target layout ("name|np|overrides", np 0 = one process); every one must end at
+# the reference's final state.
+function(dsx_layout_resume_tests prefix writer fixture)
+  foreach(target ${ARGN})
+    string(REPLACE "|" ";" fields "${target}")
+    list(GET fields 0 name)
+    list(GET fields 1 np)
+    list(GET fields 2 overrides)
+    separate_arguments(overrides UNIX_COMMAND "${overrides}")
+    set(test parallel_train.resume_${prefix}_as_${name})
+    add_test(NAME ${test}
+             COMMAND sh -c "rm -rf \"$1\" && mkdir -p \"$1\" && cp -r \"$2/checkpoints\" \"$1/\" && shift 2 && exec \"$@\""
+                     resume ${DSX_LAYOUT_WORK}/resume-${prefix}-${name} ${DSX_LAYOUT_WORK}/${writer}
+                     ${DSX_LAYOUT_RUN} resume-${prefix}-${name} ${np} ${DSX_LAYOUT_RTOL} ${overrides})
+    set_tests_properties(${test} PROPERTIES FIXTURES_REQUIRED "layout_reference;${fixture}"
+                         ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300 LABELS parallel RESOURCE_LOCK mpi_cores)
+  endforeach()
+endfunction()
+
 # A checkpoint written by 4 ranks (EP4) at step 3 resumes with 2 ranks (EP2) and with 1 process,
 # and both continue the reference's loss curve to the same final state.
 add_test(NAME parallel_train.ep4_writer COMMAND ${DSX_LAYOUT_RUN} ep4_writer 4 ${DSX_LAYOUT_RTOL}
@@ -59,21 +84,18 @@ add_test(NAME parallel_train.ep4_writer COMMAND ${DSX_LAYOUT_RUN} ep4_writer 4 $
 set_tests_properties(parallel_train.ep4_writer PROPERTIES FIXTURES_REQUIRED layout_reference
                      FIXTURES_SETUP ep4_checkpoint)
 list(APPEND DSX_LAYOUT_TESTS parallel_train.ep4_writer)  # its environment (run as root) like the others
-foreach(target "ep2|2|--set parallel.dp=2 --set parallel.ep=2" "single|0|")
-  string(REPLACE "|" ";" fields "${target}")
-  list(GET fields 0 name)
-  list(GET fields 1 np)
-  list(GET fields 2 overrides)
-  separate_arguments(overrides UNIX_COMMAND "${overrides}")
-  add_test(NAME parallel_train.resume_ep4_as_${name}
-           COMMAND sh -c "rm -rf \"$1\" && mkdir -p \"$1\" && cp -r \"$2/checkpoints\" \"$1/\" && shift 2 && exec \"$@\""
-                   resume ${DSX_LAYOUT_WORK}/resume-${name} ${DSX_LAYOUT_WORK}/ep4_writer
-                   ${DSX_LAYOUT_RUN} resume-${name} ${np} ${DSX_LAYOUT_RTOL} ${overrides})
-  set_tests_properties(parallel_train.resume_ep4_as_${name} PROPERTIES FIXTURES_REQUIRED "layout_reference;ep4_checkpoint")
-  list(APPEND DSX_LAYOUT_TESTS parallel_train.resume_ep4_as_${name})
-endforeach()
+dsx_layout_resume_tests(ep4 ep4_writer ep4_checkpoint "ep2|2|--set parallel.dp=2 --set parallel.ep=2" "single|0|")
 set_tests_properties(${DSX_LAYOUT_TESTS} PROPERTIES ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300 LABELS parallel
                      RESOURCE_LOCK mpi_cores)
+
+# A checkpoint written by a 2-stage pipeline with DP2 + ZeRO-1 (each stage writes its own layers)
+# resumes in one process and as a 4-stage pipeline: checkpoints name tensors, not ranks.
+add_test(NAME parallel_train.pp2_writer COMMAND ${DSX_LAYOUT_RUN} pp2_writer 4 ${DSX_LAYOUT_RTOL}
+         --set parallel.pp=2 --set parallel.dp=2 --set parallel.zero=1 --stop-after 3)
+set_tests_properties(parallel_train.pp2_writer PROPERTIES FIXTURES_REQUIRED layout_reference
+                     FIXTURES_SETUP pp2_checkpoint ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300 LABELS parallel
+                     RESOURCE_LOCK mpi_cores)
+dsx_layout_resume_tests(pp2 pp2_writer pp2_checkpoint "pp4|4|--set parallel.pp=4" "single|0|")
 
 # A rank SIGKILLed mid-training ends the whole job within comm_timeout_s + 10 s, naming it.
 add_test(NAME parallel_train.sigkill_rank_ends_job
@@ -92,5 +114,18 @@ add_test(NAME parallel_train.world_size_mismatch
                  ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -np 2 $<TARGET_FILE:dsx> train
                  ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --set parallel.dp=4 --set train.micro_batch=4
                  --set logging.run_dir=${DSX_LAYOUT_WORK}/world_size_mismatch)
-set_tests_properties(parallel_train.started_alone parallel_train.world_size_mismatch
+# Layouts this build cannot train yet are refused before any work, naming the key.
+add_test(NAME parallel_train.tp2_refused
+         COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "parallel.tp: tensor-parallel layers are not built yet" --
+                 ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -np 2 $<TARGET_FILE:dsx> train
+                 ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --set parallel.tp=2
+                 --set logging.run_dir=${DSX_LAYOUT_WORK}/tp2_refused)
+add_test(NAME parallel_train.pp_dualpipe_refused
+         COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "parallel.pp_schedule: dualpipe is not built yet" --
+                 ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -np 2 $<TARGET_FILE:dsx> train
+                 ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --set parallel.pp=2 --set parallel.pp_schedule=dualpipe
+                 --set train.global_batch=8 --set train.micro_batch=1
+                 --set logging.run_dir=${DSX_LAYOUT_WORK}/pp_dualpipe_refused)
+set_tests_properties(parallel_train.started_alone parallel_train.world_size_mismatch parallel_train.tp2_refused
+                     parallel_train.pp_dualpipe_refused
                      PROPERTIES ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 60 LABELS parallel)

@@ -283,9 +283,9 @@ double DistributedAdamW::step(double lr) {
   }
 
   // Each element is counted once: by the rank owning its partition in its group. Summing over
-  // the world is then right when every DP/EDP group's replicas together span the world, i.e.
-  // tp = pp = 1. With TP or PP, sum over the model group's distinct shards instead: replicated
-  // (ShardAxis::none) parameters would be counted once per TP rank here.
+  // the world is then right when the DP/EDP groups' replicas of every pipeline stage together
+  // span the world: true for pp > 1 (stages hold disjoint parameters), not for tp > 1, where
+  // replicated (ShardAxis::none) parameters would be counted once per TP rank.
   double sum_sq = 0;
   for (Bucket& b : buckets_) {
     wait(b.reduction);

@@ -379,7 +379,7 @@ Table<Recipe> parallel_keys() {
   return {
       key<Recipe>(DSX_KEY(parallel.world_size), "ranks in the job; 0 = pp·dp·tp, otherwise must equal it",
                   {non_negative()}),
-      key<Recipe>(DSX_KEY(parallel.pp), "pipeline-parallel stages", {positive()}),
+      key<Recipe>(DSX_KEY(parallel.pp), "pipeline-parallel stages (contiguous runs of layers, 1F1B)", {positive()}),
       key<Recipe>(DSX_KEY(parallel.dp), "data-parallel ranks", {positive()}),
       key<Recipe>(DSX_KEY(parallel.tp), "tensor-parallel ranks (divides heads and FFN widths)", {positive()}),
       key<Recipe>(DSX_KEY(parallel.ep), "expert-parallel ranks, carved out of dp (divides dp and n_routed_experts)",
@@ -389,7 +389,7 @@ Table<Recipe> parallel_keys() {
       key<Recipe>(DSX_KEY(parallel.overlap_a2a), "overlap expert all-to-all with compute (two chunks per micro-batch)"),
       key<Recipe>(DSX_KEY(parallel.comm_timeout_s), "a collective waiting longer aborts the job with its name",
                   {positive()}),
-      key<Recipe>(DSX_KEY(parallel.pp_schedule), "pipeline schedule (DeepSeek-V3: dualpipe)"),
+      key<Recipe>(DSX_KEY(parallel.pp_schedule), "pipeline schedule; 1f1b is built (DeepSeek-V3 used dualpipe)"),
   };
 }
 
@@ -498,8 +498,9 @@ Table<Recipe> grpo_keys() {
       key<Recipe>(DSX_KEY(grpo.task),
                   "built-in prompt source: addition (the demonstration task; prompts and held-out split drawn "
                   "with data.seed), or none with grpo.prompts"),
-      key<Recipe>(DSX_KEY(grpo.prompts), "JSONL prompt set ({prompt, answer, ...} per line), tokenized with "
-                                         "data.tokenizer; \"\" = use grpo.task"),
+      key<Recipe>(DSX_KEY(grpo.prompts),
+                  "JSONL prompt set ({prompt, answer, ...} per line), tokenized with "
+                  "data.tokenizer; \"\" = use grpo.task"),
       key<Recipe>(DSX_KEY(grpo.addition.digits), "addition task: operands have up to this many digits",
                   {in_closed(1, 6)}),
       key<Recipe>(DSX_KEY(grpo.addition.direct_fraction),
@@ -512,19 +513,15 @@ Table<Recipe> grpo_keys() {
       key<Recipe>(DSX_KEY(grpo.sft_steps), "supervised steps on the task's reference completions before GRPO",
                   {non_negative()}),
       key<Recipe>(DSX_KEY(grpo.sft_batch), "sequences per supervised step", {positive()}),
-      key<Recipe>(DSX_KEY(grpo.sft_lr), "peak LR of the supervised phase (warm-up then cosine to 10%)",
-                  {positive()}),
+      key<Recipe>(DSX_KEY(grpo.sft_lr), "peak LR of the supervised phase (warm-up then cosine to 10%)", {positive()}),
       key<Recipe>(DSX_KEY(grpo.prompts_per_step), "prompts per GRPO step (R1-Zero: 32)", {positive()}),
-      key<Recipe>(DSX_KEY(grpo.group_size), "G: completions per prompt (R1-Zero: 16, DeepSeekMath: 64)",
-                  {at_least(2)}),
+      key<Recipe>(DSX_KEY(grpo.group_size), "G: completions per prompt (R1-Zero: 16, DeepSeekMath: 64)", {at_least(2)}),
       key<Recipe>(DSX_KEY(grpo.max_completion_length), "most tokens generated per completion", {positive()}),
       key<Recipe>(DSX_KEY(grpo.temperature), "sampling temperature of the rollouts (R1-Zero: 1)", {positive()}),
-      key<Recipe>(DSX_KEY(grpo.top_p), "nucleus sampling: keep the smallest set of tokens with this mass",
-                  {open_unit}),
+      key<Recipe>(DSX_KEY(grpo.top_p), "nucleus sampling: keep the smallest set of tokens with this mass", {open_unit}),
       key<Recipe>(DSX_KEY(grpo.top_k), "keep only the k most likely tokens; 0 = off", {non_negative()}),
       key<Recipe>(DSX_KEY(grpo.epsilon_low), "clip ratios below 1 − ε_low (GRPO: 0.2)", {in_half_open(0, 1)}),
-      key<Recipe>(DSX_KEY(grpo.epsilon_high), "clip ratios above 1 + ε_high (GRPO: 0.2, DAPO: 0.28)",
-                  {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.epsilon_high), "clip ratios above 1 + ε_high (GRPO: 0.2, DAPO: 0.28)", {non_negative()}),
       key<Recipe>(DSX_KEY(grpo.beta),
                   "KL coefficient against the reference model, k3 estimator (R1-Zero: 0.001, DeepSeekMath: 0.04); "
                   "0 = no reference model",
@@ -541,8 +538,7 @@ Table<Recipe> grpo_keys() {
                   "with dynamic_sampling: extra rounds of fresh prompts to refill the dropped groups",
                   {non_negative()}),
       key<Recipe>(DSX_KEY(grpo.ref_refresh_interval),
-                  "copy the policy into the reference model every N steps (R1-Zero: 400); 0 = never",
-                  {non_negative()}),
+                  "copy the policy into the reference model every N steps (R1-Zero: 400); 0 = never", {non_negative()}),
       key<Recipe>(DSX_KEY(grpo.micro_batch), "sequences per forward/backward of the update; 0 = the whole batch",
                   {non_negative()}),
       key<Recipe>(DSX_KEY(grpo.overlong_cache),
@@ -556,14 +552,13 @@ Table<Recipe> grpo_keys() {
                   "negative controls: normal, zero (no learning signal) or shuffled (advantages permuted over "
                   "the batch)"),
       key<Recipe>(DSX_KEY(grpo.eval.prompts), "held-out JSONL prompt set; \"\" = the task's held-out prompts"),
-      key<Recipe>(DSX_KEY(grpo.eval.count), "held-out prompts per evaluation; 0 = no evaluation",
-                  {non_negative()}),
-      key<Recipe>(DSX_KEY(grpo.eval.samples), "completions per held-out prompt (accuracy is their mean)",
-                  {positive()}),
+      key<Recipe>(DSX_KEY(grpo.eval.count), "held-out prompts per evaluation; 0 = no evaluation", {non_negative()}),
+      key<Recipe>(DSX_KEY(grpo.eval.samples), "completions per held-out prompt (accuracy is their mean)", {positive()}),
       key<Recipe>(DSX_KEY(grpo.eval.temperature), "sampling temperature of the evaluation; 0 = greedy",
                   {non_negative()}),
-      key<Recipe>(DSX_KEY(grpo.eval.interval), "evaluate every N steps, before the first and after the last; 0 = "
-                                               "only before and after",
+      key<Recipe>(DSX_KEY(grpo.eval.interval),
+                  "evaluate every N steps, before the first and after the last; 0 = "
+                  "only before and after",
                   {non_negative()}),
   };
 }

@@ -54,6 +54,11 @@ std::string parameters_line(const ModelSection& m) {
 
 std::string batch_line(const Recipe& r) {
   const TrainSection& t = r.train;
+  if (r.grpo.enabled()) {  // the GRPO stage's batches are prompt groups; train.global_batch is unused
+    const GrpoSection& g = r.grpo;
+    return fmt::format("GRPO: {} prompts x {} completions = {} sequences per step, completions up to {} tokens",
+                       g.prompts_per_step, g.group_size, g.prompts_per_step * g.group_size, g.max_completion_length);
+  }
   const int64_t accumulation = t.accumulation_steps(t.global_batch, r.parallel.dp);
   std::string text =
       fmt::format("{} sequences x {} tokens = {} tokens per step ({} micro-batches of {} per rank)", t.global_batch,
@@ -64,11 +69,14 @@ std::string batch_line(const Recipe& r) {
 }
 
 std::string run_line(const Recipe& r) {
-  std::vector<std::string_view> recompute;
-  for (const auto kind : r.train.recompute) recompute.push_back(enum_name(kind));
+  std::vector<std::string_view> kinds;
+  for (const auto kind : r.train.recompute) kinds.push_back(enum_name(kind));
+  const std::string recompute = kinds.empty() ? std::string("nothing") : fmt::format("{}", fmt::join(kinds, ", "));
+  if (r.grpo.enabled()) {
+    return fmt::format("{} GRPO steps after {} supervised; recompute {}", r.train.steps, r.grpo.sft_steps, recompute);
+  }
   return fmt::format("{} steps, {} tokens; recompute {}", total_steps(r),
-                     human_count(static_cast<double>(total_tokens(r))),
-                     recompute.empty() ? std::string("nothing") : fmt::format("{}", fmt::join(recompute, ", ")));
+                     human_count(static_cast<double>(total_tokens(r))), recompute);
 }
 
 std::string layout_line(const Recipe& r) {

@@ -232,6 +232,11 @@ void check_layout(const Recipe& r, const Reporter& report) {
                 fmt::format("`parallel.pp` ({}) exceeds `model.num_hidden_layers` ({}): every stage "
                             "needs a layer",
                             p.pp, m.num_hidden_layers));
+  if (p.pp > 1 && m.tie_word_embeddings)
+    report.fail({"parallel.pp", "model.tie_word_embeddings"},
+                fmt::format("`parallel.pp` ({}) needs `model.tie_word_embeddings: false`: the embedding table lives "
+                            "on the first pipeline stage and the output head on the last",
+                            p.pp));
   const bool dual = p.pp_schedule == PipelineSchedule::dualpipe || p.pp_schedule == PipelineSchedule::dualpipev;
   if (dual && p.pp % 2 != 0)
     report.fail(
@@ -251,8 +256,10 @@ void check_train(const Recipe& r, const Reporter& report) {
     report.fail({"train.tokens", "train.steps"},
                 fmt::format("`train.steps` ({}) and `train.tokens` ({}) are both set; set one to 0", t.steps,
                             number(t.tokens)));
+  // The GRPO stage takes its batches from grpo.prompts_per_step × grpo.group_size; the
+  // pre-training batch keys are not used there.
   const int64_t quantum = t.micro_batch * r.parallel.dp;
-  if (t.global_batch % quantum != 0)
+  if (!r.grpo.enabled() && t.global_batch % quantum != 0)
     report.fail({"train.global_batch", "train.micro_batch", "parallel.dp"},
                 fmt::format("`train.global_batch` ({}) must be a multiple of `train.micro_batch`·`parallel.dp` = "
                             "{}·{} = {}",
@@ -312,6 +319,13 @@ void check_segments(const Recipe& r, const Reporter& report) {
 
 void check_schedule(const Recipe& r, const Reporter& report) {
   const LrScheduleSection& s = r.optim.schedule;
+  // The GRPO stage counts steps, not tokens (its LR is a function of the step alone).
+  const bool in_tokens = s.unit == ScheduleUnit::tokens ||
+                         std::any_of(s.segments.begin(), s.segments.end(),
+                                     [](const LrSegment& segment) { return segment.unit == ScheduleUnit::tokens; });
+  if (r.grpo.enabled() && in_tokens)
+    report.fail({"optim.schedule.unit", "optim.schedule.segments"},
+                "the GRPO stage counts steps: give `optim.schedule` (and its segments) in steps");
   if (s.kind == ScheduleKind::piecewise) {
     check_segments(r, report);
     return;

@@ -1,7 +1,12 @@
 // A training step is a list of actions produced by a schedule (ARCHITECTURE.md principle 5):
 // visible data, not control flow hidden in the loop. Single-rank gradient accumulation is the
-// trivial schedule; pipeline schedules (1F1B, zero-bubble, DualPipe) produce longer lists with
-// send/recv and split backward_input/backward_weight actions.
+// trivial schedule; 1F1B is the pipeline-parallel one (ARCHITECTURE.md §4d).
+//
+// Transfers between stages are actions too. The loop runs each run of consecutive transfer
+// actions as one group: all of them are started, then all are waited for (NCCL runs them as one
+// ncclGroupStart/End, so a stage's send to its successor and its receive from it do not wait on
+// each other). pipeline_runs_to_completion checks a set of per-stage schedules for deadlock under
+// exactly that rule.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -10,17 +15,54 @@
 namespace dsx {
 
 struct Action {
-  enum class Kind { forward, backward_input, backward_weight, backward, send_activation, recv_activation,
-                    send_grad, recv_grad, optimizer_step };
+  enum class Kind {
+    forward,
+    backward_input,
+    backward_weight,
+    backward,         // backward_input then backward_weight
+    send_activation,  // the stage's output to stage `peer` (= stage + 1)
+    recv_activation,  // the previous stage's output, from `peer` (= stage - 1)
+    send_grad,        // the gradient of the stage's input to `peer` (= stage - 1)
+    recv_grad,        // the gradient of the stage's output, from `peer` (= stage + 1)
+    // MTP under pipeline parallelism: Emb(shifted tokens) from the first stage travels with the
+    // activations to the last one, their gradients back with the activations' gradients
+    // (trainer/model/pipeline_stage.h); the stages between pass them on.
+    send_mtp_embedding,
+    recv_mtp_embedding,
+    send_mtp_grad,
+    recv_mtp_grad,
+    optimizer_step
+  };
   Kind kind;
   int64_t micro_batch = -1;  // -1 for step-level actions
-  int stage = 0;             // pipeline stage (0 without PP)
+  int stage = 0;             // the pipeline stage running the action (0 without PP)
+  int peer = -1;             // transfers: the other stage
+
+  bool is_transfer() const;
+  bool is_send() const;
+  bool operator==(const Action&) const = default;
 };
 
-std::string to_string(const Action& a);  // "F3", "B3", "W3", "OPT" ...
+std::string to_string(const Action& a);                     // "F3", "B3", "W3", "SA3>1" (send to stage 1), "OPT" ...
+std::string to_string(const std::vector<Action>& actions);  // space-separated
 
 // Forward then backward for each micro-batch in turn (input and weight gradients together,
 // accumulating), then one optimizer step.
 std::vector<Action> gradient_accumulation_schedule(int64_t n_micro_batches);
+
+// 1F1B (PipeDream-Flush, as Megatron-LM's default schedule) for `stage` of `stages`: warm-up
+// forwards (stages - stage - 1 of them, at most n), then one forward and one backward in turn,
+// then the remaining backwards, then the optimizer step. At most stages - stage micro-batches are
+// in flight on a stage, which bounds its stored activations. mtp: the model has MTP modules, so
+// every activation transfer comes with one of the MTP embeddings (and every gradient transfer
+// with theirs). With one stage this is gradient_accumulation_schedule.
+std::vector<Action> one_f_one_b_schedule(int64_t n_micro_batches, int stages, int stage, bool mtp);
+
+// Runs the stages' schedules against each other: a stage blocks at a group of consecutive
+// transfers until every one of them has its counterpart (same kind of data, micro-batch and
+// pair of stages) posted by the peer (rendezvous, the strictest rule: a send completes only when
+// its receive is posted). Returns "" when every stage runs to its end, else a description of the
+// first stuck state (for tests and for checking a schedule before it runs).
+std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& schedules);
 
 }  // namespace dsx

@@ -23,13 +23,24 @@ ModelParallel TrainParallel::model_parallel(const ParallelSection& p, const Prec
                                                                 : WireFormat::f32;
   mp.combine = precision.combine == CombinePrecision::bf16 ? WireFormat::bf16 : WireFormat::f32;
   mp.timer = &timer;
+  mp.pp_size = mesh.sizes.pp;
+  mp.pp_rank = mesh.coords.pp;
   return mp;
 }
 
 void TrainParallel::sum_over_dp(std::span<double> values) {
+  sum_over(*comms.dp, values);
+}
+
+void TrainParallel::sum_over_dp_and_pp(std::span<double> values) {
+  sum_over(*comms.dp, values);
+  if (mesh.sizes.pp > 1) sum_over(*comms.pp, values);
+}
+
+void TrainParallel::sum_over(Communicator& group, std::span<double> values) {
   Tensor t = Tensor::from<double>(std::span<const double>(values.data(), values.size()),
                                   {static_cast<int64_t>(values.size())});
-  CommHandle h = comms.dp->all_reduce(t);
+  CommHandle h = group.all_reduce(t);
   timed_wait(h, &timer);
   const double* sums = t.data<double>();
   std::copy(sums, sums + values.size(), values.begin());
@@ -78,10 +89,14 @@ std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
                     " needs that many processes, but this one was started alone; launch it with mpirun -np " +
                     std::to_string(sizes.world()) + " (or srun -n " + std::to_string(sizes.world()) + ")");
   }
-  if (p.pp > 1 || p.tp > 1) {
+  if (p.tp > 1) {
     throw UserError(
-        "parallel.pp / parallel.tp: pipeline and tensor-parallel layers are not built yet; "
-        "train with data and expert parallelism (parallel.dp, parallel.ep) and pp = tp = 1");
+        "parallel.tp: tensor-parallel layers are not built yet; train with pipeline, data and expert parallelism "
+        "(parallel.pp, parallel.dp, parallel.ep) and tp = 1");
+  }
+  if (p.pp > 1 && p.pp_schedule != PipelineSchedule::one_f_one_b) {
+    throw UserError("parallel.pp_schedule: " + std::string(enum_name(p.pp_schedule)) +
+                    " is not built yet; pipeline parallelism runs the 1f1b schedule");
   }
   auto tp = std::make_unique<TrainParallel>();
   tp->launch = launch;

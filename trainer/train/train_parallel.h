@@ -40,6 +40,10 @@ struct TrainParallel {
 
   // Element-wise sums over the data-parallel group (blocking).
   void sum_over_dp(std::span<double> values);
+  // ... over the data-parallel group, then the pipeline stages: every stage's part of every
+  // replica's value (blocking).
+  void sum_over_dp_and_pp(std::span<double> values);
+  void sum_over(Communicator& group, std::span<double> values);
   // Rank 0's value on every rank (blocking).
   int64_t broadcast_from_rank0(int64_t value);
   void barrier();
@@ -56,7 +60,7 @@ std::optional<std::filesystem::path> newest_checkpoint_on_every_rank(const std::
 // Null for a single process (except model.device: cuda under mpirun/srun, see the .cpp); otherwise initialises MPI,
 // checks the world size against the recipe's layout (dsx::UserError on every rank when they differ), builds the mesh
 // and its communicators (plus NCCL ones for model.device: cuda — select the GPU first). Throws dsx::UserError for
-// layouts this build cannot train yet (pp, tp > 1).
+// layouts this build cannot train yet (tp > 1, a pipeline schedule other than 1f1b).
 std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe);
 
 }  // namespace dsx

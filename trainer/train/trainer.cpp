@@ -20,6 +20,7 @@
 #include "trainer/model/param_count.h"
 #include "trainer/optim/distributed_optimizer.h"
 #include "trainer/train/schedule.h"
+#include "trainer/train/stage_runner.h"
 #include "trainer/train/stop_signals.h"
 
 namespace dsx {
@@ -64,6 +65,9 @@ Trainer::Trainer(Recipe recipe, TrainerOptions options)
   } else {
     optimizer_ = std::make_unique<AdamW>(model_->parameters(), recipe_.optim);
   }
+  stage_runner_ = std::make_unique<StageRunner>(
+      *model_, parallel_ && parallel_->mesh.sizes.pp > 1 ? parallel_->tensor_comms().pp.get() : nullptr,
+      parallel_ ? &parallel_->timer : nullptr);
   model_->set_grad_ready_hook([this](Parameter& p) {
     if (last_backward_) optimizer_->grad_ready(p);
   });
@@ -166,10 +170,22 @@ StepMetrics Trainer::train_step(int64_t step) {
   // optimizer changes the values.
   std::optional<GemmWeightCopies> weight_copies;
   weight_copies.emplace(model_->parameters());
-  for (const Action& a : gradient_accumulation_schedule(n_micro)) {
+  const PipelineStage& stage = model_->stage();
+  const std::vector<Action> actions = stage.count > 1 ? one_f_one_b_schedule(n_micro, stage.count, stage.index,
+                                                                             recipe_.model.num_nextn_predict_layers > 0)
+                                                      : gradient_accumulation_schedule(n_micro);
+  for (size_t i = 0; i < actions.size();) {
+    const Action& a = actions[i];
+    if (a.is_transfer()) {  // a run of transfers is one group (schedule.h)
+      size_t end = i;
+      while (end < actions.size() && actions[end].is_transfer()) ++end;
+      stage_runner_->transfer(std::span(actions).subspan(i, end - i), micro_batches);
+      i = end;
+      continue;
+    }
     switch (a.kind) {
       case Action::Kind::forward: {
-        const Losses l = model_->forward(micro_batches[static_cast<size_t>(a.micro_batch)]);
+        const Losses l = stage_runner_->forward(a.micro_batch, micro_batches[static_cast<size_t>(a.micro_batch)]);
         m.loss += l.total * micro_weight;
         m.lm_loss += l.lm * micro_weight;
         m.mtp_loss += l.mtp * micro_weight;
@@ -178,20 +194,22 @@ StepMetrics Trainer::train_step(int64_t step) {
       }
       case Action::Kind::backward:
         last_backward_ = a.micro_batch == n_micro - 1;
-        model_->backward(micro_weight);
+        stage_runner_->backward(a.micro_batch, micro_weight);
         last_backward_ = false;
         break;
       case Action::Kind::optimizer_step:
+        stage_runner_->finish_step();
         weight_copies.reset();
         grad_norm = optimizer_->step(lr);
         break;
       default:
-        throw std::logic_error("data-parallel schedule produced " + to_string(a));
+        throw std::logic_error("the training schedule produced " + to_string(a));
     }
+    ++i;
   }
-  if (parallel_) {  // the losses of the whole global batch
+  if (parallel_) {  // the losses of the whole global batch: every replica's, every stage's part
     std::array<double, 4> losses{m.loss, m.lm_loss, m.mtp_loss, m.balance_loss};
-    parallel_->sum_over_dp(losses);
+    parallel_->sum_over_dp_and_pp(losses);
     std::tie(m.loss, m.lm_loss, m.mtp_loss, m.balance_loss) = std::tuple(losses[0], losses[1], losses[2], losses[3]);
   }
   model_->update_router_biases(recipe_.model.bias_update_rate);
@@ -220,7 +238,7 @@ StepMetrics Trainer::train_step(int64_t step) {
 // with expert parallelism, how unevenly the EP ranks receive tokens.
 void Trainer::add_expert_load_metrics(StepMetrics& m) const {
   const int64_t ep = recipe_.parallel.ep;
-  for (const ExpertLoad& l : model_->expert_load().layers) {
+  for (const ExpertLoad& l : all_expert_loads()) {
     LayerLoad load{l.layer, static_cast<double>(l.min_tokens), static_cast<double>(l.max_tokens), l.cv, l.bias_spread};
     if (ep > 1) {
       const auto per_rank = static_cast<int64_t>(l.tokens_per_expert.size()) / ep;
@@ -238,6 +256,37 @@ void Trainer::add_expert_load_metrics(StepMetrics& m) const {
   }
 }
 
+// The loads of every MoE layer: a pipeline stage holds only its own layers, so with PP each stage
+// puts its rows [1 (present), min, max, cv, bias spread, tokens per expert...] at its layers'
+// indices and the rows are summed over the pipeline group.
+std::vector<ExpertLoad> Trainer::all_expert_loads() const {
+  std::vector<ExpertLoad> local = model_->expert_load().layers;
+  if (!parallel_ || parallel_->mesh.sizes.pp == 1) return local;
+  const ModelConfig& c = recipe_.model;
+  const int64_t layers = c.num_hidden_layers + c.num_nextn_predict_layers, experts = c.n_routed_experts;
+  const int64_t width = 5 + experts;
+  std::vector<double> rows(static_cast<size_t>(layers * width), 0.0);
+  for (const ExpertLoad& l : local) {
+    double* row = rows.data() + l.layer * width;
+    row[0] = 1;
+    row[1] = static_cast<double>(l.min_tokens);
+    row[2] = static_cast<double>(l.max_tokens);
+    row[3] = l.cv;
+    row[4] = l.bias_spread;
+    for (int64_t e = 0; e < experts; ++e) row[5 + e] = static_cast<double>(l.tokens_per_expert[e]);
+  }
+  parallel_->sum_over(*parallel_->comms.pp, rows);
+  std::vector<ExpertLoad> all;
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    const double* row = rows.data() + layer * width;
+    if (row[0] == 0) continue;  // a dense layer
+    ExpertLoad l{layer, static_cast<int64_t>(row[1]), static_cast<int64_t>(row[2]), row[3], row[4], {}};
+    for (int64_t e = 0; e < experts; ++e) l.tokens_per_expert.push_back(static_cast<int64_t>(row[5 + e]));
+    all.push_back(std::move(l));
+  }
+  return all;
+}
+
 TrainResult Trainer::run() {
   StopSignals signals;
   const int64_t total = total_steps(recipe_);
@@ -250,6 +299,11 @@ TrainResult Trainer::run() {
     if (parallel_) {
       fmt::print("  layout: {} (zero {}, overlap_a2a {}), launched by {}\n", describe_mesh(parallel_->mesh.sizes),
                  recipe_.parallel.zero, recipe_.parallel.overlap_a2a, parallel_->launch.launcher);
+      if (parallel_->mesh.sizes.pp > 1) {
+        fmt::print("  pipeline: 1f1b, {}\n",
+                   describe_pipeline(recipe_.model.num_hidden_layers, recipe_.model.num_nextn_predict_layers,
+                                     parallel_->mesh.sizes.pp));
+      }
     }
   }
   auto run_start = std::chrono::steady_clock::now();
@@ -273,8 +327,9 @@ TrainResult Trainer::run() {
     const double interval_s = seconds_since(interval_start);
     m.tokens_per_s = interval_s > 0 ? static_cast<double>(interval_tokens) / interval_s : 0;
     m.eta_s = m.elapsed_s / static_cast<double>(ran) * static_cast<double>(total - step_);
-    if (recipe_.logging.peak_flops > 0) {
-      m.mfu = model_->flops_per_token() * m.tokens_per_s / recipe_.logging.peak_flops;
+    if (recipe_.logging.peak_flops > 0) {  // peak_flops is one device's; tokens/s the whole job's
+      const int devices = parallel_ ? parallel_->world_size() : 1;
+      m.mfu = model_->flops_per_token() * m.tokens_per_s / (recipe_.logging.peak_flops * devices);
     }
     const bool log_now = step_ % recipe_.logging.interval == 0 || step_ == total || step_ == first + 1;
     if (log_now) {

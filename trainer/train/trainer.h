@@ -3,10 +3,11 @@
 //   for each step:
 //     lr, global batch  <- schedules(step, tokens consumed)
 //     micro-batches     <- data feed (this data-parallel rank's share of the global batch)
-//     actions           <- gradient-accumulation schedule
+//     actions           <- gradient-accumulation schedule, or 1F1B for this pipeline stage
 //     run actions: forward / backward per micro-batch (MoE layers exchange tokens over the EP
-//                  group; during the last backward the optimizer starts reducing gradient
-//                  buckets as they complete), then the optimizer step
+//                  group; pipeline stages pass activations and their gradients; during the last
+//                  backward the optimizer starts reducing gradient buckets as they complete),
+//                  then the optimizer step
 //     router biases     <- aux-loss-free update from this step's expert loads (summed over DP)
 //     metrics, checkpoint
 //
@@ -31,6 +32,7 @@
 #include "trainer/recipe/recipe.h"
 #include "trainer/train/data_feed.h"
 #include "trainer/train/metrics.h"
+#include "trainer/train/stage_runner.h"
 #include "trainer/train/train_parallel.h"
 
 namespace dsx {
@@ -67,6 +69,7 @@ class Trainer {
   bool writes_parameter(const Parameter& p) const;
   int dp_size() const { return parallel_ ? parallel_->mesh.sizes.dp : 1; }
   void add_expert_load_metrics(StepMetrics& m) const;
+  std::vector<ExpertLoad> all_expert_loads() const;
 
   Recipe recipe_;
   TrainerOptions options_;
@@ -76,7 +79,8 @@ class Trainer {
   std::filesystem::path checkpoint_root_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<Optimizer> optimizer_;
-  bool last_backward_ = false;  // the step's last micro-batch backward is running
+  std::unique_ptr<StageRunner> stage_runner_;  // runs the schedule's actions on the model
+  bool last_backward_ = false;                 // the step's last micro-batch backward is running
   std::unique_ptr<DataFeed> data_;
   std::unique_ptr<MetricsLog> metrics_log_;
   std::unique_ptr<std::ofstream> rank_log_;  // logging.rank_logs: this rank's own step lines

@@ -1,0 +1,115 @@
+// Training schedules (trainer/train/schedule.h): gradient accumulation and 1F1B, checked as data —
+// order, in-flight bounds, and that every set of per-stage 1F1B schedules runs to completion
+// when each run of transfers is one group with rendezvous semantics (the trainer's rule).
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <map>
+#include <set>
+
+#include "trainer/model/pipeline_stage.h"
+#include "trainer/train/schedule.h"
+
+using namespace dsx;
+using K = Action::Kind;
+
+namespace {
+
+std::vector<std::vector<Action>> all_stages(int64_t n, int stages, bool mtp) {
+  std::vector<std::vector<Action>> out;
+  for (int s = 0; s < stages; ++s) out.push_back(one_f_one_b_schedule(n, stages, s, mtp));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("one stage of 1F1B is gradient accumulation", "[schedule]") {
+  for (int64_t n : {1, 2, 7}) CHECK(one_f_one_b_schedule(n, 1, 0, true) == gradient_accumulation_schedule(n));
+}
+
+TEST_CASE("1F1B reads as the textbook schedule", "[schedule]") {
+  // Two stages, three micro-batches, MTP: stage 0 warms up with one forward.
+  CHECK(to_string(one_f_one_b_schedule(3, 2, 0, true)) ==
+        "F0 SA0>1 SE0>1 F1 SA1>1 SE1>1 RG0<1 REG0<1 BW0 F2 SA2>1 SE2>1 RG1<1 REG1<1 BW1 RG2<1 REG2<1 BW2 OPT");
+  CHECK(to_string(one_f_one_b_schedule(3, 2, 1, true)) ==
+        "RA0<0 RE0<0 F0 BW0 SG0>0 SEG0>0 RA1<0 RE1<0 F1 BW1 SG1>0 SEG1>0 RA2<0 RE2<0 F2 BW2 SG2>0 SEG2>0 OPT");
+  // A middle stage of four (warm-up 2): the MTP embeddings pass through with the activations.
+  CHECK(to_string(one_f_one_b_schedule(3, 4, 1, true)) ==
+        "RA0<0 RE0<0 F0 SA0>2 SE0>2 RA1<0 RE1<0 F1 SA1>2 SE1>2 RA2<0 RE2<0 F2 SA2>2 SE2>2 RG0<2 REG0<2 BW0 SG0>0 "
+        "SEG0>0 RG1<2 REG1<2 BW1 SG1>0 SEG1>0 RG2<2 REG2<2 BW2 SG2>0 SEG2>0 OPT");
+  CHECK(to_string(one_f_one_b_schedule(2, 3, 1, false)) ==
+        "RA0<0 F0 SA0>2 RA1<0 F1 SA1>2 RG0<2 BW0 SG0>0 RG1<2 BW1 SG1>0 OPT");
+}
+
+TEST_CASE("1F1B: every micro-batch once forward then backward, at most stages - stage in flight", "[schedule]") {
+  for (int stages : {1, 2, 3, 4, 8}) {
+    for (int64_t n : {1, 2, 3, 4, 5, 8, 13}) {
+      for (int s = 0; s < stages; ++s) {
+        INFO("stages " << stages << ", stage " << s << ", micro-batches " << n);
+        const std::vector<Action> actions = one_f_one_b_schedule(n, stages, s, true);
+        std::set<int64_t> in_flight, done;
+        size_t max_in_flight = 0;
+        for (const Action& a : actions) {
+          CHECK(a.stage == s);
+          if (a.kind == K::forward) {
+            CHECK(!in_flight.contains(a.micro_batch));
+            CHECK(!done.contains(a.micro_batch));
+            in_flight.insert(a.micro_batch);
+            max_in_flight = std::max(max_in_flight, in_flight.size());
+          } else if (a.kind == K::backward) {
+            CHECK(in_flight.erase(a.micro_batch) == 1);
+            done.insert(a.micro_batch);
+          }
+        }
+        CHECK(in_flight.empty());
+        CHECK(done.size() == static_cast<size_t>(n));
+        CHECK(max_in_flight <= static_cast<size_t>(std::min<int64_t>(stages - s, n)));
+        CHECK(actions.back().kind == K::optimizer_step);
+      }
+    }
+  }
+}
+
+TEST_CASE("1F1B runs to completion on every layout, with and without MTP", "[schedule]") {
+  for (int stages : {1, 2, 3, 4, 5, 8, 16}) {
+    for (int64_t n : {1, 2, 3, 4, 7, 8, 16, 33}) {
+      for (bool mtp : {false, true}) {
+        INFO("stages " << stages << ", micro-batches " << n << ", mtp " << mtp);
+        CHECK(pipeline_runs_to_completion(all_stages(n, stages, mtp)).empty());
+      }
+    }
+  }
+}
+
+TEST_CASE("the deadlock check finds a stuck schedule", "[schedule]") {
+  // Both stages receive before they send: nobody moves.
+  std::vector<std::vector<Action>> stuck = {
+      {{K::recv_grad, 0, 0, 1}, {K::send_activation, 0, 0, 1}},
+      {{K::recv_activation, 0, 1, 0}, {K::forward, 0, 1}, {K::send_grad, 0, 1, 0}}};
+  stuck[0].insert(stuck[0].begin() + 1, {K::forward, 0, 0});  // separate the two groups
+  CHECK(pipeline_runs_to_completion(stuck) == "stage 0 waits at RG0<1; stage 1 waits at RA0<0");
+  // A send nobody receives.
+  CHECK(pipeline_runs_to_completion({{{K::send_activation, 0, 0, 1}}, {{K::forward, 0, 1}}}) ==
+        "stage 0 waits at SA0>1");
+}
+
+TEST_CASE("pipeline stages split the layers contiguously, extra layers first", "[schedule]") {
+  const PipelineStage a = pipeline_stage(61, 16, 0), b = pipeline_stage(61, 16, 12), c = pipeline_stage(61, 16, 15);
+  CHECK(a.first_layer == 0);
+  CHECK(a.end_layer == 4);     // 61 = 13·4 + 3·3
+  CHECK(b.first_layer == 48);  // stage 12 is the last with 4
+  CHECK(b.end_layer == 52);
+  CHECK(c.first_layer == 58);
+  CHECK(c.end_layer == 61);
+  int64_t next = 0;
+  for (int s = 0; s < 16; ++s) {
+    const PipelineStage st = pipeline_stage(61, 16, s);
+    CHECK(st.first_layer == next);
+    CHECK(st.layers() >= 3);
+    next = st.end_layer;
+  }
+  CHECK(next == 61);
+  CHECK_THROWS_WITH(pipeline_stage(4, 5, 0), Catch::Contains("4 decoder layers cannot fill 5 pipeline stages"));
+  CHECK_THROWS_AS(pipeline_stage(4, 2, 2), std::invalid_argument);
+  CHECK(describe_pipeline(4, 1, 2) == "stage 0/2: embedding, layers 0-1 | stage 1/2: layers 2-3, head + 1 MTP");
+}
