@@ -9,6 +9,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tests/trainer/test_model_fixtures.h"
@@ -30,8 +31,10 @@ ModelConfig untied_mtp2_config() {
   return c;
 }
 
-// Two micro-batches in flight on every stage: F0 and F1 through all stages, then B0 and B1 back.
-Run run_stages(const ModelConfig& config, int stages, DType dtype) {
+// Two micro-batches in flight on every stage: F0 and F1 through all stages, then B0 and B1 back;
+// split_weights: the input gradients of both micro-batches first, then the weight gradients
+// (W0, W1: a zero-bubble schedule's order).
+Run run_stages(const ModelConfig& config, int stages, DType dtype, bool split_weights = false) {
   std::vector<std::unique_ptr<Model>> models;
   Run r;
   for (int s = 0; s < stages; ++s) {
@@ -58,9 +61,15 @@ Run run_stages(const ModelConfig& config, int stages, DType dtype) {
   for (int64_t mb = 0; mb < 2; ++mb) {
     Tensor d_hidden, d_mtp;
     for (int s = stages - 1; s >= 0; --s) {
-      StageBackward out = models[s]->backward_stage(mb, 0.5, d_hidden, d_mtp);
+      StageBackward out = split_weights ? models[s]->backward_stage_input(mb, 0.5, d_hidden, d_mtp)
+                                        : models[s]->backward_stage(mb, 0.5, d_hidden, d_mtp);
       d_hidden = out.d_hidden;
       if (out.d_mtp_embedded.defined()) d_mtp = out.d_mtp_embedded;
+    }
+  }
+  if (split_weights) {
+    for (int64_t mb = 0; mb < 2; ++mb) {
+      for (const auto& m : models) m->backward_stage_weight(mb);
     }
   }
   for (const auto& m : models) {
@@ -75,14 +84,16 @@ Run run_stages(const ModelConfig& config, int stages, DType dtype) {
 
 }  // namespace
 
-TEST_CASE("pipeline stages give the whole model's losses and exactly its gradients", "[model][pipeline]") {
+TEST_CASE("pipeline stages give the whole model's losses and exactly its gradients, weight passes deferred or not",
+          "[model][pipeline]") {
   for (const ModelConfig& config : {test::tiny_config(), untied_mtp2_config()}) {
     for (DType dtype : {DType::f32, DType::f64}) {
       const Run whole = run_stages(config, 1, dtype);
-      for (int stages : {2, 3}) {
+      for (const auto& [stages, split_weights] :
+           {std::pair{1, true}, std::pair{2, false}, std::pair{2, true}, std::pair{3, false}, std::pair{3, true}}) {
         INFO("MTP depth " << config.num_nextn_predict_layers << ", " << dtype_name(dtype) << ", " << stages
-                          << " stages");
-        const Run split = run_stages(config, stages, dtype);
+                          << " stages, weight gradients " << (split_weights ? "deferred" : "with the input's"));
+        const Run split = run_stages(config, stages, dtype, split_weights);
         for (size_t mb = 0; mb < 2; ++mb) {
           CHECK(split.losses[mb].lm == whole.losses[mb].lm);
           CHECK(split.losses[mb].mtp == whole.losses[mb].mtp);
@@ -119,6 +130,16 @@ TEST_CASE("pipeline stages refuse what they cannot run", "[model][pipeline]") {
                     Catch::Contains("mtp_embedded_in (the first stage's MTP embeddings) must be [16, 16]"));
   CHECK_THROWS_WITH(last.forward_stage(0, batch, Tensor::zeros({16, 8}, DType::f64)), Catch::Contains("got"));
   CHECK_THROWS_WITH(first.backward_stage(3, 1.0), Catch::Contains("micro-batch 3 has no forward"));
+  // the weight pass needs the input pass first, and each runs once
+  ModelConfig no_mtp = config;
+  no_mtp.num_nextn_predict_layers = 0;
+  Model whole(no_mtp, DType::f64, 5);
+  whole.forward_stage(0, batch);
+  CHECK_THROWS_WITH(whole.backward_stage_weight(0), Catch::Contains("no input gradients yet"));
+  whole.backward_stage_input(0, 1.0);
+  CHECK_THROWS_WITH(whole.backward_stage_input(0, 1.0), Catch::Contains("already has its input gradients"));
+  whole.backward_stage_weight(0);
+  CHECK_THROWS_WITH(whole.backward_stage_weight(0), Catch::Contains("micro-batch 0 has no forward"));
   // the embedding table is the first stage's only: a tied head cannot live on the last
   ModelConfig tied = config;
   tied.tie_word_embeddings = true;

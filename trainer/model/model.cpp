@@ -294,39 +294,73 @@ void Model::backward(double loss_scale) {
 
 StageBackward Model::backward_stage(int64_t id, double loss_scale, const Tensor& d_hidden_out,
                                     const Tensor& d_mtp_embedded_in) {
+  StageBackward out = backward_stage_input(id, loss_scale, d_hidden_out, d_mtp_embedded_in);
+  backward_stage_weight(id);
+  return out;
+}
+
+StageBackward Model::backward_stage_input(int64_t id, double loss_scale, const Tensor& d_hidden_out,
+                                          const Tensor& d_mtp_embedded_in) {
   constexpr const char* op = "Model::backward";
   MicroBatch& mb = micro_batch(id, op);
+  if (mb.input_grads_done) {
+    throw std::logic_error(std::string(op) + ": micro-batch " + std::to_string(id) +
+                           " already has its input gradients");
+  }
   const int64_t T = mb.seq.tokens();
   StageBackward out;
   Tensor dh;
   if (stage_.is_last()) {
     Tensor d_next;  // from the MTP modules into the final norm's output
-    backward_mtp(mb, loss_scale, d_next, out);
+    backward_mtp_input(mb, loss_scale, d_next, out);
     dh = head_->backward_input(mb.hidden.back(), mean_loss_grad(mb.head.ce, loss_scale), d_next, mb.head);
-    head_->backward_weight(mb.hidden.back(), mb.head);
-    grads_ready(head_params_);
   } else {
     check_stage_tensor(d_hidden_out, T, op, "d_hidden_out (the next stage's input gradient)");
     dh = d_hidden_out;
   }
-  backward_layers(mb, dh, loss_scale);
+  for (size_t i = layers_.size(); i-- > 0;) {
+    dh = layers_[i].backward_input(mb.hidden[i], dh, mb.seq, loss_scale, mb.layers[i]);
+  }
   if (stage_.is_first()) {
     if (!stage_.is_last() && mtp_depth() > 0) {
       check_stage_tensor(d_mtp_embedded_in, mtp_depth() * T, op, "d_mtp_embedded_in (the last stage's MTP gradients)");
+      mb.d_mtp_embedded = d_mtp_embedded_in;
     }
-    backward_embedding(mb, dh, d_mtp_embedded_in);
+    mb.d_embedded = dh;
   } else {
     out.d_hidden = dh;
   }
-  micro_batches_.erase(id);
+  mb.input_grads_done = true;
   return out;
 }
 
+// The weight gradients, in the order of a fused backward (MTP modules deepest first, the head,
+// the layers last first, the embedding: its MTP rows, then the main input's), so every
+// parameter accumulates its micro-batches' contributions in the same order either way.
+void Model::backward_stage_weight(int64_t id) {
+  MicroBatch& mb = micro_batch(id, "Model::backward");
+  if (!mb.input_grads_done) {
+    throw std::logic_error("Model::backward: micro-batch " + std::to_string(id) +
+                           " has no input gradients yet (backward_stage_input first)");
+  }
+  if (stage_.is_last()) {
+    backward_mtp_weight(mb);
+    head_->backward_weight(mb.hidden.back(), mb.head);
+    grads_ready(head_params_);
+  }
+  for (size_t i = layers_.size(); i-- > 0;) {
+    layers_[i].backward_weight(mb.hidden[i], mb.layers[i]);
+    grads_ready(layer_params_[static_cast<size_t>(stage_.first_layer) + i]);
+  }
+  if (stage_.is_first()) backward_embedding(mb, mb.d_embedded, mb.d_mtp_embedded);
+  micro_batches_.erase(id);
+}
+
 // MTP modules, deepest first: each passes the gradient of its h input to the depth before; the
-// last one's reaches the main head's norm output (d_next). The gradients of their embeddings go
-// into the table when this stage holds it, else into out.d_mtp_embedded for the first stage.
-void Model::backward_mtp(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out) {
-  const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
+// last one's reaches the main head's norm output (d_next). Without the embedding table on this
+// stage, the gradients of their embeddings go to the first stage (out.d_mtp_embedded).
+void Model::backward_mtp_input(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out) {
+  const int64_t T = mb.seq.tokens();
   const double mtp_weight =
       mtp_.empty() ? 0.0 : loss_scale * config_.mtp_loss_weight / static_cast<double>(mtp_.size());
   if (!mtp_.empty() && !stage_.is_first()) out.d_mtp_embedded = empty_stage_tensor(mtp_depth() * T);
@@ -334,13 +368,20 @@ void Model::backward_mtp(MicroBatch& mb, double loss_scale, Tensor& d_next, Stag
     const Tensor& h_prev = k == 0 ? mb.head.normed : mb.mtp[k - 1].head.normed;
     MtpContext& ctx = mb.mtp[k];
     d_next = mtp_[k].backward_input(h_prev, mean_loss_grad(ctx.head.ce, mtp_weight), d_next, mb.seq, loss_scale, ctx);
-    const Tensor d_embedded = mtp_[k].backward_weight(h_prev, ctx);
     const auto at = static_cast<int64_t>(k) * T;
-    if (stage_.is_first()) {
-      embedding_->backward_weight(mb.mtp_ids.slice(at, at + T), d_embedded);
-    } else {
-      out.d_mtp_embedded.slice(at, at + T).copy_from(d_embedded);
-    }
+    if (!stage_.is_first()) out.d_mtp_embedded.slice(at, at + T).copy_from(ctx.d_embedded);
+  }
+}
+
+// The MTP modules' weight gradients, deepest first; with the embedding table on this stage, their
+// embeddings' gradients go into it here (before the main input's, as in one stage).
+void Model::backward_mtp_weight(MicroBatch& mb) {
+  const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
+  for (size_t k = mtp_.size(); k-- > 0;) {
+    const Tensor& h_prev = k == 0 ? mb.head.normed : mb.mtp[k - 1].head.normed;
+    const Tensor d_embedded = mtp_[k].backward_weight(h_prev, mb.mtp[k]);
+    const auto at = static_cast<int64_t>(k) * T;
+    if (stage_.is_first()) embedding_->backward_weight(mb.mtp_ids.slice(at, at + T), d_embedded);
     grads_ready(layer_params_[static_cast<size_t>(L) + k]);
   }
 }

@@ -108,6 +108,13 @@ class Model {
   // model with MTP, pp > 1). Ends the micro-batch.
   StageBackward backward_stage(int64_t micro_batch, double loss_scale, const Tensor& d_hidden_out = {},
                                const Tensor& d_mtp_embedded_in = {});
+  // backward_stage in two passes, for schedules that split them (zero-bubble): the input
+  // gradients (what the previous stage waits for) now, the weight gradients later. Between the
+  // two, the micro-batch keeps what the weight gradients need. backward_stage = both at once;
+  // the gradients are the same bits either way.
+  StageBackward backward_stage_input(int64_t micro_batch, double loss_scale, const Tensor& d_hidden_out = {},
+                                     const Tensor& d_mtp_embedded_in = {});
+  void backward_stage_weight(int64_t micro_batch);
   // The [rows, hidden_size] tensor stages exchange (compute dtype, on the model's device).
   Tensor empty_stage_tensor(int64_t rows) const;
   // Called by backward for every trainable parameter as soon as its gradient for this backward
@@ -153,6 +160,10 @@ class Model {
     std::vector<DecoderLayerContext> layers;
     HeadContext head;
     std::vector<MtpContext> mtp;
+    // between backward_stage_input and backward_stage_weight (first stage): the gradients of the
+    // embedding's outputs, main input and MTP rows
+    bool input_grads_done = false;
+    Tensor d_embedded, d_mtp_embedded;
   };
 
   SequenceInfo sequence_info(const Batch& batch);
@@ -163,7 +174,8 @@ class Model {
   void check_stage_tensor(const Tensor& t, int64_t rows, const char* op, const char* name) const;
   double forward_layers(MicroBatch& mb, Tensor hidden_in);  // the stage's layers; their balance loss
   double forward_mtp(MicroBatch& mb, const Batch& batch, const Tensor& mtp_embedded);  // last stage
-  void backward_mtp(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out);
+  void backward_mtp_input(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out);
+  void backward_mtp_weight(MicroBatch& mb);
   void backward_layers(MicroBatch& mb, Tensor& dh, double balance_scale);
   void backward_embedding(MicroBatch& mb, const Tensor& dh, const Tensor& d_mtp_embedded);
   int64_t mtp_depth() const { return config_.num_nextn_predict_layers; }
