@@ -113,3 +113,34 @@ TEST_CASE("pipeline stages split the layers contiguously, extra layers first", "
   CHECK_THROWS_AS(pipeline_stage(4, 2, 2), std::invalid_argument);
   CHECK(describe_pipeline(4, 1, 2) == "stage 0/2: embedding, layers 0-1 | stage 1/2: layers 2-3, head + 1 MTP");
 }
+
+TEST_CASE("1F1B on the clock: makespan (n + P - 1)(F + B + W), bubble (P - 1) / (n + P - 1)", "[schedule]") {
+  // The textbook figures of 1F1B with equal stages, for uneven F/B/W costs too: the clocked run
+  // of the very action lists the trainer executes reproduces them, transfers included.
+  for (const ActionCosts& costs : {ActionCosts{1, 1, 1}, ActionCosts{1, 2, 2}, ActionCosts{2, 1, 0.5}}) {
+    for (int stages : {1, 2, 4, 8}) {
+      for (int64_t n : {1, 3, 8, 32}) {
+        INFO("stages " << stages << ", micro-batches " << n << ", costs " << costs.forward << "/"
+                       << costs.backward_input << "/" << costs.backward_weight);
+        std::vector<std::vector<Action>> schedules;
+        for (int s = 0; s < stages; ++s) schedules.push_back(one_f_one_b_schedule(n, stages, s, true));
+        const PipelineRun run = run_pipeline(schedules, costs);
+        const double per_micro_batch = costs.forward + costs.backward_input + costs.backward_weight;
+        CHECK(run.stuck.empty());
+        CHECK(run.makespan == Approx(static_cast<double>(n + stages - 1) * per_micro_batch));
+        CHECK(run.bubble ==
+              Approx(static_cast<double>(stages - 1) / static_cast<double>(n + stages - 1)).margin(1e-12));
+      }
+    }
+  }
+}
+
+TEST_CASE("the timeline of 1F1B draws as the textbook picture", "[schedule]") {
+  std::vector<std::vector<Action>> schedules;
+  for (int s = 0; s < 3; ++s) schedules.push_back(one_f_one_b_schedule(4, 3, s, false));
+  // forward 1 unit, backward 2 (input 1 + weight 1): warm-up, steady 1F1B, cool-down
+  CHECK(draw_timeline(run_pipeline(schedules)) ==
+        "stage  0 |012....aa3bb.cc.dd|\n"
+        "stage  1 |.01..aa2bb3cc.dd..|\n"
+        "stage  2 |..0aa1bb2cc3dd....|\n");
+}

@@ -1,14 +1,18 @@
-// `dsx recipe check RECIPE` and `dsx recipe explain [SECTION]`.
+// `dsx recipe check RECIPE`, `dsx recipe schedule RECIPE` and `dsx recipe explain [SECTION]`.
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "trainer/cli/registry.h"
+#include "trainer/model/pipeline_stage.h"
 #include "trainer/recipe/recipe.h"
 #include "trainer/recipe/schema.h"
 #include "trainer/recipe/summary.h"
+#include "trainer/train/schedule.h"
 
 namespace dsx::cli {
 namespace {
@@ -26,6 +30,57 @@ void run_check(const CheckArgs& args) {
     return;
   }
   fmt::print("{}: valid\n{}", args.recipe, summarize(recipe));
+}
+
+struct ScheduleArgs {
+  std::string recipe;
+  std::vector<std::string> overrides;
+  double backward_cost = 2;
+  size_t max_width = 240;
+};
+
+// What one step of the recipe's layout runs on every pipeline stage, and how it fills time.
+void run_schedule(const ScheduleArgs& args) {
+  const Recipe r = load_recipe(args.recipe, args.overrides);
+  const int stages = static_cast<int>(r.parallel.pp);
+  const int64_t n = r.train.accumulation_steps(r.train.global_batch, r.parallel.dp);
+  const bool mtp = r.model.num_nextn_predict_layers > 0;
+  fmt::print(
+      "{} micro-batches of {} sequences per rank and step (train.global_batch {} / (train.micro_batch {} x "
+      "parallel.dp {})){}\n",
+      n, r.train.micro_batch, r.train.global_batch, r.train.micro_batch, r.parallel.dp,
+      r.train.batch_ramp.start > 0 ? "; at the final batch size, after the ramp" : "");
+  if (stages > 1 && r.parallel.pp_schedule != PipelineSchedule::one_f_one_b) {
+    fmt::print("parallel.pp_schedule is {}, which is not built yet; showing 1f1b\n", enum_name(r.parallel.pp_schedule));
+  }
+  if (stages > 1) {
+    fmt::print("pipeline: 1f1b over {}\n",
+               describe_pipeline(r.model.num_hidden_layers, r.model.num_nextn_predict_layers, stages));
+  }
+  fmt::print(
+      "actions (F3 forward of micro-batch 3, BW3 its backward; SA/RA send/receive activations, SG/RG their "
+      "gradients, SE/RE MTP embeddings, SEG/REG theirs; >s to stage s, <s from it; OPT optimizer step):\n");
+  std::vector<std::vector<Action>> schedules;
+  for (int s = 0; s < stages; ++s) {
+    schedules.push_back(one_f_one_b_schedule(n, stages, s, mtp));
+    const std::vector<Action>& a = schedules.back();
+    constexpr size_t shown = 96;
+    const std::vector<Action> head(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(std::min(a.size(), shown)));
+    fmt::print("  stage {}: {}{}\n", s, to_string(head),
+               a.size() > shown ? fmt::format(" ... ({} actions)", a.size()) : std::string());
+  }
+  const ActionCosts costs{
+      .forward = 1, .backward_input = args.backward_cost / 2, .backward_weight = args.backward_cost / 2};
+  const PipelineRun run = run_pipeline(schedules, costs);
+  if (!run.stuck.empty()) throw std::logic_error("the schedule deadlocks: " + run.stuck);
+  fmt::print("on the clock (forward 1, backward {:g}, transfers free): {:g} units per step, bubble {:.1f}%\n",
+             args.backward_cost, run.makespan, 100 * run.bubble);
+  if (run.makespan > static_cast<double>(args.max_width)) {
+    fmt::print("timeline omitted: {:g} units wide (--width {})\n", run.makespan, args.max_width);
+    return;
+  }
+  fmt::print("timeline (digit: forward of that micro-batch, letter: its backward, a = 0; '.' idle):\n{}",
+             draw_timeline(run));
 }
 
 const Register kRegister("recipe", 15, [](CLI::App& app) {
@@ -47,6 +102,20 @@ const Register kRegister("recipe", 15, [](CLI::App& app) {
   check->add_flag("--resolved", check_args->print_resolved,
                   "print the fully resolved recipe (every key, as written into the run directory) instead");
   check->callback([check_args] { run_check(*check_args); });
+
+  auto schedule_args = std::make_shared<ScheduleArgs>();
+  CLI::App* schedule = recipe->add_subcommand(
+      "schedule",
+      "Print the actions one training step runs on every pipeline stage (1F1B; gradient accumulation with one "
+      "stage) and its clocked timeline: time per step and the pipeline bubble, with a drawing of it.");
+  schedule->add_option("RECIPE", schedule_args->recipe, "recipe YAML file")->required();
+  schedule->add_option("--set", schedule_args->overrides, "override a key before validation (as for check; repeatable)")
+      ->take_all()
+      ->allow_extra_args(false);
+  schedule->add_option("--backward-cost", schedule_args->backward_cost, "a backward's time in forwards (default 2)")
+      ->check(CLI::PositiveNumber);
+  schedule->add_option("--width", schedule_args->max_width, "draw the timeline up to this many units (default 240)");
+  schedule->callback([schedule_args] { run_schedule(*schedule_args); });
 
   auto section = std::make_shared<std::string>();
   CLI::App* explain = recipe->add_subcommand(

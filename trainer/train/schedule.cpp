@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 namespace dsx {
@@ -91,52 +92,54 @@ std::vector<Action> gradient_accumulation_schedule(int64_t n) {
   return actions;
 }
 
-std::vector<Action> one_f_one_b_schedule(int64_t n, int stages, int stage, bool mtp) {
-  if (n < 1) throw std::invalid_argument("one_f_one_b_schedule: need at least one micro-batch");
-  if (stages < 1 || stage < 0 || stage >= stages) {
-    throw std::invalid_argument("one_f_one_b_schedule: stage " + std::to_string(stage) + " of " +
-                                std::to_string(stages) + " does not exist");
-  }
-  using K = Action::Kind;
-  const bool first_stage = stage == 0, last_stage = stage == stages - 1, mtp_pair = mtp && stages > 1;
-  std::vector<Action> actions;
-  const auto add = [&](K kind, int64_t mb, int peer = -1) { actions.push_back({kind, mb, stage, peer}); };
+namespace {
+
+// One stage's schedule being written: a micro-batch's forward with its transfers, its backward
+// (fused, or the input pass of a split one) with its transfers.
+struct StageActions {
+  std::vector<Action>& actions;
+  int stages, stage;
+  bool mtp_pair;  // the MTP embeddings travel with the activations
+
+  bool first() const { return stage == 0; }
+  bool last() const { return stage == stages - 1; }
+  void add(Action::Kind kind, int64_t mb, int peer = -1) { actions.push_back({kind, mb, stage, peer}); }
+
   // The MTP embeddings travel with the activations, stage to stage (the stages between pass them
   // on), so every transfer is between neighbours and 1F1B's ordering keeps it deadlock-free.
-  const auto forward = [&](int64_t mb) {
-    if (!first_stage) {
+  void forward(int64_t mb) {
+    using K = Action::Kind;
+    if (!first()) {
       add(K::recv_activation, mb, stage - 1);
       if (mtp_pair) add(K::recv_mtp_embedding, mb, stage - 1);
     }
     add(K::forward, mb);
-    if (!last_stage) {
+    if (!last()) {
       add(K::send_activation, mb, stage + 1);
       if (mtp_pair) add(K::send_mtp_embedding, mb, stage + 1);
     }
-  };
-  const auto backward = [&](int64_t mb) {
-    if (!last_stage) {
+  }
+  // kind: backward (fused) or backward_input
+  void backward(int64_t mb, Action::Kind kind) {
+    using K = Action::Kind;
+    if (!last()) {
       add(K::recv_grad, mb, stage + 1);
       if (mtp_pair) add(K::recv_mtp_grad, mb, stage + 1);
     }
-    add(K::backward, mb);
-    if (!first_stage) {
+    add(kind, mb);
+    if (!first()) {
       add(K::send_grad, mb, stage - 1);
       if (mtp_pair) add(K::send_mtp_grad, mb, stage - 1);
     }
-  };
-  const int64_t warmup = std::min<int64_t>(stages - stage - 1, n);
-  for (int64_t mb = 0; mb < warmup; ++mb) forward(mb);
-  for (int64_t j = 0; j < n - warmup; ++j) {
-    forward(warmup + j);
-    backward(j);
   }
-  for (int64_t mb = n - warmup; mb < n; ++mb) backward(mb);
-  add(K::optimizer_step, -1);
-  return actions;
-}
+};
 
-namespace {
+void check_schedule_args(const char* name, int64_t n, int stages, int stage) {
+  if (n < 1) throw std::invalid_argument(std::string(name) + ": need at least one micro-batch");
+  if (stages < 1 || stage < 0 || stage >= stages) {
+    throw std::invalid_argument(fmt::format("{}: stage {} of {} does not exist", name, stage, stages));
+  }
+}
 
 // The receive that matches a send (and back).
 Action::Kind counterpart(Action::Kind k) {
@@ -165,58 +168,133 @@ Action::Kind counterpart(Action::Kind k) {
 
 }  // namespace
 
-std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& schedules) {
+std::vector<Action> one_f_one_b_schedule(int64_t n, int stages, int stage, bool mtp) {
+  check_schedule_args("one_f_one_b_schedule", n, stages, stage);
+  std::vector<Action> actions;
+  StageActions st{actions, stages, stage, mtp && stages > 1};
+  const int64_t warmup = std::min<int64_t>(stages - stage - 1, n);
+  for (int64_t mb = 0; mb < warmup; ++mb) st.forward(mb);
+  for (int64_t j = 0; j < n - warmup; ++j) {
+    st.forward(warmup + j);
+    st.backward(j, Action::Kind::backward);
+  }
+  for (int64_t mb = n - warmup; mb < n; ++mb) st.backward(mb, Action::Kind::backward);
+  st.add(Action::Kind::optimizer_step, -1);
+  return actions;
+}
+
+PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs) {
   const auto stages = static_cast<int>(schedules.size());
-  std::vector<size_t> at(schedules.size(), 0);               // next action of each stage
-  std::vector<std::vector<bool>> matched(schedules.size());  // a transfer met its counterpart
-  for (size_t s = 0; s < schedules.size(); ++s) matched[s].assign(schedules[s].size(), false);
+  std::vector<size_t> at(schedules.size(), 0);  // next action of each stage
+  std::vector<double> clock(schedules.size(), 0.0), busy(schedules.size(), 0.0);
+  // A transfer's match time once it met its counterpart (both posted), else < 0.
+  std::vector<std::vector<double>> matched(schedules.size());
+  for (size_t s = 0; s < schedules.size(); ++s) matched[s].assign(schedules[s].size(), -1.0);
+  const auto cost = [&](const Action& a) {
+    switch (a.kind) {
+      case Action::Kind::forward:
+        return costs.forward;
+      case Action::Kind::backward_input:
+        return costs.backward_input;
+      case Action::Kind::backward_weight:
+        return costs.backward_weight;
+      case Action::Kind::backward:
+        return costs.backward_input + costs.backward_weight;
+      default:
+        return 0.0;
+    }
+  };
   // The group of transfers starting at stage s's next action: [at[s], end).
   const auto group_end = [&](int s) {
     size_t end = at[s];
     while (end < schedules[s].size() && schedules[s][end].is_transfer()) ++end;
     return end;
   };
+  PipelineRun run;
+  run.timeline.resize(schedules.size());
   for (bool moved = true; moved;) {
     moved = false;
     for (int s = 0; s < stages; ++s) {
       while (at[s] < schedules[s].size() && !schedules[s][at[s]].is_transfer()) {
-        ++at[s];  // compute needs nobody
+        const Action& a = schedules[s][at[s]];
+        const double c = cost(a);  // compute needs nobody
+        if (c > 0) run.timeline[s].push_back({clock[s], clock[s] + c, a});
+        clock[s] += c;
+        busy[s] += c;
+        ++at[s];
         moved = true;
       }
       if (at[s] == schedules[s].size()) continue;
       const size_t end = group_end(s);
       bool complete = true;
+      double done = clock[s];
       for (size_t i = at[s]; i < end; ++i) {
-        if (matched[s][i]) continue;
+        if (matched[s][i] >= 0) {
+          done = std::max(done, matched[s][i]);
+          continue;
+        }
         const Action& a = schedules[s][i];
         if (a.peer < 0 || a.peer >= stages || a.peer == s) {
-          return "stage " + std::to_string(s) + ": " + to_string(a) + " has no valid peer";
+          run.stuck = fmt::format("stage {}: {} has no valid peer", s, to_string(a));
+          return run;
         }
         // The counterpart must be in the peer's posted group (the peer waits there).
         const Action wanted{counterpart(a.kind), a.micro_batch, a.peer, s};
         const size_t peer_end = group_end(a.peer);
         bool found = false;
         for (size_t j = at[a.peer]; j < peer_end && !found; ++j) {
-          if (schedules[a.peer][j] == wanted && !matched[a.peer][j]) {
-            matched[a.peer][j] = matched[s][i] = found = true;
+          if (schedules[a.peer][j] == wanted && matched[a.peer][j] < 0) {
+            matched[a.peer][j] = matched[s][i] = std::max(clock[s], clock[a.peer]);
+            done = std::max(done, matched[s][i]);
+            found = true;
           }
         }
         complete = complete && found;
       }
       if (complete) {
         at[s] = end;
+        clock[s] = done;
         moved = true;
       }
     }
   }
-  std::string stuck;
   for (int s = 0; s < stages; ++s) {
     if (at[s] < schedules[s].size()) {
-      if (!stuck.empty()) stuck += "; ";
-      stuck += fmt::format("stage {} waits at {}", s, to_string(schedules[s][at[s]]));
+      if (!run.stuck.empty()) run.stuck += "; ";
+      run.stuck += fmt::format("stage {} waits at {}", s, to_string(schedules[s][at[s]]));
     }
   }
-  return stuck;
+  double total_busy = 0;
+  for (int s = 0; s < stages; ++s) {
+    run.makespan = std::max(run.makespan, clock[s]);
+    total_busy += busy[s];
+  }
+  if (run.makespan > 0) run.bubble = 1.0 - total_busy / (run.makespan * stages);
+  return run;
+}
+
+std::string draw_timeline(const PipelineRun& run, double unit) {
+  const auto width = static_cast<size_t>(std::ceil(run.makespan / unit));
+  std::string out;
+  for (size_t s = 0; s < run.timeline.size(); ++s) {
+    std::string row(width, '.');
+    for (const ComputeSpan& span : run.timeline[s]) {
+      const bool forward = span.action.kind == Action::Kind::forward;
+      const auto mb = static_cast<char>(span.action.micro_batch % (forward ? 10 : 26));
+      const char mark = forward ? static_cast<char>('0' + mb) : static_cast<char>('a' + mb);
+      // the cells whose middle lies inside the span
+      for (size_t cell = 0; cell < width; ++cell) {
+        const double middle = (static_cast<double>(cell) + 0.5) * unit;
+        if (middle >= span.start && middle < span.end) row[cell] = mark;
+      }
+    }
+    out += fmt::format("stage {:>2} |{}|\n", s, row);
+  }
+  return out;
+}
+
+std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& schedules) {
+  return run_pipeline(schedules).stuck;
 }
 
 }  // namespace dsx

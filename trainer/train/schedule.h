@@ -58,11 +58,35 @@ std::vector<Action> gradient_accumulation_schedule(int64_t n_micro_batches);
 // with theirs). With one stage this is gradient_accumulation_schedule.
 std::vector<Action> one_f_one_b_schedule(int64_t n_micro_batches, int stages, int stage, bool mtp);
 
+// How long each compute action takes, for run_pipeline's timeline (transfers take no time).
+struct ActionCosts {
+  double forward = 1, backward_input = 1, backward_weight = 1;  // fused backward = the two
+};
+
+struct ComputeSpan {
+  double start = 0, end = 0;
+  Action action;
+};
+
+struct PipelineRun {
+  std::string stuck;                               // "" when every stage ran to its end, else where they wait
+  double makespan = 0;                             // when the last stage finished
+  double bubble = 0;                               // idle share of stages × makespan
+  std::vector<std::vector<ComputeSpan>> timeline;  // per stage, its compute actions in order
+};
+
+// One line per stage, one character per `unit` of time: the micro-batch's last digit while a
+// forward runs, a letter for a backward (a = 0, b = 1, ..., wrapping after z), '.' idle.
+std::string draw_timeline(const PipelineRun& run, double unit = 1.0);
+
 // Runs the stages' schedules against each other: a stage blocks at a group of consecutive
 // transfers until every one of them has its counterpart (same kind of data, micro-batch and
 // pair of stages) posted by the peer (rendezvous, the strictest rule: a send completes only when
 // its receive is posted). Returns "" when every stage runs to its end, else a description of the
 // first stuck state (for tests and for checking a schedule before it runs).
 std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& schedules);
+// The same run on a clock: each compute action takes its cost, a group of transfers completes
+// when the last of its counterparts is posted.
+PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs = {});
 
 }  // namespace dsx
