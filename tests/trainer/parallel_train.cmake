@@ -57,6 +57,18 @@ add_test(NAME parallel_train.dp2_ep2_fp8_dispatch
 set_tests_properties(parallel_train.dp2_ep2_fp8_dispatch PROPERTIES FIXTURES_REQUIRED layout_reference)
 list(APPEND DSX_LAYOUT_TESTS parallel_train.dp2_ep2_fp8_dispatch)
 
+# Pipeline stages with DeepSeek-V3's precision recipe (FP8 GEMMs, bf16 activations) and full
+# recompute: the same bits as one process with the same settings (its own reference).
+set(DSX_LAYOUT_FP8 --set precision.gemm=fp8_blockwise --set precision.activations=bf16 --set train.recompute=[full])
+add_test(NAME parallel_train.reference_fp8 COMMAND ${DSX_LAYOUT_RUN} reference_fp8 0 0 ${DSX_LAYOUT_FP8})
+add_test(NAME parallel_train.pp2_fp8_recompute
+         COMMAND ${DSX_LAYOUT_RUN} pp2_fp8_recompute 2 ${DSX_LAYOUT_RTOL} --set parallel.pp=2 ${DSX_LAYOUT_FP8})
+set_tests_properties(parallel_train.reference_fp8 PROPERTIES FIXTURES_SETUP layout_reference_fp8
+                     ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300 LABELS parallel RESOURCE_LOCK mpi_cores)
+set_tests_properties(parallel_train.pp2_fp8_recompute PROPERTIES FIXTURES_REQUIRED layout_reference_fp8
+                     ENVIRONMENT "${DSX_LAYOUT_ENV};DSX_LAYOUT_REFERENCE=reference_fp8" TIMEOUT 300 LABELS parallel
+                     RESOURCE_LOCK mpi_cores)
+
 # Resume tests: WRITER's checkpoints are copied into a fresh run directory and training goes on
 # there with each target layout ("name|np|overrides", np 0 = one process); every one must end at
 # the reference's final state.

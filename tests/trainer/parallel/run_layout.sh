@@ -6,7 +6,8 @@
 #
 # RTOL ending in "L" (e.g. 2e-2L) compares the losses only.
 # NP = 0 runs without mpirun (the reference itself, or a single-process resume).
-# WORK/reference must hold the reference run unless NAME is "reference".
+# WORK/reference (WORK/$DSX_LAYOUT_REFERENCE when set) must hold the reference run unless NAME
+# starts with "reference" (then this run is one).
 set -eu
 dsx=$1 mpiexec=$2 compare=$3 work=$4 name=$5 np=$6 rtol=$7
 shift 7
@@ -23,7 +24,8 @@ else
   # shellcheck disable=SC2086
   "$mpiexec" --oversubscribe --bind-to none -np "$np" "$dsx" train "$recipe" $common "$@"
 fi
-[ "$name" = reference ] && exit 0
+case "$name" in reference*) exit 0 ;; esac
+reference="$work/${DSX_LAYOUT_REFERENCE:-reference}"
 case "$*" in
   *logging.rank_logs=true*)  # every rank wrote its own log with its step lines
     for r in $(seq 0 $((np - 1))); do
@@ -32,6 +34,6 @@ case "$*" in
     done ;;
 esac
 case "$rtol" in
-  *L) exec "$compare" "$work/reference" "$work/$name" "${rtol%L}" losses-only ;;
-  *) exec "$compare" "$work/reference" "$work/$name" "$rtol" ;;
+  *L) exec "$compare" "$reference" "$work/$name" "${rtol%L}" losses-only ;;
+  *) exec "$compare" "$reference" "$work/$name" "$rtol" ;;
 esac
