@@ -151,3 +151,28 @@ TEST_CASE("pipeline stages refuse what they cannot run", "[model][pipeline]") {
   CHECK_THROWS_WITH(Model(shallow, DType::f64, 5, {}, {}, ModelParallel{.pp_size = 2, .pp_rank = 0}),
                     Catch::Contains("1 decoder layers cannot fill 2 pipeline stages"));
 }
+
+TEST_CASE("the fused backward releases each module's context as it goes, the split one keeps them",
+          "[model][pipeline]") {
+  // backward_stage runs each module's weight pass right after its input pass, so what a module
+  // kept for its weight gradients is freed before the next module's backward; the split passes
+  // hold every module's until backward_stage_weight. The fused backward's peak must stay lower.
+  const ModelConfig config = test::tiny_config();
+  const Batch batch = test::make_batch(config, 2, 8, 3);
+  const auto backward_peak = [&](bool split) {
+    Model model(config, DType::f32, 5);
+    model.forward_stage(0, batch);
+    reset_host_tensor_peak();
+    const int64_t before = host_tensor_memory().used_bytes;
+    if (split) {
+      model.backward_stage_input(0, 1.0);
+      model.backward_stage_weight(0);
+    } else {
+      model.backward_stage(0, 1.0);
+    }
+    return host_tensor_memory().peak_bytes - before;
+  };
+  const int64_t fused = backward_peak(false), split = backward_peak(true);
+  INFO("backward peak above the forward's state: fused " << fused << " B, split " << split << " B");
+  CHECK(fused < split);
+}

@@ -223,7 +223,7 @@ double Model::forward_layers(MicroBatch& mb, Tensor hidden_in) {
 }
 
 // The MTP modules (last stage), each reading the previous depth's head-norm output and its rows
-// of mtp_embedded; returns the mean of their losses and adds their balance losses to `balance`.
+// of mtp_embedded; returns the mean of their losses.
 double Model::forward_mtp(MicroBatch& mb, const Batch& batch, const Tensor& mtp_embedded) {
   const int64_t T = mb.seq.tokens();
   const Tensor targets = on_device(shifted_tokens(batch, mtp_depth()).second);
@@ -294,13 +294,19 @@ void Model::backward(double loss_scale) {
 
 StageBackward Model::backward_stage(int64_t id, double loss_scale, const Tensor& d_hidden_out,
                                     const Tensor& d_mtp_embedded_in) {
-  StageBackward out = backward_stage_input(id, loss_scale, d_hidden_out, d_mtp_embedded_in);
-  backward_stage_weight(id);
-  return out;
+  return backward_pass(id, loss_scale, d_hidden_out, d_mtp_embedded_in, /*with_weights=*/true);
 }
 
 StageBackward Model::backward_stage_input(int64_t id, double loss_scale, const Tensor& d_hidden_out,
                                           const Tensor& d_mtp_embedded_in) {
+  return backward_pass(id, loss_scale, d_hidden_out, d_mtp_embedded_in, /*with_weights=*/false);
+}
+
+// The input gradients, module by module from the last; with_weights: each module's weight
+// gradients right after its input gradient, so its context is released as the pass goes (the
+// fused backward's memory profile), else all of them later in backward_stage_weight.
+StageBackward Model::backward_pass(int64_t id, double loss_scale, const Tensor& d_hidden_out,
+                                   const Tensor& d_mtp_embedded_in, bool with_weights) {
   constexpr const char* op = "Model::backward";
   MicroBatch& mb = micro_batch(id, op);
   if (mb.input_grads_done) {
@@ -312,14 +318,16 @@ StageBackward Model::backward_stage_input(int64_t id, double loss_scale, const T
   Tensor dh;
   if (stage_.is_last()) {
     Tensor d_next;  // from the MTP modules into the final norm's output
-    backward_mtp_input(mb, loss_scale, d_next, out);
+    backward_mtp(mb, loss_scale, d_next, out, with_weights);
     dh = head_->backward_input(mb.hidden.back(), mean_loss_grad(mb.head.ce, loss_scale), d_next, mb.head);
+    if (with_weights) head_weight_grads(mb);
   } else {
     check_stage_tensor(d_hidden_out, T, op, "d_hidden_out (the next stage's input gradient)");
     dh = d_hidden_out;
   }
   for (size_t i = layers_.size(); i-- > 0;) {
     dh = layers_[i].backward_input(mb.hidden[i], dh, mb.seq, loss_scale, mb.layers[i]);
+    if (with_weights) layer_weight_grads(mb, i);
   }
   if (stage_.is_first()) {
     if (!stage_.is_last() && mtp_depth() > 0) {
@@ -331,12 +339,13 @@ StageBackward Model::backward_stage_input(int64_t id, double loss_scale, const T
     out.d_hidden = dh;
   }
   mb.input_grads_done = true;
+  if (with_weights) finish_weight_grads(id, mb);
   return out;
 }
 
-// The weight gradients, in the order of a fused backward (MTP modules deepest first, the head,
-// the layers last first, the embedding: its MTP rows, then the main input's), so every
-// parameter accumulates its micro-batches' contributions in the same order either way.
+// The weight gradients after a backward_stage_input, in the fused backward's order (MTP modules
+// deepest first, the head, the layers last first, the embedding: its MTP rows, then the main
+// input's), so every parameter accumulates its micro-batches' contributions in the same order.
 void Model::backward_stage_weight(int64_t id) {
   MicroBatch& mb = micro_batch(id, "Model::backward");
   if (!mb.input_grads_done) {
@@ -344,22 +353,17 @@ void Model::backward_stage_weight(int64_t id) {
                            " has no input gradients yet (backward_stage_input first)");
   }
   if (stage_.is_last()) {
-    backward_mtp_weight(mb);
-    head_->backward_weight(mb.hidden.back(), mb.head);
-    grads_ready(head_params_);
+    for (size_t k = mtp_.size(); k-- > 0;) mtp_weight_grads(mb, k);
+    head_weight_grads(mb);
   }
-  for (size_t i = layers_.size(); i-- > 0;) {
-    layers_[i].backward_weight(mb.hidden[i], mb.layers[i]);
-    grads_ready(layer_params_[static_cast<size_t>(stage_.first_layer) + i]);
-  }
-  if (stage_.is_first()) backward_embedding(mb, mb.d_embedded, mb.d_mtp_embedded);
-  micro_batches_.erase(id);
+  for (size_t i = layers_.size(); i-- > 0;) layer_weight_grads(mb, i);
+  finish_weight_grads(id, mb);
 }
 
 // MTP modules, deepest first: each passes the gradient of its h input to the depth before; the
 // last one's reaches the main head's norm output (d_next). Without the embedding table on this
 // stage, the gradients of their embeddings go to the first stage (out.d_mtp_embedded).
-void Model::backward_mtp_input(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out) {
+void Model::backward_mtp(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out, bool with_weights) {
   const int64_t T = mb.seq.tokens();
   const double mtp_weight =
       mtp_.empty() ? 0.0 : loss_scale * config_.mtp_loss_weight / static_cast<double>(mtp_.size());
@@ -370,20 +374,35 @@ void Model::backward_mtp_input(MicroBatch& mb, double loss_scale, Tensor& d_next
     d_next = mtp_[k].backward_input(h_prev, mean_loss_grad(ctx.head.ce, mtp_weight), d_next, mb.seq, loss_scale, ctx);
     const auto at = static_cast<int64_t>(k) * T;
     if (!stage_.is_first()) out.d_mtp_embedded.slice(at, at + T).copy_from(ctx.d_embedded);
+    if (with_weights) mtp_weight_grads(mb, k);  // clears module k's context, no longer read
   }
 }
 
-// The MTP modules' weight gradients, deepest first; with the embedding table on this stage, their
-// embeddings' gradients go into it here (before the main input's, as in one stage).
-void Model::backward_mtp_weight(MicroBatch& mb) {
-  const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
-  for (size_t k = mtp_.size(); k-- > 0;) {
-    const Tensor& h_prev = k == 0 ? mb.head.normed : mb.mtp[k - 1].head.normed;
-    const Tensor d_embedded = mtp_[k].backward_weight(h_prev, mb.mtp[k]);
-    const auto at = static_cast<int64_t>(k) * T;
-    if (stage_.is_first()) embedding_->backward_weight(mb.mtp_ids.slice(at, at + T), d_embedded);
-    grads_ready(layer_params_[static_cast<size_t>(L) + k]);
-  }
+// MTP module k's weight gradients; with the embedding table on this stage, its embeddings'
+// gradient goes into it here (before the main input's, as in one stage).
+void Model::mtp_weight_grads(MicroBatch& mb, size_t k) {
+  const int64_t T = mb.seq.tokens();
+  const Tensor& h_prev = k == 0 ? mb.head.normed : mb.mtp[k - 1].head.normed;
+  const Tensor d_embedded = mtp_[k].backward_weight(h_prev, mb.mtp[k]);
+  const auto at = static_cast<int64_t>(k) * T;
+  if (stage_.is_first()) embedding_->backward_weight(mb.mtp_ids.slice(at, at + T), d_embedded);
+  grads_ready(layer_params_[static_cast<size_t>(config_.num_hidden_layers) + k]);
+}
+
+void Model::head_weight_grads(MicroBatch& mb) {
+  head_->backward_weight(mb.hidden.back(), mb.head);
+  grads_ready(head_params_);
+}
+
+void Model::layer_weight_grads(MicroBatch& mb, size_t i) {
+  layers_[i].backward_weight(mb.hidden[i], mb.layers[i]);
+  grads_ready(layer_params_[static_cast<size_t>(stage_.first_layer) + i]);
+}
+
+// The embedding's gradient (first stage) and the end of the micro-batch.
+void Model::finish_weight_grads(int64_t id, MicroBatch& mb) {
+  if (stage_.is_first()) backward_embedding(mb, mb.d_embedded, mb.d_mtp_embedded);
+  micro_batches_.erase(id);
 }
 
 // From the gradient of the stage's last layer output to that of its input (dh is updated): the
@@ -391,8 +410,7 @@ void Model::backward_mtp_weight(MicroBatch& mb) {
 void Model::backward_layers(MicroBatch& mb, Tensor& dh, double balance_scale) {
   for (size_t i = layers_.size(); i-- > 0;) {
     dh = layers_[i].backward_input(mb.hidden[i], dh, mb.seq, balance_scale, mb.layers[i]);
-    layers_[i].backward_weight(mb.hidden[i], mb.layers[i]);
-    grads_ready(layer_params_[static_cast<size_t>(stage_.first_layer) + i]);
+    layer_weight_grads(mb, i);
   }
 }
 

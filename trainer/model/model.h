@@ -110,7 +110,7 @@ class Model {
                                const Tensor& d_mtp_embedded_in = {});
   // backward_stage in two passes, for schedules that split them (zero-bubble): the input
   // gradients (what the previous stage waits for) now, the weight gradients later. Between the
-  // two, the micro-batch keeps what the weight gradients need. backward_stage = both at once;
+  // two, the micro-batch keeps every module's context (backward_stage releases each as it goes);
   // the gradients are the same bits either way.
   StageBackward backward_stage_input(int64_t micro_batch, double loss_scale, const Tensor& d_hidden_out = {},
                                      const Tensor& d_mtp_embedded_in = {});
@@ -174,8 +174,13 @@ class Model {
   void check_stage_tensor(const Tensor& t, int64_t rows, const char* op, const char* name) const;
   double forward_layers(MicroBatch& mb, Tensor hidden_in);  // the stage's layers; their balance loss
   double forward_mtp(MicroBatch& mb, const Batch& batch, const Tensor& mtp_embedded);  // last stage
-  void backward_mtp_input(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out);
-  void backward_mtp_weight(MicroBatch& mb);
+  StageBackward backward_pass(int64_t id, double loss_scale, const Tensor& d_hidden_out,
+                              const Tensor& d_mtp_embedded_in, bool with_weights);
+  void backward_mtp(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out, bool with_weights);
+  void mtp_weight_grads(MicroBatch& mb, size_t k);
+  void head_weight_grads(MicroBatch& mb);
+  void layer_weight_grads(MicroBatch& mb, size_t i);
+  void finish_weight_grads(int64_t id, MicroBatch& mb);
   void backward_layers(MicroBatch& mb, Tensor& dh, double balance_scale);
   void backward_embedding(MicroBatch& mb, const Tensor& dh, const Tensor& d_mtp_embedded);
   int64_t mtp_depth() const { return config_.num_nextn_predict_layers; }
