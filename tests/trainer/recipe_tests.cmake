@@ -22,6 +22,7 @@ endforeach()
 # bubble (P - 1) / (n + P - 1) = 3/11, and the drawing's last stage starting after 3 forwards.
 dsx_recipe_cli_test(schedule.pp4 ${_dsx_expect} 0 "pipeline: 1f1b over stage 0/4: embedding, layers 0-0"
   "stage 3: RA0<2 RE0<2 F0 BW0 SG0>2 SEG0>2 RA1<2" "33 units per step, bubble 27.3%" "stage  3 |...0aa1bb"
+  "in flight at most (their activations are stored): stage 0: 4 | stage 1: 3 | stage 2: 2 | stage 3: 1"
   -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=4 --set train.global_batch=8
      --set train.micro_batch=1)
 dsx_recipe_cli_test(schedule.one_stage ${_dsx_expect} 0 "stage 0: F0 BW0 F1 BW1" "bubble 0.0%"

@@ -48,14 +48,14 @@ TEST_CASE("1F1B: every micro-batch once forward then backward, at most stages - 
         INFO("stages " << stages << ", stage " << s << ", micro-batches " << n);
         const std::vector<Action> actions = one_f_one_b_schedule(n, stages, s, true);
         std::set<int64_t> in_flight, done;
-        size_t max_in_flight = 0;
+        size_t most = 0;
         for (const Action& a : actions) {
           CHECK(a.stage == s);
           if (a.kind == K::forward) {
             CHECK(!in_flight.contains(a.micro_batch));
             CHECK(!done.contains(a.micro_batch));
             in_flight.insert(a.micro_batch);
-            max_in_flight = std::max(max_in_flight, in_flight.size());
+            most = std::max(most, in_flight.size());
           } else if (a.kind == K::backward) {
             CHECK(in_flight.erase(a.micro_batch) == 1);
             done.insert(a.micro_batch);
@@ -63,7 +63,8 @@ TEST_CASE("1F1B: every micro-batch once forward then backward, at most stages - 
         }
         CHECK(in_flight.empty());
         CHECK(done.size() == static_cast<size_t>(n));
-        CHECK(max_in_flight <= static_cast<size_t>(std::min<int64_t>(stages - s, n)));
+        CHECK(most == static_cast<size_t>(std::min<int64_t>(stages - s, n)));
+        CHECK(max_in_flight(actions) == std::min<int64_t>(stages - s, n));
         CHECK(actions.back().kind == K::optimizer_step);
       }
     }

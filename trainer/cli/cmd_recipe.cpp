@@ -69,6 +69,11 @@ void run_schedule(const ScheduleArgs& args) {
     fmt::print("  stage {}: {}{}\n", s, to_string(head),
                a.size() > shown ? fmt::format(" ... ({} actions)", a.size()) : std::string());
   }
+  std::string in_flight;
+  for (int s = 0; s < stages; ++s) {
+    in_flight += fmt::format("{}stage {}: {}", s ? " | " : "", s, max_in_flight(schedules[static_cast<size_t>(s)]));
+  }
+  fmt::print("micro-batches in flight at most (their activations are stored): {}\n", in_flight);
   const ActionCosts costs{
       .forward = 1, .backward_input = args.backward_cost / 2, .backward_weight = args.backward_cost / 2};
   const PipelineRun run = run_pipeline(schedules, costs);

@@ -273,6 +273,15 @@ PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, cons
   return run;
 }
 
+int64_t max_in_flight(const std::vector<Action>& actions) {
+  int64_t now = 0, most = 0;
+  for (const Action& a : actions) {
+    if (a.kind == Action::Kind::forward) most = std::max(most, ++now);
+    if (a.kind == Action::Kind::backward || a.kind == Action::Kind::backward_weight) --now;
+  }
+  return most;
+}
+
 std::string draw_timeline(const PipelineRun& run, double unit) {
   const auto width = static_cast<size_t>(std::ceil(run.makespan / unit));
   std::string out;

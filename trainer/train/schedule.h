@@ -75,6 +75,10 @@ struct PipelineRun {
   std::vector<std::vector<ComputeSpan>> timeline;  // per stage, its compute actions in order
 };
 
+// The most micro-batches a schedule holds between their forward and the end of their backward
+// (what bounds a stage's stored activations).
+int64_t max_in_flight(const std::vector<Action>& actions);
+
 // One line per stage, one character per `unit` of time: the micro-batch's last digit while a
 // forward runs, a letter for a backward (a = 0, b = 1, ..., wrapping after z), '.' idle.
 std::string draw_timeline(const PipelineRun& run, double unit = 1.0);

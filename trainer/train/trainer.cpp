@@ -287,6 +287,20 @@ std::vector<ExpertLoad> Trainer::all_expert_loads() const {
   return all;
 }
 
+// The stage split and what 1F1B's bubble costs at this step's micro-batches (forward 1,
+// backward 2, transfers free; `dsx recipe schedule` draws it).
+void Trainer::print_pipeline() const {
+  const int stages = parallel_->mesh.sizes.pp;
+  const int64_t n = batch_schedule_.global_batch(tokens_) / (recipe_.train.micro_batch * dp_size());
+  std::vector<std::vector<Action>> schedules;
+  for (int s = 0; s < stages; ++s) {
+    schedules.push_back(one_f_one_b_schedule(n, stages, s, recipe_.model.num_nextn_predict_layers > 0));
+  }
+  const PipelineRun run = run_pipeline(schedules, {.forward = 1, .backward_input = 1, .backward_weight = 1});
+  fmt::print("  pipeline: 1f1b, {} micro-batches per step, bubble {:.1f}% on the clock\n    {}\n", n, 100 * run.bubble,
+             describe_pipeline(recipe_.model.num_hidden_layers, recipe_.model.num_nextn_predict_layers, stages));
+}
+
 TrainResult Trainer::run() {
   StopSignals signals;
   const int64_t total = total_steps(recipe_);
@@ -299,11 +313,7 @@ TrainResult Trainer::run() {
     if (parallel_) {
       fmt::print("  layout: {} (zero {}, overlap_a2a {}), launched by {}\n", describe_mesh(parallel_->mesh.sizes),
                  recipe_.parallel.zero, recipe_.parallel.overlap_a2a, parallel_->launch.launcher);
-      if (parallel_->mesh.sizes.pp > 1) {
-        fmt::print("  pipeline: 1f1b, {}\n",
-                   describe_pipeline(recipe_.model.num_hidden_layers, recipe_.model.num_nextn_predict_layers,
-                                     parallel_->mesh.sizes.pp));
-      }
+      if (parallel_->mesh.sizes.pp > 1) print_pipeline();
     }
   }
   auto run_start = std::chrono::steady_clock::now();

@@ -70,6 +70,7 @@ class Trainer {
   int dp_size() const { return parallel_ ? parallel_->mesh.sizes.dp : 1; }
   void add_expert_load_metrics(StepMetrics& m) const;
   std::vector<ExpertLoad> all_expert_loads() const;
+  void print_pipeline() const;
 
   Recipe recipe_;
   TrainerOptions options_;
