@@ -116,6 +116,14 @@ add_test(NAME parallel_train.sigkill_rank_ends_job
 set_tests_properties(parallel_train.sigkill_rank_ends_job PROPERTIES ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300
                      LABELS parallel RESOURCE_LOCK mpi_cores)
 
+# SIGTERM to one rank of a two-stage pipeline: all ranks stop at one step with a complete
+# checkpoint, and the resumed run ends where an uninterrupted single-process run ends.
+add_test(NAME parallel_train.sigterm_rank_stops_all_pp2
+         COMMAND sh ${CMAKE_CURRENT_LIST_DIR}/parallel/term_rank.sh $<TARGET_FILE:dsx> ${MPIEXEC_EXECUTABLE}
+                 $<TARGET_FILE:compare_runs> ${DSX_LAYOUT_WORK} 1)
+set_tests_properties(parallel_train.sigterm_rank_stops_all_pp2 PROPERTIES ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300
+                     LABELS parallel RESOURCE_LOCK mpi_cores)
+
 # Layouts that do not fit how the job was started fail before any work, saying what to do.
 add_test(NAME parallel_train.started_alone
          COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "started alone; launch it with mpirun -np 2" --
