@@ -34,7 +34,10 @@ set(DSX_LAYOUTS
     # middle ones passing the MTP embeddings on; and PP with DP, EP and ZeRO-1 at once.
     "pp2|2|--set parallel.pp=2"
     "pp4|4|--set parallel.pp=4"
-    "pp2_dp2_ep2_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1")
+    "pp2_dp2_ep2_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1"
+    # Zero-bubble (input and weight passes split, the weight passes filling the waits).
+    "pp4_zero_bubble|4|--set parallel.pp=4 --set parallel.pp_schedule=zero_bubble"
+    "pp2_dp2_zero_bubble_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.zero=1 --set parallel.pp_schedule=zero_bubble")
 set(DSX_LAYOUT_TESTS parallel_train.reference)
 foreach(layout ${DSX_LAYOUTS})
   string(REPLACE "|" ";" fields "${layout}")
@@ -141,7 +144,7 @@ add_test(NAME parallel_train.tp2_refused
                  ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --set parallel.tp=2
                  --set logging.run_dir=${DSX_LAYOUT_WORK}/tp2_refused)
 add_test(NAME parallel_train.pp_dualpipe_refused
-         COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "parallel.pp_schedule: dualpipe is not built yet" --
+         COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "parallel.pp_schedule: dualpipe is not built yet; use 1f1b or zero_bubble" --
                  ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -np 2 $<TARGET_FILE:dsx> train
                  ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --set parallel.pp=2 --set parallel.pp_schedule=dualpipe
                  --set train.global_batch=8 --set train.micro_batch=1

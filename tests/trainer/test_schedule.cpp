@@ -83,15 +83,72 @@ TEST_CASE("1F1B runs to completion on every layout, with and without MTP", "[sch
 }
 
 TEST_CASE("the deadlock check finds a stuck schedule", "[schedule]") {
-  // Both stages receive before they send: nobody moves.
+  // Each stage posts a receive, then a send its peer waits for; a stage's groups complete in
+  // order (one communication stream), so each send waits behind a receive nobody will serve.
   std::vector<std::vector<Action>> stuck = {
-      {{K::recv_grad, 0, 0, 1}, {K::send_activation, 0, 0, 1}},
+      {{K::recv_grad, 0, 0, 1}, {K::forward, 0, 0}, {K::send_activation, 0, 0, 1}},
       {{K::recv_activation, 0, 1, 0}, {K::forward, 0, 1}, {K::send_grad, 0, 1, 0}}};
-  stuck[0].insert(stuck[0].begin() + 1, {K::forward, 0, 0});  // separate the two groups
-  CHECK(pipeline_runs_to_completion(stuck) == "stage 0 waits at RG0<1; stage 1 waits at RA0<0");
+  CHECK(pipeline_runs_to_completion(stuck) == "stage 0 waits at the end, RG0<1 in flight; stage 1 waits at F0");
   // A send nobody receives.
   CHECK(pipeline_runs_to_completion({{{K::send_activation, 0, 0, 1}}, {{K::forward, 0, 1}}}) ==
-        "stage 0 waits at SA0>1");
+        "stage 0 waits at the end, SA0>1 in flight");
+  CHECK(pipeline_runs_to_completion({{{K::send_activation, 0, 0, 0}}}) == "stage 0: SA0>0 has no valid peer");
+}
+
+TEST_CASE("zero-bubble: input passes then weight passes in micro-batch order, 1F1B's memory bound", "[schedule]") {
+  CHECK(to_string(zero_bubble_schedule(3, 2, 0, false)) ==
+        "F0 SA0>1 F1 SA1>1 RG0<1 B0 W0 F2 SA2>1 RG1<1 B1 RG2<1 W1 B2 W2 OPT");
+  CHECK(to_string(zero_bubble_schedule(3, 2, 1, false)) ==
+        "RA0<0 F0 B0 SG0>0 RA1<0 W0 F1 B1 SG1>0 RA2<0 W1 F2 B2 SG2>0 W2 OPT");
+  for (int stages : {1, 2, 3, 4, 8}) {
+    for (int64_t n : {1, 2, 3, 8, 13}) {
+      for (int s = 0; s < stages; ++s) {
+        INFO("stages " << stages << ", stage " << s << ", micro-batches " << n);
+        const std::vector<Action> actions = zero_bubble_schedule(n, stages, s, true);
+        std::vector<int64_t> forwards, inputs, weights;
+        for (const Action& a : actions) {
+          if (a.kind == K::forward) forwards.push_back(a.micro_batch);
+          if (a.kind == K::backward_input) {
+            CHECK(std::count(forwards.begin(), forwards.end(), a.micro_batch) == 1);
+            inputs.push_back(a.micro_batch);
+          }
+          if (a.kind == K::backward_weight) {
+            CHECK(std::count(inputs.begin(), inputs.end(), a.micro_batch) == 1);
+            weights.push_back(a.micro_batch);
+          }
+          CHECK(a.kind != K::backward);
+        }
+        std::vector<int64_t> order(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = i;
+        CHECK(forwards == order);
+        CHECK(inputs == order);
+        CHECK(weights == order);  // each weight sees its micro-batches in order: 1F1B's bits
+        CHECK(max_in_flight(actions) == std::min<int64_t>(stages - s, n));
+      }
+    }
+  }
+}
+
+TEST_CASE("zero-bubble on the clock: each stage after the first hides one weight pass", "[schedule]") {
+  // The weight passes fill what 1F1B's stages spend waiting for gradients in the cool-down:
+  // (n + P - 1)(F + B + W) - (P - 1) W, for any costs; deadlock-free on every layout.
+  for (const ActionCosts& costs : {ActionCosts{1, 1, 1}, ActionCosts{1, 2, 2}, ActionCosts{2, 1, 0.5}}) {
+    for (int stages : {1, 2, 3, 4, 8, 16}) {
+      for (int64_t n : {1, 3, 8, 33}) {
+        for (bool mtp : {false, true}) {
+          INFO("stages " << stages << ", micro-batches " << n << ", mtp " << mtp << ", costs " << costs.forward << "/"
+                         << costs.backward_input << "/" << costs.backward_weight);
+          std::vector<std::vector<Action>> schedules;
+          for (int s = 0; s < stages; ++s) schedules.push_back(zero_bubble_schedule(n, stages, s, mtp));
+          const PipelineRun run = run_pipeline(schedules, costs);
+          CHECK(run.stuck.empty());
+          const double per_micro_batch = costs.forward + costs.backward_input + costs.backward_weight;
+          CHECK(run.makespan == Approx(static_cast<double>(n + stages - 1) * per_micro_batch -
+                                       static_cast<double>(stages - 1) * costs.backward_weight));
+        }
+      }
+    }
+  }
 }
 
 TEST_CASE("pipeline stages split the layers contiguously, extra layers first", "[schedule]") {

@@ -44,25 +44,28 @@ void run_schedule(const ScheduleArgs& args) {
   const Recipe r = load_recipe(args.recipe, args.overrides);
   const int stages = static_cast<int>(r.parallel.pp);
   const int64_t n = r.train.accumulation_steps(r.train.global_batch, r.parallel.dp);
-  const bool mtp = r.model.num_nextn_predict_layers > 0;
   fmt::print(
       "{} micro-batches of {} sequences per rank and step (train.global_batch {} / (train.micro_batch {} x "
       "parallel.dp {})){}\n",
       n, r.train.micro_batch, r.train.global_batch, r.train.micro_batch, r.parallel.dp,
       r.train.batch_ramp.start > 0 ? "; at the final batch size, after the ramp" : "");
-  if (stages > 1 && r.parallel.pp_schedule != PipelineSchedule::one_f_one_b) {
+  Recipe shown = r;  // a schedule that is not built yet is shown as 1f1b
+  if (stages > 1 && r.parallel.pp_schedule != PipelineSchedule::one_f_one_b &&
+      r.parallel.pp_schedule != PipelineSchedule::zero_bubble) {
     fmt::print("parallel.pp_schedule is {}, which is not built yet; showing 1f1b\n", enum_name(r.parallel.pp_schedule));
+    shown.parallel.pp_schedule = PipelineSchedule::one_f_one_b;
   }
   if (stages > 1) {
-    fmt::print("pipeline: 1f1b over {}\n",
+    fmt::print("pipeline: {} over {}\n", enum_name(shown.parallel.pp_schedule),
                describe_pipeline(r.model.num_hidden_layers, r.model.num_nextn_predict_layers, stages));
   }
   fmt::print(
-      "actions (F3 forward of micro-batch 3, BW3 its backward; SA/RA send/receive activations, SG/RG their "
+      "actions (F3 forward of micro-batch 3, BW3 its backward, B3/W3 its input/weight passes; SA/RA send/receive "
+      "activations, SG/RG their "
       "gradients, SE/RE MTP embeddings, SEG/REG theirs; >s to stage s, <s from it; OPT optimizer step):\n");
   std::vector<std::vector<Action>> schedules;
   for (int s = 0; s < stages; ++s) {
-    schedules.push_back(one_f_one_b_schedule(n, stages, s, mtp));
+    schedules.push_back(stages > 1 ? stage_schedule(shown, n, s) : gradient_accumulation_schedule(n));
     const std::vector<Action>& a = schedules.back();
     constexpr size_t shown = 96;
     const std::vector<Action> head(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(std::min(a.size(), shown)));
@@ -84,8 +87,10 @@ void run_schedule(const ScheduleArgs& args) {
     fmt::print("timeline omitted: {:g} units wide (--width {})\n", run.makespan, args.max_width);
     return;
   }
-  fmt::print("timeline (digit: forward of that micro-batch, letter: its backward, a = 0; '.' idle):\n{}",
-             draw_timeline(run));
+  fmt::print(
+      "timeline (digit: forward of that micro-batch, letter: its backward, a = 0, upper case: a weight pass; '.' "
+      "idle):\n{}",
+      draw_timeline(run));
 }
 
 const Register kRegister("recipe", 15, [](CLI::App& app) {

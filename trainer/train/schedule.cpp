@@ -1,9 +1,13 @@
 #include "trainer/train/schedule.h"
 
+#include "kernels/error.h"
+
 #include <fmt/core.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <optional>
 #include <stdexcept>
 
 namespace dsx {
@@ -107,12 +111,14 @@ struct StageActions {
 
   // The MTP embeddings travel with the activations, stage to stage (the stages between pass them
   // on), so every transfer is between neighbours and 1F1B's ordering keeps it deadlock-free.
-  void forward(int64_t mb) {
+  // before_compute: adds actions after the receives are posted, before the compute waits on them
+  void forward(int64_t mb, const std::function<void()>& before_compute = {}) {
     using K = Action::Kind;
     if (!first()) {
       add(K::recv_activation, mb, stage - 1);
       if (mtp_pair) add(K::recv_mtp_embedding, mb, stage - 1);
     }
+    if (before_compute) before_compute();
     add(K::forward, mb);
     if (!last()) {
       add(K::send_activation, mb, stage + 1);
@@ -120,12 +126,13 @@ struct StageActions {
     }
   }
   // kind: backward (fused) or backward_input
-  void backward(int64_t mb, Action::Kind kind) {
+  void backward(int64_t mb, Action::Kind kind, const std::function<void()>& before_compute = {}) {
     using K = Action::Kind;
     if (!last()) {
       add(K::recv_grad, mb, stage + 1);
       if (mtp_pair) add(K::recv_mtp_grad, mb, stage + 1);
     }
+    if (before_compute) before_compute();
     add(kind, mb);
     if (!first()) {
       add(K::send_grad, mb, stage - 1);
@@ -183,94 +190,227 @@ std::vector<Action> one_f_one_b_schedule(int64_t n, int stages, int stage, bool 
   return actions;
 }
 
-PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs) {
-  const auto stages = static_cast<int>(schedules.size());
-  std::vector<size_t> at(schedules.size(), 0);  // next action of each stage
-  std::vector<double> clock(schedules.size(), 0.0), busy(schedules.size(), 0.0);
-  // A transfer's match time once it met its counterpart (both posted), else < 0.
-  std::vector<std::vector<double>> matched(schedules.size());
-  for (size_t s = 0; s < schedules.size(); ++s) matched[s].assign(schedules[s].size(), -1.0);
-  const auto cost = [&](const Action& a) {
-    switch (a.kind) {
-      case Action::Kind::forward:
-        return costs.forward;
-      case Action::Kind::backward_input:
-        return costs.backward_input;
-      case Action::Kind::backward_weight:
-        return costs.backward_weight;
-      case Action::Kind::backward:
-        return costs.backward_input + costs.backward_weight;
-      default:
-        return 0.0;
-    }
+std::vector<Action> zero_bubble_schedule(int64_t n, int stages, int stage, bool mtp) {
+  check_schedule_args("zero_bubble_schedule", n, stages, stage);
+  std::vector<Action> actions;
+  StageActions st{actions, stages, stage, mtp && stages > 1};
+  int64_t next_weight = 0, inputs_done = 0;
+  // The weight passes due so far, placed after a group of transfers is posted and before the
+  // compute that waits for it: they fill that wait.
+  const auto weights = [&] {
+    while (next_weight < inputs_done) st.add(Action::Kind::backward_weight, next_weight++);
   };
-  // The group of transfers starting at stage s's next action: [at[s], end).
-  const auto group_end = [&](int s) {
-    size_t end = at[s];
-    while (end < schedules[s].size() && schedules[s][end].is_transfer()) ++end;
-    return end;
+  const auto input_pass = [&](int64_t mb) {
+    st.backward(mb, Action::Kind::backward_input, weights);
+    ++inputs_done;
   };
-  PipelineRun run;
-  run.timeline.resize(schedules.size());
-  for (bool moved = true; moved;) {
-    moved = false;
-    for (int s = 0; s < stages; ++s) {
-      while (at[s] < schedules[s].size() && !schedules[s][at[s]].is_transfer()) {
-        const Action& a = schedules[s][at[s]];
-        const double c = cost(a);  // compute needs nobody
-        if (c > 0) run.timeline[s].push_back({clock[s], clock[s] + c, a});
-        clock[s] += c;
-        busy[s] += c;
-        ++at[s];
-        moved = true;
-      }
-      if (at[s] == schedules[s].size()) continue;
-      const size_t end = group_end(s);
-      bool complete = true;
-      double done = clock[s];
-      for (size_t i = at[s]; i < end; ++i) {
-        if (matched[s][i] >= 0) {
-          done = std::max(done, matched[s][i]);
+  const int64_t warmup = std::min<int64_t>(stages - stage - 1, n);
+  for (int64_t mb = 0; mb < warmup; ++mb) st.forward(mb);
+  for (int64_t j = 0; j < n - warmup; ++j) {
+    st.forward(warmup + j, weights);
+    input_pass(j);
+  }
+  for (int64_t mb = n - warmup; mb < n; ++mb) input_pass(mb);
+  weights();
+  st.add(Action::Kind::optimizer_step, -1);
+  return actions;
+}
+
+std::vector<Action> stage_schedule(const Recipe& r, int64_t n, int stage) {
+  const int stages = static_cast<int>(r.parallel.pp);
+  const bool mtp = r.model.num_nextn_predict_layers > 0;
+  switch (r.parallel.pp_schedule) {
+    case PipelineSchedule::one_f_one_b:
+      return one_f_one_b_schedule(n, stages, stage, mtp);
+    case PipelineSchedule::zero_bubble:
+      return zero_bubble_schedule(n, stages, stage, mtp);
+    default:
+      throw UserError(fmt::format("parallel.pp_schedule: {} is not built yet; use 1f1b or zero_bubble",
+                                  enum_name(r.parallel.pp_schedule)));
+  }
+}
+
+namespace {
+
+// The receives a compute action consumes (of its own micro-batch, on its own stage).
+bool consumes(const Action& compute, const Action& transfer) {
+  if (transfer.micro_batch != compute.micro_batch || transfer.is_send()) return false;
+  switch (compute.kind) {
+    case Action::Kind::forward:
+      return transfer.kind == Action::Kind::recv_activation || transfer.kind == Action::Kind::recv_mtp_embedding;
+    case Action::Kind::backward:
+    case Action::Kind::backward_input:
+      return transfer.kind == Action::Kind::recv_grad || transfer.kind == Action::Kind::recv_mtp_grad;
+    default:
+      return false;
+  }
+}
+
+// One clocked run (see run_pipeline): the transfer groups of every stage, in posting order.
+class ClockedRun {
+ public:
+  ClockedRun(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs)
+      : schedules_(schedules), costs_(costs) {
+    const size_t stages = schedules.size();
+    group_of_.resize(stages);
+    groups_.resize(stages);
+    for (size_t s = 0; s < stages; ++s) {
+      group_of_[s].assign(schedules[s].size(), -1);
+      for (size_t i = 0; i < schedules[s].size();) {
+        if (!schedules[s][i].is_transfer()) {
+          ++i;
           continue;
         }
-        const Action& a = schedules[s][i];
-        if (a.peer < 0 || a.peer >= stages || a.peer == s) {
+        Group g{i, i, -1, -1};
+        while (g.end < schedules[s].size() && schedules[s][g.end].is_transfer()) {
+          group_of_[s][g.end++] = static_cast<int>(groups_[s].size());
+        }
+        groups_[s].push_back(g);
+        i = g.end;
+      }
+    }
+  }
+
+  PipelineRun run() {
+    const auto stages = static_cast<int>(schedules_.size());
+    std::vector<size_t> at(schedules_.size(), 0);
+    std::vector<double> clock(schedules_.size(), 0.0), busy(schedules_.size(), 0.0);
+    PipelineRun run;
+    run.timeline.resize(schedules_.size());
+    for (int s = 0; s < stages; ++s) {
+      for (const Action& a : schedules_[s]) {
+        if (a.is_transfer() && (a.peer < 0 || a.peer >= stages || a.peer == s)) {
           run.stuck = fmt::format("stage {}: {} has no valid peer", s, to_string(a));
           return run;
         }
-        // The counterpart must be in the peer's posted group (the peer waits there).
-        const Action wanted{counterpart(a.kind), a.micro_batch, a.peer, s};
-        const size_t peer_end = group_end(a.peer);
-        bool found = false;
-        for (size_t j = at[a.peer]; j < peer_end && !found; ++j) {
-          if (schedules[a.peer][j] == wanted && matched[a.peer][j] < 0) {
-            matched[a.peer][j] = matched[s][i] = std::max(clock[s], clock[a.peer]);
-            done = std::max(done, matched[s][i]);
-            found = true;
+      }
+    }
+    for (bool moved = true; moved;) {
+      moved = false;
+      for (int s = 0; s < stages; ++s) {
+        const std::vector<Action>& actions = schedules_[s];
+        while (at[s] < actions.size()) {
+          const Action& a = actions[at[s]];
+          if (a.is_transfer()) {  // posting never waits
+            Group& g = groups_[s][static_cast<size_t>(group_of_[s][at[s]])];
+            if (g.posted < 0) g.posted = clock[s];
+            ++at[s];
+            moved = true;
+            continue;
           }
+          // A compute waits for the receives it consumes; the optimizer step for everything.
+          std::optional<double> ready = clock[s];
+          for (size_t g = 0; g < groups_[s].size() && ready; ++g) {
+            const Group& group = groups_[s][g];
+            bool needed = a.kind == Action::Kind::optimizer_step && group.begin < at[s];
+            for (size_t i = group.begin; i < group.end && !needed; ++i) needed = consumes(a, actions[i]);
+            if (!needed) continue;
+            const std::optional<double> done = completion(s, g);
+            ready = done ? std::optional(std::max(*ready, *done)) : std::nullopt;
+          }
+          if (!ready) break;
+          clock[s] = *ready;
+          const double c = cost(a);
+          if (c > 0) run.timeline[s].push_back({clock[s], clock[s] + c, a});
+          clock[s] += c;
+          busy[s] += c;
+          ++at[s];
+          moved = true;
         }
-        complete = complete && found;
-      }
-      if (complete) {
-        at[s] = end;
-        clock[s] = done;
-        moved = true;
       }
     }
-  }
-  for (int s = 0; s < stages; ++s) {
-    if (at[s] < schedules[s].size()) {
+    for (int s = 0; s < stages; ++s) {
+      std::string why;
+      if (at[s] < schedules_[s].size()) {
+        why = to_string(schedules_[s][at[s]]);
+      } else {
+        for (size_t g = 0; g < groups_[s].size() && why.empty(); ++g) {
+          if (!completion(s, g)) why = "the end, " + to_string(schedules_[s][groups_[s][g].begin]) + " in flight";
+        }
+      }
+      if (why.empty()) continue;
       if (!run.stuck.empty()) run.stuck += "; ";
-      run.stuck += fmt::format("stage {} waits at {}", s, to_string(schedules[s][at[s]]));
+      run.stuck += fmt::format("stage {} waits at {}", s, why);
+    }
+    double total_busy = 0;
+    for (int s = 0; s < stages; ++s) {
+      run.makespan = std::max(run.makespan, clock[s]);
+      total_busy += busy[s];
+    }
+    if (run.makespan > 0) run.bubble = 1.0 - total_busy / (run.makespan * stages);
+    return run;
+  }
+
+ private:
+  struct Group {
+    size_t begin, end;       // its actions
+    double posted = -1;      // when the stage reached it (< 0: not yet)
+    double completed = -1;   // once known
+    bool resolving = false;  // completion() is working it out (a cycle means deadlock)
+  };
+
+  double cost(const Action& a) const {
+    switch (a.kind) {
+      case Action::Kind::forward:
+        return costs_.forward;
+      case Action::Kind::backward_input:
+        return costs_.backward_input;
+      case Action::Kind::backward_weight:
+        return costs_.backward_weight;
+      case Action::Kind::backward:
+        return costs_.backward_input + costs_.backward_weight;
+      default:
+        return 0.0;
     }
   }
-  double total_busy = 0;
-  for (int s = 0; s < stages; ++s) {
-    run.makespan = std::max(run.makespan, clock[s]);
-    total_busy += busy[s];
+
+  // A stage's groups run one after another (one communication stream): a group starts once it
+  // is posted and the one before it completed.
+  std::optional<double> start(int s, size_t g) {
+    const Group& group = groups_[s][g];
+    if (group.posted < 0) return std::nullopt;
+    if (g == 0) return group.posted;
+    const std::optional<double> before = completion(s, g - 1);
+    if (!before) return std::nullopt;
+    return std::max(group.posted, *before);
   }
-  if (run.makespan > 0) run.bubble = 1.0 - total_busy / (run.makespan * stages);
-  return run;
+
+  // A group completes when each of its transfers met its counterpart, which happens once both
+  // their groups have started (rendezvous).
+  std::optional<double> completion(int s, size_t g) {
+    Group& group = groups_[s][g];
+    if (group.completed >= 0) return group.completed;
+    if (group.resolving) return std::nullopt;  // it waits on itself: a deadlock
+    group.resolving = true;
+    std::optional<double> done = start(s, g);
+    for (size_t i = group.begin; i < group.end && done; ++i) {
+      const Action& a = schedules_[s][i];
+      const Action wanted{counterpart(a.kind), a.micro_batch, a.peer, s};
+      const std::vector<Action>& peer = schedules_[a.peer];
+      const auto it = std::find(peer.begin(), peer.end(), wanted);
+      if (it == peer.end()) {  // never posted: stuck
+        done = std::nullopt;
+        break;
+      }
+      const auto j = static_cast<size_t>(it - peer.begin());
+      const std::optional<double> peer_start = start(a.peer, static_cast<size_t>(group_of_[a.peer][j]));
+      done = peer_start ? std::optional(std::max(*done, *peer_start)) : std::nullopt;
+    }
+    group.resolving = false;
+    if (done) group.completed = *done;
+    return done;
+  }
+
+  const std::vector<std::vector<Action>>& schedules_;
+  ActionCosts costs_;
+  std::vector<std::vector<int>> group_of_;  // per stage and action: its group, -1 for compute
+  std::vector<std::vector<Group>> groups_;
+};
+
+}  // namespace
+
+PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs) {
+  return ClockedRun(schedules, costs).run();
 }
 
 int64_t max_in_flight(const std::vector<Action>& actions) {
@@ -290,7 +430,9 @@ std::string draw_timeline(const PipelineRun& run, double unit) {
     for (const ComputeSpan& span : run.timeline[s]) {
       const bool forward = span.action.kind == Action::Kind::forward;
       const auto mb = static_cast<char>(span.action.micro_batch % (forward ? 10 : 26));
-      const char mark = forward ? static_cast<char>('0' + mb) : static_cast<char>('a' + mb);
+      const char mark = forward                                             ? static_cast<char>('0' + mb)
+                        : span.action.kind == Action::Kind::backward_weight ? static_cast<char>('A' + mb)
+                                                                            : static_cast<char>('a' + mb);
       // the cells whose middle lies inside the span
       for (size_t cell = 0; cell < width; ++cell) {
         const double middle = (static_cast<double>(cell) + 0.5) * unit;

@@ -2,6 +2,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace dsx {
@@ -44,25 +45,42 @@ bool StageRunner::passes_mtp_on() const {
   return !s.is_first() && !s.is_last();
 }
 
+Tensor StageRunner::take(Received& r) {
+  if (!r.handle.done()) timed_wait(r.handle, timer_);
+  return std::exchange(r.tensor, Tensor());
+}
+
 Losses StageRunner::forward(int64_t mb, const Batch& batch) {
   InFlight& f = in_flight_[mb];
+  const Tensor hidden_in = take(f.hidden_in), mtp_in = take(f.mtp_embedded_in);
   const bool pass_on = passes_mtp_on();
-  StageForward out = model_.forward_stage(mb, batch, f.hidden_in, pass_on ? Tensor() : f.mtp_embedded_in);
-  f.hidden_in = Tensor();  // the model keeps what its backward needs
+  StageForward out = model_.forward_stage(mb, batch, hidden_in, pass_on ? Tensor() : mtp_in);
   f.hidden_out = std::move(out.hidden);
-  f.mtp_embedded_out = pass_on ? std::move(f.mtp_embedded_in) : std::move(out.mtp_embedded);
-  f.mtp_embedded_in = Tensor();
+  f.mtp_embedded_out = pass_on ? mtp_in : std::move(out.mtp_embedded);
   return out.losses;
 }
 
 void StageRunner::backward(int64_t mb, double loss_scale) {
+  backward_pass(mb, loss_scale, /*with_weights=*/true);
+}
+
+void StageRunner::backward_input(int64_t mb, double loss_scale) {
+  backward_pass(mb, loss_scale, /*with_weights=*/false);
+}
+
+void StageRunner::backward_pass(int64_t mb, double loss_scale, bool with_weights) {
   InFlight& f = in_flight_[mb];
+  const Tensor d_out = take(f.d_hidden_out), d_mtp = take(f.d_mtp_embedded_in);
   const bool pass_on = passes_mtp_on();
-  StageBackward out = model_.backward_stage(mb, loss_scale, f.d_hidden_out, pass_on ? Tensor() : f.d_mtp_embedded_in);
-  f.d_hidden_out = Tensor();
+  const Tensor d_mtp_for_model = pass_on ? Tensor() : d_mtp;
+  StageBackward out = with_weights ? model_.backward_stage(mb, loss_scale, d_out, d_mtp_for_model)
+                                   : model_.backward_stage_input(mb, loss_scale, d_out, d_mtp_for_model);
   f.d_hidden_in = std::move(out.d_hidden);
-  f.d_mtp_embedded_out = pass_on ? std::move(f.d_mtp_embedded_in) : std::move(out.d_mtp_embedded);
-  f.d_mtp_embedded_in = Tensor();
+  f.d_mtp_embedded_out = pass_on ? d_mtp : std::move(out.d_mtp_embedded);
+}
+
+void StageRunner::backward_weight(int64_t mb) {
+  model_.backward_stage_weight(mb);
 }
 
 Tensor& StageRunner::to_send(const Action& a) {
@@ -81,7 +99,7 @@ Tensor& StageRunner::to_send(const Action& a) {
   }
 }
 
-Tensor& StageRunner::to_receive(const Action& a) {
+StageRunner::Received& StageRunner::to_receive(const Action& a) {
   InFlight& f = in_flight_[a.micro_batch];
   switch (a.kind) {
     case Action::Kind::recv_activation:
@@ -97,10 +115,14 @@ Tensor& StageRunner::to_receive(const Action& a) {
   }
 }
 
+void StageRunner::release_finished_sends() {
+  std::erase_if(sending_, [](Sending& s) { return s.handle.test(); });
+}
+
 void StageRunner::transfer(std::span<const Action> group, std::span<const Batch> batches) {
   if (!pp_) throw std::logic_error("StageRunner: transfer actions without a pipeline group");
-  std::vector<CommHandle> handles;
-  std::vector<Tensor*> sent;
+  release_finished_sends();
+  size_t sends = 0;
   for (const Action& a : group) {
     if (a.micro_batch < 0 || a.micro_batch >= static_cast<int64_t>(batches.size())) {
       throw std::logic_error("StageRunner: " + to_string(a) + " names no micro-batch of this step");
@@ -108,24 +130,33 @@ void StageRunner::transfer(std::span<const Action> group, std::span<const Batch>
     if (a.is_send()) {
       Tensor& t = to_send(a);
       if (!t.defined()) throw std::logic_error("StageRunner: " + to_string(a) + ": nothing computed to send");
-      handles.push_back(pp_->send(t, a.peer, tag_of(a.kind)));
-      sent.push_back(&t);
+      CommHandle h = pp_->send(t, a.peer, tag_of(a.kind));
+      sending_.push_back({std::exchange(t, Tensor()), std::move(h)});
+      ++sends;
     } else {
       const int64_t tokens = batches[static_cast<size_t>(a.micro_batch)].inputs.numel();
       const bool mtp = a.kind == Action::Kind::recv_mtp_embedding || a.kind == Action::Kind::recv_mtp_grad;
-      Tensor& t = to_receive(a);
-      t = model_.empty_stage_tensor(mtp ? model_.config().num_nextn_predict_layers * tokens : tokens);
-      handles.push_back(pp_->recv(t, a.peer, tag_of(a.kind)));
+      Received& r = to_receive(a);
+      if (r.tensor.defined()) throw std::logic_error("StageRunner: " + to_string(a) + " is already received");
+      r.tensor = model_.empty_stage_tensor(mtp ? model_.config().num_nextn_predict_layers * tokens : tokens);
+      r.handle = pp_->recv(r.tensor, a.peer, tag_of(a.kind));
     }
   }
-  for (CommHandle& h : handles) timed_wait(h, timer_);
-  for (Tensor* t : sent) *t = Tensor();
+  // Start the group now (NCCL launches its queued group when a handle is first tested; MPI
+  // moves transfers on inside its calls), so the peer is not kept waiting for our next wait.
+  for (size_t i = sending_.size() - sends; i < sending_.size(); ++i) sending_[i].handle.test();
+  for (const Action& a : group) {
+    if (!a.is_send()) to_receive(a).handle.test();
+  }
 }
 
 void StageRunner::finish_step() {
+  for (Sending& s : sending_) timed_wait(s.handle, timer_);
+  sending_.clear();
   for (const auto& [mb, f] : in_flight_) {
-    for (const Tensor* t : {&f.hidden_in, &f.mtp_embedded_in, &f.d_hidden_out, &f.d_mtp_embedded_in, &f.hidden_out,
-                            &f.mtp_embedded_out, &f.d_hidden_in, &f.d_mtp_embedded_out}) {
+    for (const Tensor* t :
+         {&f.hidden_in.tensor, &f.mtp_embedded_in.tensor, &f.d_hidden_out.tensor, &f.d_mtp_embedded_in.tensor,
+          &f.hidden_out, &f.mtp_embedded_out, &f.d_hidden_in, &f.d_mtp_embedded_out}) {
       if (t->defined()) {
         throw std::logic_error("StageRunner: micro-batch " + std::to_string(mb) +
                                " still has a tensor in flight at the end of the step");

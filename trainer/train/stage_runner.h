@@ -1,19 +1,23 @@
-// Runs one pipeline stage's actions (trainer/train/schedule.h) on the model: forwards and
-// backwards of micro-batches with the tensors received from the neighbouring stages, and the
-// transfer actions that move those tensors. Without pipeline parallelism it is the plain
-// forward/backward of the whole model (there are no transfers).
+// Runs one pipeline stage's actions (trainer/train/schedule.h) on the model: forwards, backwards
+// (fused, or input and weight passes) of micro-batches with the tensors received from the
+// neighbouring stages, and the transfer actions that move those tensors. Without pipeline
+// parallelism it is the plain forward/backward of the whole model (there are no transfers).
+//
+// The transfer rule of schedule.h: a run of consecutive transfer actions is posted as one group
+// and not waited for (NCCL queues it into one ncclGroupStart/End, started at once; MPI starts
+// non-blocking sends and receives). A forward waits for its activations' receives, a backward
+// for its gradients'; finished sends are released as later groups are posted, and all before
+// the optimizer step.
 //
 // Per micro-batch in flight it holds what was received and not yet used, and what was computed
-// and not yet sent. A run of consecutive transfer actions is one group: all are started, then
-// all waited for (NCCL queues them into one ncclGroupStart/End; MPI runs them as non-blocking
-// sends and receives), the rule pipeline_runs_to_completion checks schedules against.
-//
-// Messages between two stages keep their order per tag: tag 0 activations, 1 their gradients,
-// 2 MTP embeddings, 3 their gradients; both sides walk micro-batches in increasing order.
+// and not yet sent. Messages between two stages keep their order per tag: tag 0 activations,
+// 1 their gradients, 2 MTP embeddings, 3 their gradients; both sides walk micro-batches in
+// increasing order.
 #pragma once
 #include <cstdint>
 #include <map>
 #include <span>
+#include <vector>
 
 #include "parallel/comm.h"
 #include "trainer/model/model.h"
@@ -27,30 +31,46 @@ class StageRunner {
   // parallelism; timer: where blocked time is counted (may be null).
   StageRunner(Model& model, Communicator* pp, CommTimer* timer);
 
-  // forward_stage / backward_stage of micro-batch `mb` with what was received for it.
+  // The model's forward_stage / backward_stage / backward_stage_input / backward_stage_weight
+  // of micro-batch `mb`, after waiting for what it receives.
   Losses forward(int64_t mb, const Batch& batch);
   void backward(int64_t mb, double loss_scale);
-  // Runs a group of transfer actions; batches: the step's micro-batches (for the tensors' rows).
+  void backward_input(int64_t mb, double loss_scale);
+  void backward_weight(int64_t mb);
+  // Posts a group of transfer actions; batches: the step's micro-batches (for the tensors' rows).
   void transfer(std::span<const Action> group, std::span<const Batch> batches);
-  // Ends the step: throws std::logic_error when a received tensor was not used or a computed one
-  // not sent (a schedule that does not fit the model), then forgets the step's micro-batches.
+  // Ends the step: waits for every send, then throws std::logic_error when a received tensor was
+  // not used or a computed one not sent (a schedule that does not fit the model), then forgets
+  // the step's micro-batches.
   void finish_step();
 
  private:
+  struct Received {
+    Tensor tensor;
+    CommHandle handle;  // pending until waited for
+  };
   struct InFlight {
-    Tensor hidden_in, mtp_embedded_in;       // received for the forward
-    Tensor d_hidden_out, d_mtp_embedded_in;  // received for the backward
-    Tensor hidden_out, mtp_embedded_out;     // computed by the forward, to send
-    Tensor d_hidden_in, d_mtp_embedded_out;  // computed by the backward, to send
+    Received hidden_in, mtp_embedded_in;       // for the forward
+    Received d_hidden_out, d_mtp_embedded_in;  // for the backward
+    Tensor hidden_out, mtp_embedded_out;       // computed by the forward, to send
+    Tensor d_hidden_in, d_mtp_embedded_out;    // computed by the backward, to send
+  };
+  struct Sending {
+    Tensor tensor;  // kept alive until the send is done
+    CommHandle handle;
   };
   bool passes_mtp_on() const;
   Tensor& to_send(const Action& a);
-  Tensor& to_receive(const Action& a);
+  Received& to_receive(const Action& a);
+  Tensor take(Received& r);  // waits for the receive (if posted) and hands its tensor over
+  void release_finished_sends();
+  void backward_pass(int64_t mb, double loss_scale, bool with_weights);
 
   Model& model_;
   Communicator* pp_;
   CommTimer* timer_;
   std::map<int64_t, InFlight> in_flight_;
+  std::vector<Sending> sending_;
 };
 
 }  // namespace dsx

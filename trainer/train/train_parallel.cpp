@@ -5,6 +5,7 @@
 
 #include "kernels/error.h"
 #include "trainer/checkpoint/checkpoint.h"
+#include "trainer/train/schedule.h"
 #if DSX_HAVE_NCCL
 #include "parallel/comm_nccl.h"
 #endif
@@ -94,10 +95,7 @@ std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
         "parallel.tp: tensor-parallel layers are not built yet; train with pipeline, data and expert parallelism "
         "(parallel.pp, parallel.dp, parallel.ep) and tp = 1");
   }
-  if (p.pp > 1 && p.pp_schedule != PipelineSchedule::one_f_one_b) {
-    throw UserError("parallel.pp_schedule: " + std::string(enum_name(p.pp_schedule)) +
-                    " is not built yet; pipeline parallelism runs the 1f1b schedule");
-  }
+  if (p.pp > 1) stage_schedule(recipe, 1, 0);  // refuses a schedule that is not built, before any work
   auto tp = std::make_unique<TrainParallel>();
   tp->launch = launch;
   tp->mpi = std::make_unique<MpiSession>();

@@ -170,10 +170,7 @@ StepMetrics Trainer::train_step(int64_t step) {
   // optimizer changes the values.
   std::optional<GemmWeightCopies> weight_copies;
   weight_copies.emplace(model_->parameters());
-  const PipelineStage& stage = model_->stage();
-  const std::vector<Action> actions = stage.count > 1 ? one_f_one_b_schedule(n_micro, stage.count, stage.index,
-                                                                             recipe_.model.num_nextn_predict_layers > 0)
-                                                      : gradient_accumulation_schedule(n_micro);
+  const std::vector<Action> actions = step_schedule(n_micro);
   for (size_t i = 0; i < actions.size();) {
     const Action& a = actions[i];
     if (a.is_transfer()) {  // a run of transfers is one group (schedule.h)
@@ -192,9 +189,17 @@ StepMetrics Trainer::train_step(int64_t step) {
         m.balance_loss += l.balance * micro_weight;
         break;
       }
-      case Action::Kind::backward:
+      case Action::Kind::backward:  // gradients become final in the last one
         last_backward_ = a.micro_batch == n_micro - 1;
         stage_runner_->backward(a.micro_batch, micro_weight);
+        last_backward_ = false;
+        break;
+      case Action::Kind::backward_input:
+        stage_runner_->backward_input(a.micro_batch, micro_weight);
+        break;
+      case Action::Kind::backward_weight:  // weight passes run in micro-batch order
+        last_backward_ = a.micro_batch == n_micro - 1;
+        stage_runner_->backward_weight(a.micro_batch);
         last_backward_ = false;
         break;
       case Action::Kind::optimizer_step:
@@ -287,17 +292,23 @@ std::vector<ExpertLoad> Trainer::all_expert_loads() const {
   return all;
 }
 
-// The stage split and what 1F1B's bubble costs at this step's micro-batches (forward 1,
+// This stage's actions for a step of n micro-batches (parallel.pp_schedule).
+std::vector<Action> Trainer::step_schedule(int64_t n) const {
+  const PipelineStage& stage = model_->stage();
+  if (stage.count == 1) return gradient_accumulation_schedule(n);
+  return stage_schedule(recipe_, n, stage.index);
+}
+
+// The stage split and what the schedule's bubble costs at this step's micro-batches (forward 1,
 // backward 2, transfers free; `dsx recipe schedule` draws it).
 void Trainer::print_pipeline() const {
   const int stages = parallel_->mesh.sizes.pp;
   const int64_t n = batch_schedule_.global_batch(tokens_) / (recipe_.train.micro_batch * dp_size());
   std::vector<std::vector<Action>> schedules;
-  for (int s = 0; s < stages; ++s) {
-    schedules.push_back(one_f_one_b_schedule(n, stages, s, recipe_.model.num_nextn_predict_layers > 0));
-  }
+  for (int s = 0; s < stages; ++s) schedules.push_back(stage_schedule(recipe_, n, s));
   const PipelineRun run = run_pipeline(schedules, {.forward = 1, .backward_input = 1, .backward_weight = 1});
-  fmt::print("  pipeline: 1f1b, {} micro-batches per step, bubble {:.1f}% on the clock\n    {}\n", n, 100 * run.bubble,
+  fmt::print("  pipeline: {}, {} micro-batches per step, bubble {:.1f}% on the clock\n    {}\n",
+             enum_name(recipe_.parallel.pp_schedule), n, 100 * run.bubble,
              describe_pipeline(recipe_.model.num_hidden_layers, recipe_.model.num_nextn_predict_layers, stages));
 }
 

@@ -32,6 +32,7 @@
 #include "trainer/recipe/recipe.h"
 #include "trainer/train/data_feed.h"
 #include "trainer/train/metrics.h"
+#include "trainer/train/schedule.h"
 #include "trainer/train/stage_runner.h"
 #include "trainer/train/train_parallel.h"
 
@@ -71,6 +72,7 @@ class Trainer {
   void add_expert_load_metrics(StepMetrics& m) const;
   std::vector<ExpertLoad> all_expert_loads() const;
   void print_pipeline() const;
+  std::vector<Action> step_schedule(int64_t n_micro_batches) const;
 
   Recipe recipe_;
   TrainerOptions options_;
