@@ -1,6 +1,6 @@
 // A training step is a list of actions produced by a schedule (ARCHITECTURE.md principle 5):
 // visible data, not control flow hidden in the loop. Single-rank gradient accumulation is the
-// trivial schedule; 1F1B is the pipeline-parallel one (ARCHITECTURE.md §4d).
+// trivial schedule; 1F1B and zero-bubble are the pipeline-parallel ones (ARCHITECTURE.md §4d).
 //
 // Transfers between stages are actions too. The loop posts each run of consecutive transfer
 // actions as one group without waiting (NCCL: one ncclGroupStart/End on the communicator's
