@@ -38,13 +38,17 @@ set(DSX_LAYOUTS
     # Zero-bubble (input and weight passes split, the weight passes filling the waits).
     "pp4_zero_bubble|4|--set parallel.pp=4 --set parallel.pp_schedule=zero_bubble"
     "pp2_dp2_zero_bubble_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.zero=1 --set parallel.pp_schedule=zero_bubble")
-set(DSX_LAYOUT_TESTS parallel_train.reference)
-foreach(layout ${DSX_LAYOUTS})
-  string(REPLACE "|" ";" fields "${layout}")
+# "name|np|overrides" -> name, np and the override arguments, in the caller's scope.
+macro(dsx_split_layout entry)
+  string(REPLACE "|" ";" fields "${entry}")
   list(GET fields 0 name)
   list(GET fields 1 np)
   list(GET fields 2 overrides)
   separate_arguments(overrides UNIX_COMMAND "${overrides}")
+endmacro()
+set(DSX_LAYOUT_TESTS parallel_train.reference)
+foreach(layout ${DSX_LAYOUTS})
+  dsx_split_layout("${layout}")
   add_test(NAME parallel_train.${name} COMMAND ${DSX_LAYOUT_RUN} ${name} ${np} ${DSX_LAYOUT_RTOL} ${overrides})
   set_tests_properties(parallel_train.${name} PROPERTIES FIXTURES_REQUIRED layout_reference)
   list(APPEND DSX_LAYOUT_TESTS parallel_train.${name})
@@ -77,11 +81,7 @@ set_tests_properties(parallel_train.pp2_fp8_recompute PROPERTIES FIXTURES_REQUIR
 # the reference's final state.
 function(dsx_layout_resume_tests prefix writer fixture)
   foreach(target ${ARGN})
-    string(REPLACE "|" ";" fields "${target}")
-    list(GET fields 0 name)
-    list(GET fields 1 np)
-    list(GET fields 2 overrides)
-    separate_arguments(overrides UNIX_COMMAND "${overrides}")
+    dsx_split_layout("${target}")
     set(test parallel_train.resume_${prefix}_as_${name})
     add_test(NAME ${test}
              COMMAND sh -c "rm -rf \"$1\" && mkdir -p \"$1\" && cp -r \"$2/checkpoints\" \"$1/\" && shift 2 && exec \"$@\""

@@ -65,7 +65,7 @@ void run_schedule(const ScheduleArgs& args) {
       "gradients, SE/RE MTP embeddings, SEG/REG theirs; >s to stage s, <s from it; OPT optimizer step):\n");
   std::vector<std::vector<Action>> schedules;
   for (int s = 0; s < stages; ++s) {
-    schedules.push_back(stages > 1 ? stage_schedule(shown, n, s) : gradient_accumulation_schedule(n));
+    schedules.push_back(stage_schedule(shown, n, s));
     const std::vector<Action>& a = schedules.back();
     constexpr size_t shown = 96;
     const std::vector<Action> head(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(std::min(a.size(), shown)));

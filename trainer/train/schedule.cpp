@@ -86,14 +86,7 @@ std::string to_string(const std::vector<Action>& actions) {
 }
 
 std::vector<Action> gradient_accumulation_schedule(int64_t n) {
-  if (n < 1) throw std::invalid_argument("gradient_accumulation_schedule: need at least one micro-batch");
-  std::vector<Action> actions;
-  for (int64_t mb = 0; mb < n; ++mb) {
-    actions.push_back({Action::Kind::forward, mb, 0});
-    actions.push_back({Action::Kind::backward, mb, 0});
-  }
-  actions.push_back({Action::Kind::optimizer_step, -1, 0});
-  return actions;
+  return one_f_one_b_schedule(n, 1, 0, false);
 }
 
 namespace {
@@ -218,6 +211,7 @@ std::vector<Action> zero_bubble_schedule(int64_t n, int stages, int stage, bool 
 
 std::vector<Action> stage_schedule(const Recipe& r, int64_t n, int stage) {
   const int stages = static_cast<int>(r.parallel.pp);
+  if (stages == 1) return gradient_accumulation_schedule(n);
   const bool mtp = r.model.num_nextn_predict_layers > 0;
   switch (r.parallel.pp_schedule) {
     case PipelineSchedule::one_f_one_b:

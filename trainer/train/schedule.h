@@ -72,7 +72,8 @@ std::vector<Action> one_f_one_b_schedule(int64_t n_micro_batches, int stages, in
 std::vector<Action> zero_bubble_schedule(int64_t n_micro_batches, int stages, int stage, bool mtp);
 
 // Stage `stage`'s actions for n micro-batches under the recipe's parallel.pp and
-// parallel.pp_schedule (1f1b, zero_bubble); throws dsx::UserError for a schedule not built.
+// parallel.pp_schedule (1f1b, zero_bubble); gradient accumulation for one stage; throws
+// dsx::UserError for a pipeline schedule not built.
 std::vector<Action> stage_schedule(const Recipe& recipe, int64_t n_micro_batches, int stage);
 
 // How long each compute action takes, for run_pipeline's timeline (transfers take no time).

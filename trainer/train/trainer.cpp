@@ -294,9 +294,7 @@ std::vector<ExpertLoad> Trainer::all_expert_loads() const {
 
 // This stage's actions for a step of n micro-batches (parallel.pp_schedule).
 std::vector<Action> Trainer::step_schedule(int64_t n) const {
-  const PipelineStage& stage = model_->stage();
-  if (stage.count == 1) return gradient_accumulation_schedule(n);
-  return stage_schedule(recipe_, n, stage.index);
+  return stage_schedule(recipe_, n, model_->stage().index);
 }
 
 // The stage split and what the schedule's bubble costs at this step's micro-batches (forward 1,

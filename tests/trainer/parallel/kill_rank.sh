@@ -11,6 +11,8 @@ run="$work/kill_rank"
 rm -rf "$run" && mkdir -p "$run"
 out="$run/output.txt"
 fail() { cat "$out"; echo "FAIL: $*"; exit 1; }
+# shellcheck source=rank_helpers.sh
+. "$(dirname "$0")/rank_helpers.sh"
 
 timeout -s KILL 300 "$mpiexec" --oversubscribe --bind-to none -np 4 "$dsx" train "$recipe" \
   --set parallel.dp=4 --set parallel.ep=4 --set parallel.comm_timeout_s="$timeout_s" \
@@ -19,14 +21,8 @@ timeout -s KILL 300 "$mpiexec" --oversubscribe --bind-to none -np 4 "$dsx" train
 job=$!
 
 # Wait until training is under way (two steps logged), then kill the victim rank.
-i=0
-until [ "$(grep -c '^step' "$out" 2>/dev/null)" -ge 2 ]; do
-  i=$((i + 1)); [ "$i" -le 600 ] || fail "training did not start"; sleep 0.1
-done
-pid=""
-for p in $(pgrep -f "$dsx train $recipe"); do
-  if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$victim"; then pid=$p; fi
-done
+wait_for_steps "$out" 2
+pid=$(rank_pid "$dsx" "$recipe" "$victim")
 [ -n "$pid" ] || fail "no process of rank $victim found"
 start_ns=$(date +%s%N)
 kill -KILL "$pid"

@@ -12,6 +12,8 @@ run="$work/term_rank" reference="$work/term_rank_reference"
 rm -rf "$run" "$reference" && mkdir -p "$run"
 out="$run/output.txt"
 fail() { cat "$out"; echo "FAIL: $*"; exit 1; }
+# shellcheck source=rank_helpers.sh
+. "$(dirname "$0")/rank_helpers.sh"
 common="--set train.steps=40 --set train.global_batch=8 --set train.micro_batch=1 --set train.seq_len=32
         --set optim.schedule.warmup=1 --set logging.interval=1 --set checkpoint.interval=1000
         --set checkpoint.keep_last=5"
@@ -27,14 +29,8 @@ pipeline() {  # the pipeline-parallel run, in the background; $! is its mpirun
 }
 pipeline
 job=$!
-i=0
-until [ "$(grep -c '^step' "$out" 2>/dev/null)" -ge 2 ]; do
-  i=$((i + 1)); [ "$i" -le 600 ] || fail "training did not start"; sleep 0.1
-done
-pid=""
-for p in $(pgrep -f "$dsx train $recipe"); do
-  if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$victim"; then pid=$p; fi
-done
+wait_for_steps "$out" 2
+pid=$(rank_pid "$dsx" "$recipe" "$victim")
 [ -n "$pid" ] || fail "no process of rank $victim found"
 kill -TERM "$pid"
 wait "$job"
