@@ -37,7 +37,12 @@ set(DSX_LAYOUTS
     "pp2_dp2_ep2_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1"
     # Zero-bubble (input and weight passes split, the weight passes filling the waits).
     "pp4_zero_bubble|4|--set parallel.pp=4 --set parallel.pp_schedule=zero_bubble"
-    "pp2_dp2_zero_bubble_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.zero=1 --set parallel.pp_schedule=zero_bubble")
+    "pp2_dp2_zero_bubble_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.zero=1 --set parallel.pp_schedule=zero_bubble"
+    # DualPipeV: 4 stages of one layer on 2 ranks, rank 0 holding layers 0 and 3 with the
+    # embedding, head and MTP module, rank 1 layers 1 and 2 (the bottom of the V); alone and with
+    # DP, EP and ZeRO-1.
+    "pp2_dualpipev|2|--set parallel.pp=2 --set parallel.pp_schedule=dualpipev"
+    "pp2_dp2_ep2_dualpipev_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1 --set parallel.pp_schedule=dualpipev")
 # "name|np|overrides" -> name, np and the override arguments, in the caller's scope.
 macro(dsx_split_layout entry)
   string(REPLACE "|" ";" fields "${entry}")
@@ -75,6 +80,19 @@ set_tests_properties(parallel_train.reference_fp8 PROPERTIES FIXTURES_SETUP layo
 set_tests_properties(parallel_train.pp2_fp8_recompute PROPERTIES FIXTURES_REQUIRED layout_reference_fp8
                      ENVIRONMENT "${DSX_LAYOUT_ENV};DSX_LAYOUT_REFERENCE=reference_fp8" TIMEOUT 300 LABELS parallel
                      RESOURCE_LOCK mpi_cores)
+
+# DualPipeV on three ranks (six stages of one layer, so a six-layer model with its own reference):
+# the layout whose transfers would deadlock on one in-order stream, here on non-blocking MPI.
+add_test(NAME parallel_train.reference_6_layers
+         COMMAND ${DSX_LAYOUT_RUN} reference_6_layers 0 0 --set model.num_hidden_layers=6)
+add_test(NAME parallel_train.pp3_dualpipev
+         COMMAND ${DSX_LAYOUT_RUN} pp3_dualpipev 3 ${DSX_LAYOUT_RTOL} --set model.num_hidden_layers=6
+                 --set parallel.pp=3 --set parallel.pp_schedule=dualpipev)
+set_tests_properties(parallel_train.reference_6_layers PROPERTIES FIXTURES_SETUP layout_reference_6_layers
+                     ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300 LABELS parallel RESOURCE_LOCK mpi_cores)
+set_tests_properties(parallel_train.pp3_dualpipev PROPERTIES FIXTURES_REQUIRED layout_reference_6_layers
+                     ENVIRONMENT "${DSX_LAYOUT_ENV};DSX_LAYOUT_REFERENCE=reference_6_layers" TIMEOUT 300
+                     LABELS parallel RESOURCE_LOCK mpi_cores)
 
 # Resume tests: WRITER's checkpoints are copied into a fresh run directory and training goes on
 # there with each target layout ("name|np|overrides", np 0 = one process); every one must end at
@@ -144,7 +162,7 @@ add_test(NAME parallel_train.tp2_refused
                  ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --set parallel.tp=2
                  --set logging.run_dir=${DSX_LAYOUT_WORK}/tp2_refused)
 add_test(NAME parallel_train.pp_dualpipe_refused
-         COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "parallel.pp_schedule: dualpipe is not built yet; use 1f1b or zero_bubble" --
+         COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "parallel.pp_schedule: dualpipe is not built yet; use 1f1b, zero_bubble or dualpipev" --
                  ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -np 2 $<TARGET_FILE:dsx> train
                  ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --set parallel.pp=2 --set parallel.pp_schedule=dualpipe
                  --set train.global_batch=8 --set train.micro_batch=1

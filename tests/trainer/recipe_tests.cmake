@@ -25,6 +25,13 @@ dsx_recipe_cli_test(schedule.pp4 ${_dsx_expect} 0 "pipeline: 1f1b over stage 0/4
   "in flight at most (their activations are stored): stage 0: 4 | stage 1: 3 | stage 2: 2 | stage 3: 1"
   -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=4 --set train.global_batch=8
      --set train.micro_batch=1)
+# DualPipeV on 2 ranks (4 one-layer stages, 8 micro-batches): rank 1 is the bottom of the V
+# (its chunk 0 hands over to its chunk 1 without a message); half a unit of idle time per step.
+dsx_recipe_cli_test(schedule.dualpipev ${_dsx_expect} 0
+  "pipeline: dualpipev over rank 0: stage 0/4: embedding, layers 0-0 + stage 3/4: layers 3-3, head + 1 MTP"
+  "stage 1: RA0<0 F0 F0' SA0'>0 RA1<0 F1 F1' SA1'>0" "24.5 units per step, bubble 2.0%" "stage 0: 5 | stage 1: 5"
+  -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=2 --set parallel.pp_schedule=dualpipev
+     --set train.global_batch=8 --set train.micro_batch=1)
 dsx_recipe_cli_test(schedule.one_stage ${_dsx_expect} 0 "stage 0: F0 BW0 F1 BW1" "bubble 0.0%"
   -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml)
 dsx_recipe_cli_test(check.tiny ${_dsx_expect} 0 "valid" "4 layers (1 dense + 3 MoE)" "parameters  total"

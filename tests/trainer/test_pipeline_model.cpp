@@ -25,6 +25,26 @@ struct Run {
   std::map<std::string, int> reports;  // grad-ready reports per parameter
 };
 
+// A stage's losses into the micro-batch's sum.
+void add_losses(Losses& sum, const Losses& part) {
+  sum.total += part.total;
+  sum.lm += part.lm;
+  sum.mtp += part.mtp;
+  sum.balance += part.balance;
+  sum.tokens += part.tokens;
+}
+
+// Every model's parameter gradients into r.grads; each parameter lives on one model.
+void collect_grads(const std::vector<std::unique_ptr<Model>>& models, Run& r) {
+  for (const auto& m : models) {
+    for (const Parameter& p : m->parameters()) {
+      INFO(p.spec.name);
+      CHECK(!r.grads.contains(p.spec.name));
+      if (p.grad.defined()) r.grads[p.spec.name] = p.grad.to_vector();
+    }
+  }
+}
+
 ModelConfig untied_mtp2_config() {
   ModelConfig c = test::tiny_config_direct_q();
   c.tie_word_embeddings = false;
@@ -48,11 +68,7 @@ Run run_stages(const ModelConfig& config, int stages, DType dtype, bool split_we
     Tensor hidden, mtp;
     for (int s = 0; s < stages; ++s) {
       StageForward out = models[s]->forward_stage(mb, batches[mb], hidden, mtp);
-      sum.total += out.losses.total;
-      sum.lm += out.losses.lm;
-      sum.mtp += out.losses.mtp;
-      sum.balance += out.losses.balance;
-      sum.tokens += out.losses.tokens;
+      add_losses(sum, out.losses);
       hidden = out.hidden;
       if (out.mtp_embedded.defined()) mtp = out.mtp_embedded;  // stages between pass it on
     }
@@ -72,13 +88,7 @@ Run run_stages(const ModelConfig& config, int stages, DType dtype, bool split_we
       for (const auto& m : models) m->backward_stage_weight(mb);
     }
   }
-  for (const auto& m : models) {
-    for (const Parameter& p : m->parameters()) {
-      INFO(p.spec.name);
-      CHECK(!r.grads.contains(p.spec.name));  // each parameter lives on one stage
-      if (p.grad.defined()) r.grads[p.spec.name] = p.grad.to_vector();
-    }
-  }
+  collect_grads(models, r);
   return r;
 }
 
@@ -110,6 +120,107 @@ TEST_CASE("pipeline stages give the whole model's losses and exactly its gradien
       }
     }
   }
+}
+
+namespace {
+
+// A V-shaped layout (DualPipeV) of `ranks` models, each holding two chunks: micro-batch mb goes
+// through stages 0 .. 2·ranks-1 (the model and chunk that hold each), then back; the MTP
+// embeddings and their gradients never leave rank 0's model. split_weights as in run_stages.
+Run run_v_shape(const ModelConfig& config, int ranks, DType dtype, bool split_weights) {
+  const PipelineLayout layout{.ranks = ranks, .v_shape = true};
+  std::vector<std::unique_ptr<Model>> models;
+  Run r;
+  for (int rank = 0; rank < ranks; ++rank) {
+    models.push_back(std::make_unique<Model>(config, dtype, 5, RecomputePolicy{}, PrecisionPolicy{},
+                                             ModelParallel{.pp_size = ranks, .pp_rank = rank, .pp_v_shape = true}));
+    models.back()->set_grad_ready_hook([&r](Parameter& p) { ++r.reports[p.spec.name]; });
+  }
+  const std::vector<Batch> batches = {test::make_batch(config, 2, 8, 100), test::make_batch(config, 2, 8, 101)};
+  for (int64_t mb = 0; mb < 2; ++mb) {
+    Losses sum;
+    Tensor hidden;
+    for (int s = 0; s < layout.stages(); ++s) {
+      StageForward out = models[layout.rank_of(s)]->forward_stage(mb, batches[mb], hidden, {}, layout.chunk_of(s));
+      CHECK(!out.mtp_embedded.defined());
+      add_losses(sum, out.losses);
+      hidden = out.hidden;
+    }
+    r.losses.push_back(sum);
+  }
+  for (int64_t mb = 0; mb < 2; ++mb) {
+    Tensor d_hidden;
+    for (int s = layout.stages() - 1; s >= 0; --s) {
+      Model& m = *models[layout.rank_of(s)];
+      StageBackward out = split_weights ? m.backward_stage_input(mb, 0.5, d_hidden, {}, layout.chunk_of(s))
+                                        : m.backward_stage(mb, 0.5, d_hidden, {}, layout.chunk_of(s));
+      CHECK(!out.d_mtp_embedded.defined());
+      d_hidden = out.d_hidden;
+    }
+  }
+  if (split_weights) {
+    for (int64_t mb = 0; mb < 2; ++mb) {
+      for (int s = 0; s < layout.stages(); ++s)
+        models[layout.rank_of(s)]->backward_stage_weight(mb, layout.chunk_of(s));
+    }
+  }
+  collect_grads(models, r);
+  return r;
+}
+
+// Four layers (a V over two ranks has four stages), untied head, MTP depth `mtp`.
+ModelConfig v_config(int64_t mtp) {
+  ModelConfig c = untied_mtp2_config();
+  c.num_hidden_layers = 4;
+  c.num_nextn_predict_layers = mtp;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("V-shaped chunks (DualPipeV) give the whole model's losses and exactly its gradients", "[model][pipeline]") {
+  for (const ModelConfig& config : {v_config(0), v_config(1), v_config(2)}) {
+    const Run whole = run_stages(config, 1, DType::f64);
+    for (const auto& [ranks, split_weights] : {std::pair{1, false}, std::pair{2, false}, std::pair{2, true}}) {
+      INFO("MTP depth " << config.num_nextn_predict_layers << ", " << ranks << " ranks, weight gradients "
+                        << (split_weights ? "deferred" : "with the input's"));
+      const Run v = run_v_shape(config, ranks, DType::f64, split_weights);
+      for (size_t mb = 0; mb < 2; ++mb) {
+        CHECK(v.losses[mb].lm == whole.losses[mb].lm);
+        CHECK(v.losses[mb].mtp == whole.losses[mb].mtp);
+        CHECK(v.losses[mb].total == Approx(whole.losses[mb].total).epsilon(1e-12));
+      }
+      REQUIRE(v.grads.size() == whole.grads.size());
+      for (const auto& [name, grad] : whole.grads) {
+        INFO(name);
+        CHECK(v.grads.at(name) == grad);
+        CHECK(v.reports.at(name) == 2);
+      }
+    }
+  }
+}
+
+TEST_CASE("a V-shaped rank 0 holds the embedding, the head and the MTP modules; its chunks keep their order",
+          "[model][pipeline]") {
+  const ModelConfig config = v_config(2);
+  Model rank0(config, DType::f64, 5, {}, {}, ModelParallel{.pp_size = 2, .pp_rank = 0, .pp_v_shape = true});
+  REQUIRE(rank0.chunks().size() == 2);
+  CHECK(rank0.chunks()[0].index == 0);
+  CHECK(rank0.chunks()[1].index == 3);
+  CHECK(rank0.parameters().contains("model.embed_tokens.weight"));
+  CHECK(rank0.parameters().contains("lm_head.weight"));
+  CHECK_FALSE(rank0.parameters().contains("model.layers.1.input_layernorm.weight"));
+  const Batch batch = test::make_batch(config, 2, 8, 1);
+  const Tensor hidden = Tensor::zeros({16, config.hidden_size}, DType::f64);
+  // the last chunk's forward reads the MTP embeddings its first chunk's forward of that micro-batch made
+  CHECK_THROWS_WITH(rank0.forward_stage(0, batch, hidden, {}, 1),
+                    Catch::Contains("micro-batch 0 of chunk 0 has no forward"));
+  rank0.forward_stage(1, batch, {}, {}, 0);
+  rank0.forward_stage(1, batch, hidden, {}, 1);
+  // and the first chunk's backward needs the MTP gradients of the last chunk's backward
+  CHECK_THROWS_WITH(rank0.backward_stage(1, 1.0, hidden, {}, 0),
+                    Catch::Contains("the MTP gradients of the last chunk's backward (which comes first)"));
+  CHECK_THROWS_WITH(rank0.forward_stage(0, batch, {}, {}, 2), Catch::Contains("chunk 2 of a model holding 2"));
 }
 
 TEST_CASE("pipeline stages refuse what they cannot run", "[model][pipeline]") {

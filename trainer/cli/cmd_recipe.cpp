@@ -51,46 +51,51 @@ void run_schedule(const ScheduleArgs& args) {
       r.train.batch_ramp.start > 0 ? "; at the final batch size, after the ramp" : "");
   Recipe shown = r;  // a schedule that is not built yet is shown as 1f1b
   if (stages > 1 && r.parallel.pp_schedule != PipelineSchedule::one_f_one_b &&
-      r.parallel.pp_schedule != PipelineSchedule::zero_bubble) {
+      r.parallel.pp_schedule != PipelineSchedule::zero_bubble &&
+      r.parallel.pp_schedule != PipelineSchedule::dualpipev) {
     fmt::print("parallel.pp_schedule is {}, which is not built yet; showing 1f1b\n", enum_name(r.parallel.pp_schedule));
     shown.parallel.pp_schedule = PipelineSchedule::one_f_one_b;
   }
+  const PipelineLayout layout = pipeline_layout(shown);
   if (stages > 1) {
     fmt::print("pipeline: {} over {}\n", enum_name(shown.parallel.pp_schedule),
-               describe_pipeline(r.model.num_hidden_layers, r.model.num_nextn_predict_layers, stages));
+               describe_pipeline(r.model.num_hidden_layers, r.model.num_nextn_predict_layers, layout));
   }
   fmt::print(
       "actions (F3 forward of micro-batch 3, BW3 its backward, B3/W3 its input/weight passes; SA/RA send/receive "
       "activations, SG/RG their "
-      "gradients, SE/RE MTP embeddings, SEG/REG theirs; >s to stage s, <s from it; OPT optimizer step):\n");
-  std::vector<std::vector<Action>> schedules;
+      "gradients, SE/RE MTP embeddings, SEG/REG theirs; >s to stage s, <s from it; {}OPT optimizer step):\n",
+      layout.v_shape ? "F3' etc. on the rank's second chunk; " : "");
+  const ActionCosts costs{
+      .forward = 1, .backward_input = args.backward_cost / 2, .backward_weight = args.backward_cost / 2};
+  const RecipeStep step = run_recipe_step(shown, n, costs);
   for (int s = 0; s < stages; ++s) {
-    schedules.push_back(stage_schedule(shown, n, s));
-    const std::vector<Action>& a = schedules.back();
-    constexpr size_t shown = 96;
-    const std::vector<Action> head(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(std::min(a.size(), shown)));
+    const std::vector<Action>& a = step.schedules[static_cast<size_t>(s)];
+    constexpr size_t most = 96;
+    const std::vector<Action> head(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(std::min(a.size(), most)));
     fmt::print("  stage {}: {}{}\n", s, to_string(head),
-               a.size() > shown ? fmt::format(" ... ({} actions)", a.size()) : std::string());
+               a.size() > most ? fmt::format(" ... ({} actions)", a.size()) : std::string());
   }
   std::string in_flight;
   for (int s = 0; s < stages; ++s) {
-    in_flight += fmt::format("{}stage {}: {}", s ? " | " : "", s, max_in_flight(schedules[static_cast<size_t>(s)]));
+    in_flight +=
+        fmt::format("{}stage {}: {}", s ? " | " : "", s, max_in_flight(step.schedules[static_cast<size_t>(s)]));
   }
-  fmt::print("micro-batches in flight at most (their activations are stored): {}\n", in_flight);
-  const ActionCosts costs{
-      .forward = 1, .backward_input = args.backward_cost / 2, .backward_weight = args.backward_cost / 2};
-  const PipelineRun run = run_pipeline(schedules, costs);
+  fmt::print("micro-batches in flight at most (their activations are stored{}): {}\n",
+             layout.v_shape ? "; chunk micro-batches of half a stage each" : "", in_flight);
+  const PipelineRun& run = step.run;
   if (!run.stuck.empty()) throw std::logic_error("the schedule deadlocks: " + run.stuck);
-  fmt::print("on the clock (forward 1, backward {:g}, transfers free): {:g} units per step, bubble {:.1f}%\n",
+  fmt::print("on the clock (a stage's forward 1, backward {:g}, transfers free): {:g} units per step, bubble {:.1f}%\n",
              args.backward_cost, run.makespan, 100 * run.bubble);
-  if (run.makespan > static_cast<double>(args.max_width)) {
-    fmt::print("timeline omitted: {:g} units wide (--width {})\n", run.makespan, args.max_width);
+  if (run.makespan * layout.chunks() > static_cast<double>(args.max_width)) {
+    fmt::print("timeline omitted: {:g} characters wide (--width {})\n", run.makespan * layout.chunks(), args.max_width);
     return;
   }
   fmt::print(
       "timeline (digit: forward of that micro-batch, letter: its backward, a = 0, upper case: a weight pass; '.' "
-      "idle):\n{}",
-      draw_timeline(run));
+      "idle{}):\n{}",
+      layout.v_shape ? "; one character per half unit, a chunk's action" : "",
+      draw_timeline(run, 1.0 / layout.chunks()));
 }
 
 const Register kRegister("recipe", 15, [](CLI::App& app) {
@@ -116,15 +121,17 @@ const Register kRegister("recipe", 15, [](CLI::App& app) {
   auto schedule_args = std::make_shared<ScheduleArgs>();
   CLI::App* schedule = recipe->add_subcommand(
       "schedule",
-      "Print the actions one training step runs on every pipeline stage (1F1B; gradient accumulation with one "
-      "stage) and its clocked timeline: time per step and the pipeline bubble, with a drawing of it.");
+      "Print the actions one training step runs on every pipeline stage (1F1B, zero-bubble or DualPipeV; gradient "
+      "accumulation with one stage) and its clocked timeline: time per step and the pipeline bubble, with a drawing of "
+      "it.");
   schedule->add_option("RECIPE", schedule_args->recipe, "recipe YAML file")->required();
   schedule->add_option("--set", schedule_args->overrides, "override a key before validation (as for check; repeatable)")
       ->take_all()
       ->allow_extra_args(false);
   schedule->add_option("--backward-cost", schedule_args->backward_cost, "a backward's time in forwards (default 2)")
       ->check(CLI::PositiveNumber);
-  schedule->add_option("--width", schedule_args->max_width, "draw the timeline up to this many units (default 240)");
+  schedule->add_option("--width", schedule_args->max_width,
+                       "draw the timeline up to this many characters (default 240)");
   schedule->callback([schedule_args] { run_schedule(*schedule_args); });
 
   auto section = std::make_shared<std::string>();

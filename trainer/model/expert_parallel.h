@@ -43,9 +43,11 @@ struct ModelParallel {
   WireFormat dispatch = WireFormat::f32;  // forward: token activations to the experts
   WireFormat combine = WireFormat::f32;   // forward: expert outputs back; backward: both ways
   CommTimer* timer = nullptr;
-  // Pipeline parallelism: this rank runs stage pp_rank of pp_size (trainer/model/pipeline_stage.h).
+  // Pipeline parallelism: this rank runs stage pp_rank of pp_size (trainer/model/pipeline_stage.h);
+  // V-shaped (DualPipeV): the two stages of PipelineLayout{pp_size, true} that rank pp_rank holds.
   int pp_size = 1;
   int pp_rank = 0;
+  bool pp_v_shape = false;
 
   int ep_size() const { return ep ? ep->size() : 1; }
   int ep_rank() const { return ep ? ep->rank() : 0; }

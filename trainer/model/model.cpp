@@ -1,5 +1,6 @@
 #include "trainer/model/model.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -43,7 +44,7 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
              const PrecisionPolicy& precision, const ModelParallel& parallel, Device device)
     : config_(config),
       dtype_(compute_dtype),
-      stage_(pipeline_stage(config.num_hidden_layers, parallel.pp_size, parallel.pp_rank)),
+
       params_(compute_dtype, device),
       flops_per_token_(model_flops_per_token(config, 0)) {
   if (compute_dtype != DType::f32 && compute_dtype != DType::f64) {
@@ -54,7 +55,15 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
     throw std::invalid_argument(
         "Model: FP8 GEMMs and bf16 activations need compute dtype f32 (f64 is the reference path)");
   }
-  if (stage_.count > 1 && config_.tie_word_embeddings) {
+  const PipelineLayout layout{.ranks = parallel.pp_size, .v_shape = parallel.pp_v_shape};
+  if (parallel.pp_rank < 0 || parallel.pp_rank >= layout.ranks) {
+    throw std::invalid_argument("Model: pipeline rank " + std::to_string(parallel.pp_rank) + " of " +
+                                std::to_string(layout.ranks) + " does not exist");
+  }
+  for (int c = 0; c < layout.chunks(); ++c) {
+    chunks_.push_back(pipeline_stage(config.num_hidden_layers, layout.stages(), layout.stage_of(parallel.pp_rank, c)));
+  }
+  if (layout.stages() > 1 && config_.tie_word_embeddings) {
     throw std::invalid_argument(
         "Model: pipeline parallelism needs an untied output head (tie_word_embeddings: false); the embedding "
         "table lives on the first stage only");
@@ -64,11 +73,12 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
                                  : LocalExperts{};
   const std::string layer_prefix = "model.layers.";
   const auto on_this_stage = [&](const ParamSpec& spec) {
-    if (spec.name == "model.embed_tokens.weight") return stage_.is_first() || config_.tie_word_embeddings;
-    if (!spec.name.starts_with(layer_prefix)) return stage_.is_last();  // model.norm, lm_head
+    if (spec.name == "model.embed_tokens.weight") return holds_first() || config_.tie_word_embeddings;
+    if (!spec.name.starts_with(layer_prefix)) return holds_last();  // model.norm, lm_head
     const auto layer = static_cast<int64_t>(std::stoul(spec.name.substr(layer_prefix.size())));
-    if (layer >= config_.num_hidden_layers) return stage_.is_last();  // an MTP module
-    return layer >= stage_.first_layer && layer < stage_.end_layer;
+    if (layer >= config_.num_hidden_layers) return holds_last();  // an MTP module
+    return std::ranges::any_of(
+        chunks_, [&](const PipelineStage& st) { return layer >= st.first_layer && layer < st.end_layer; });
   };
   for (ParamSpec& spec : model_param_specs(config_)) {
     if (spec.shard.axis == ShardAxis::expert && !local.holds(spec.shard.expert_index)) continue;  // another EP rank's
@@ -79,11 +89,16 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
   // before the modules are built: they read their weights' precision
   for (Parameter& p : params_) p.precision = precision.for_parameter(p.spec.name);
 
-  if (stage_.is_first()) embedding_.emplace(params_.at("model.embed_tokens.weight"));
-  layers_.reserve(static_cast<size_t>(stage_.layers()));
-  for (int64_t l = stage_.first_layer; l < stage_.end_layer; ++l)
-    layers_.emplace_back(params_, l, config_, recompute, parallel);
-  if (stage_.is_last()) {
+  if (holds_first()) embedding_.emplace(params_.at("model.embed_tokens.weight"));
+  for (const PipelineStage& st : chunks_) {
+    chunk_begin_.push_back(layers_.size());
+    for (int64_t l = st.first_layer; l < st.end_layer; ++l) {
+      layers_.emplace_back(params_, l, config_, recompute, parallel);
+      layer_index_.push_back(l);
+    }
+  }
+  chunk_begin_.push_back(layers_.size());
+  if (holds_last()) {
     Parameter& head_weight = params_.at(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
     head_.emplace(params_.at("model.norm.weight"), head_weight, config_.rms_norm_eps);
     mtp_.reserve(static_cast<size_t>(mtp_depth()));
@@ -123,10 +138,22 @@ Tensor Model::empty_stage_tensor(int64_t rows) const {
 }
 
 void Model::require_whole_model(const char* op) const {
-  if (stage_.count != 1) {
-    throw std::logic_error(std::string(op) + ": this model holds pipeline " + describe(stage_, mtp_depth()) +
+  if (stage().count != 1) {
+    throw std::logic_error(std::string(op) + ": this model holds pipeline " + describe(stage(), mtp_depth()) +
                            "; use forward_stage / backward_stage");
   }
+}
+
+const PipelineStage& Model::chunk_stage(int chunk, const char* op) const {
+  if (chunk < 0 || chunk >= static_cast<int>(chunks_.size())) {
+    throw std::logic_error(std::string(op) + ": chunk " + std::to_string(chunk) + " of a model holding " +
+                           std::to_string(chunks_.size()));
+  }
+  return chunks_[static_cast<size_t>(chunk)];
+}
+
+bool Model::mtp_inside() const {
+  return chunks_.size() > 1 && holds_first() && holds_last() && mtp_depth() > 0;
 }
 
 void Model::check_stage_tensor(const Tensor& t, int64_t rows, const char* op, const char* name) const {
@@ -190,9 +217,10 @@ std::pair<Tensor, Tensor> shifted_tokens(const Batch& batch, int64_t depth) {
 
 }  // namespace
 
-Model::MicroBatch& Model::start_micro_batch(int64_t id, const Batch& batch, const char* op) {
+Model::MicroBatch& Model::start_micro_batch(int chunk, int64_t id, const Batch& batch, const char* op) {
   check_batch(batch, op);
-  MicroBatch& mb = micro_batches_[id] = MicroBatch{};
+  MicroBatch& mb = micro_batches_[{chunk, id}] = MicroBatch{};
+  mb.chunk = chunk;
   mb.seq = sequence_info(batch);
   if (mb.seq.seq_len != last_seq_len_) {
     last_seq_len_ = mb.seq.seq_len;
@@ -201,22 +229,24 @@ Model::MicroBatch& Model::start_micro_batch(int64_t id, const Batch& batch, cons
   return mb;
 }
 
-Model::MicroBatch& Model::micro_batch(int64_t id, const char* op) {
-  const auto it = micro_batches_.find(id);
+Model::MicroBatch& Model::micro_batch(int chunk, int64_t id, const char* op) {
+  const auto it = micro_batches_.find({chunk, id});
   if (it == micro_batches_.end()) {
     throw std::logic_error(std::string(op) + ": micro-batch " + std::to_string(id) +
+                           (chunks_.size() > 1 ? " of chunk " + std::to_string(chunk) : std::string()) +
                            " has no forward to differentiate (call forward first)");
   }
   return it->second;
 }
 
-// The stage's decoder layers from hidden_in; returns their summed balance loss.
+// The chunk's decoder layers from hidden_in; returns their summed balance loss.
 double Model::forward_layers(MicroBatch& mb, Tensor hidden_in) {
   double balance = 0;
+  const size_t begin = chunk_begin_[static_cast<size_t>(mb.chunk)];
   mb.hidden.push_back(std::move(hidden_in));
-  mb.layers.resize(layers_.size());
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    mb.hidden.push_back(layers_[i].forward(mb.hidden[i], mb.seq, mb.layers[i]));
+  mb.layers.resize(chunk_begin_[static_cast<size_t>(mb.chunk) + 1] - begin);
+  for (size_t i = 0; i < mb.layers.size(); ++i) {
+    mb.hidden.push_back(layers_[begin + i].forward(mb.hidden[i], mb.seq, mb.layers[i]));
     balance += mb.layers[i].balance_loss;
   }
   return balance;
@@ -248,29 +278,41 @@ Losses Model::forward(const Batch& batch) {
 }
 
 StageForward Model::forward_stage(int64_t id, const Batch& batch, const Tensor& hidden_in,
-                                  const Tensor& mtp_embedded_in) {
+                                  const Tensor& mtp_embedded_in, int chunk) {
   constexpr const char* op = "Model::forward";
-  MicroBatch& mb = start_micro_batch(id, batch, op);
+  const PipelineStage& stage = chunk_stage(chunk, op);
+  MicroBatch& mb = start_micro_batch(chunk, id, batch, op);
   const int64_t T = mb.seq.tokens(), D = mtp_depth();
   StageForward out;
   Tensor mtp_embedded;  // Emb(shifted tokens) of every MTP depth, [D·T, hidden]
-  if (stage_.is_first()) {
+  if (stage.is_first()) {
     mb.ids = on_device(batch.inputs.view({T}));
     out.losses.balance = forward_layers(mb, embedding_->forward(mb.ids));
     if (D > 0) {
       mb.mtp_ids = on_device(shifted_tokens(batch, D).first);
       mtp_embedded = embedding_->forward(mb.mtp_ids);
-      if (!stage_.is_last()) out.mtp_embedded = mtp_embedded;
+      if (mtp_inside()) {
+        mb.mtp_embedded = mtp_embedded;
+      } else if (!stage.is_last()) {
+        out.mtp_embedded = mtp_embedded;
+      }
     }
   } else {
     check_stage_tensor(hidden_in, T, op, "hidden_in (the previous stage's output)");
     out.losses.balance = forward_layers(mb, hidden_in);
-    if (stage_.is_last() && D > 0) {
+    if (stage.is_last() && D > 0 && mtp_inside()) {
+      MicroBatch& first = micro_batch(first_chunk(), id, op);
+      mtp_embedded = std::exchange(first.mtp_embedded, Tensor());
+      if (!mtp_embedded.defined()) {
+        throw std::logic_error(std::string(op) + ": micro-batch " + std::to_string(id) +
+                               " has no MTP embeddings from the first chunk's forward");
+      }
+    } else if (stage.is_last() && D > 0) {
       check_stage_tensor(mtp_embedded_in, D * T, op, "mtp_embedded_in (the first stage's MTP embeddings)");
       mtp_embedded = mtp_embedded_in;
     }
   }
-  if (!stage_.is_last()) {
+  if (!stage.is_last()) {
     out.hidden = mb.hidden.back();
     out.losses.total = out.losses.balance;
     return out;
@@ -293,22 +335,23 @@ void Model::backward(double loss_scale) {
 }
 
 StageBackward Model::backward_stage(int64_t id, double loss_scale, const Tensor& d_hidden_out,
-                                    const Tensor& d_mtp_embedded_in) {
-  return backward_pass(id, loss_scale, d_hidden_out, d_mtp_embedded_in, /*with_weights=*/true);
+                                    const Tensor& d_mtp_embedded_in, int chunk) {
+  return backward_pass(chunk, id, loss_scale, d_hidden_out, d_mtp_embedded_in, /*with_weights=*/true);
 }
 
 StageBackward Model::backward_stage_input(int64_t id, double loss_scale, const Tensor& d_hidden_out,
-                                          const Tensor& d_mtp_embedded_in) {
-  return backward_pass(id, loss_scale, d_hidden_out, d_mtp_embedded_in, /*with_weights=*/false);
+                                          const Tensor& d_mtp_embedded_in, int chunk) {
+  return backward_pass(chunk, id, loss_scale, d_hidden_out, d_mtp_embedded_in, /*with_weights=*/false);
 }
 
 // The input gradients, module by module from the last; with_weights: each module's weight
 // gradients right after its input gradient, so its context is released as the pass goes (the
 // fused backward's memory profile), else all of them later in backward_stage_weight.
-StageBackward Model::backward_pass(int64_t id, double loss_scale, const Tensor& d_hidden_out,
+StageBackward Model::backward_pass(int chunk, int64_t id, double loss_scale, const Tensor& d_hidden_out,
                                    const Tensor& d_mtp_embedded_in, bool with_weights) {
   constexpr const char* op = "Model::backward";
-  MicroBatch& mb = micro_batch(id, op);
+  const PipelineStage& stage = chunk_stage(chunk, op);
+  MicroBatch& mb = micro_batch(chunk, id, op);
   if (mb.input_grads_done) {
     throw std::logic_error(std::string(op) + ": micro-batch " + std::to_string(id) +
                            " already has its input gradients");
@@ -316,21 +359,26 @@ StageBackward Model::backward_pass(int64_t id, double loss_scale, const Tensor& 
   const int64_t T = mb.seq.tokens();
   StageBackward out;
   Tensor dh;
-  if (stage_.is_last()) {
+  if (stage.is_last()) {
     Tensor d_next;  // from the MTP modules into the final norm's output
     backward_mtp(mb, loss_scale, d_next, out, with_weights);
+    if (mtp_inside()) micro_batch(first_chunk(), id, op).d_mtp_embedded = std::exchange(out.d_mtp_embedded, Tensor());
     dh = head_->backward_input(mb.hidden.back(), mean_loss_grad(mb.head.ce, loss_scale), d_next, mb.head);
     if (with_weights) head_weight_grads(mb);
   } else {
     check_stage_tensor(d_hidden_out, T, op, "d_hidden_out (the next stage's input gradient)");
     dh = d_hidden_out;
   }
-  for (size_t i = layers_.size(); i-- > 0;) {
-    dh = layers_[i].backward_input(mb.hidden[i], dh, mb.seq, loss_scale, mb.layers[i]);
+  const size_t begin = chunk_begin_[static_cast<size_t>(chunk)];
+  for (size_t i = mb.layers.size(); i-- > 0;) {
+    dh = layers_[begin + i].backward_input(mb.hidden[i], dh, mb.seq, loss_scale, mb.layers[i]);
     if (with_weights) layer_weight_grads(mb, i);
   }
-  if (stage_.is_first()) {
-    if (!stage_.is_last() && mtp_depth() > 0) {
+  if (stage.is_first()) {
+    if (mtp_inside()) {
+      check_stage_tensor(mb.d_mtp_embedded, mtp_depth() * T, op,
+                         "the MTP gradients of the last chunk's backward (which comes first)");
+    } else if (!stage.is_last() && mtp_depth() > 0) {
       check_stage_tensor(d_mtp_embedded_in, mtp_depth() * T, op, "d_mtp_embedded_in (the last stage's MTP gradients)");
       mb.d_mtp_embedded = d_mtp_embedded_in;
     }
@@ -346,17 +394,18 @@ StageBackward Model::backward_pass(int64_t id, double loss_scale, const Tensor& 
 // The weight gradients after a backward_stage_input, in the fused backward's order (MTP modules
 // deepest first, the head, the layers last first, the embedding: its MTP rows, then the main
 // input's), so every parameter accumulates its micro-batches' contributions in the same order.
-void Model::backward_stage_weight(int64_t id) {
-  MicroBatch& mb = micro_batch(id, "Model::backward");
+void Model::backward_stage_weight(int64_t id, int chunk) {
+  const PipelineStage& stage = chunk_stage(chunk, "Model::backward");
+  MicroBatch& mb = micro_batch(chunk, id, "Model::backward");
   if (!mb.input_grads_done) {
     throw std::logic_error("Model::backward: micro-batch " + std::to_string(id) +
                            " has no input gradients yet (backward_stage_input first)");
   }
-  if (stage_.is_last()) {
+  if (stage.is_last()) {
     for (size_t k = mtp_.size(); k-- > 0;) mtp_weight_grads(mb, k);
     head_weight_grads(mb);
   }
-  for (size_t i = layers_.size(); i-- > 0;) layer_weight_grads(mb, i);
+  for (size_t i = mb.layers.size(); i-- > 0;) layer_weight_grads(mb, i);
   finish_weight_grads(id, mb);
 }
 
@@ -367,13 +416,14 @@ void Model::backward_mtp(MicroBatch& mb, double loss_scale, Tensor& d_next, Stag
   const int64_t T = mb.seq.tokens();
   const double mtp_weight =
       mtp_.empty() ? 0.0 : loss_scale * config_.mtp_loss_weight / static_cast<double>(mtp_.size());
-  if (!mtp_.empty() && !stage_.is_first()) out.d_mtp_embedded = empty_stage_tensor(mtp_depth() * T);
+  const bool table_here = chunks_[static_cast<size_t>(mb.chunk)].is_first();  // one stage: the whole model
+  if (!mtp_.empty() && !table_here) out.d_mtp_embedded = empty_stage_tensor(mtp_depth() * T);
   for (size_t k = mtp_.size(); k-- > 0;) {
     const Tensor& h_prev = k == 0 ? mb.head.normed : mb.mtp[k - 1].head.normed;
     MtpContext& ctx = mb.mtp[k];
     d_next = mtp_[k].backward_input(h_prev, mean_loss_grad(ctx.head.ce, mtp_weight), d_next, mb.seq, loss_scale, ctx);
     const auto at = static_cast<int64_t>(k) * T;
-    if (!stage_.is_first()) out.d_mtp_embedded.slice(at, at + T).copy_from(ctx.d_embedded);
+    if (!table_here) out.d_mtp_embedded.slice(at, at + T).copy_from(ctx.d_embedded);
     if (with_weights) mtp_weight_grads(mb, k);  // clears module k's context, no longer read
   }
 }
@@ -385,7 +435,9 @@ void Model::mtp_weight_grads(MicroBatch& mb, size_t k) {
   const Tensor& h_prev = k == 0 ? mb.head.normed : mb.mtp[k - 1].head.normed;
   const Tensor d_embedded = mtp_[k].backward_weight(h_prev, mb.mtp[k]);
   const auto at = static_cast<int64_t>(k) * T;
-  if (stage_.is_first()) embedding_->backward_weight(mb.mtp_ids.slice(at, at + T), d_embedded);
+  if (chunks_[static_cast<size_t>(mb.chunk)].is_first()) {
+    embedding_->backward_weight(mb.mtp_ids.slice(at, at + T), d_embedded);
+  }
   grads_ready(layer_params_[static_cast<size_t>(config_.num_hidden_layers) + k]);
 }
 
@@ -394,22 +446,25 @@ void Model::head_weight_grads(MicroBatch& mb) {
   grads_ready(head_params_);
 }
 
+// The chunk's layer i.
 void Model::layer_weight_grads(MicroBatch& mb, size_t i) {
-  layers_[i].backward_weight(mb.hidden[i], mb.layers[i]);
-  grads_ready(layer_params_[static_cast<size_t>(stage_.first_layer) + i]);
+  const size_t layer = chunk_begin_[static_cast<size_t>(mb.chunk)] + i;
+  layers_[layer].backward_weight(mb.hidden[i], mb.layers[i]);
+  grads_ready(layer_params_[static_cast<size_t>(layer_index_[layer])]);
 }
 
 // The embedding's gradient (first stage) and the end of the micro-batch.
 void Model::finish_weight_grads(int64_t id, MicroBatch& mb) {
-  if (stage_.is_first()) backward_embedding(mb, mb.d_embedded, mb.d_mtp_embedded);
-  micro_batches_.erase(id);
+  if (chunks_[static_cast<size_t>(mb.chunk)].is_first()) backward_embedding(mb, mb.d_embedded, mb.d_mtp_embedded);
+  micro_batches_.erase({mb.chunk, id});
 }
 
 // From the gradient of the stage's last layer output to that of its input (dh is updated): the
 // stage's decoder layers, last first. balance_scale: d objective / d balance losses.
 void Model::backward_layers(MicroBatch& mb, Tensor& dh, double balance_scale) {
-  for (size_t i = layers_.size(); i-- > 0;) {
-    dh = layers_[i].backward_input(mb.hidden[i], dh, mb.seq, balance_scale, mb.layers[i]);
+  const size_t begin = chunk_begin_[static_cast<size_t>(mb.chunk)];
+  for (size_t i = mb.layers.size(); i-- > 0;) {
+    dh = layers_[begin + i].backward_input(mb.hidden[i], dh, mb.seq, balance_scale, mb.layers[i]);
     layer_weight_grads(mb, i);
   }
 }
@@ -419,7 +474,7 @@ void Model::backward_layers(MicroBatch& mb, Tensor& dh, double balance_scale) {
 // — the order of the one-stage backward, so the sums agree.
 void Model::backward_embedding(MicroBatch& mb, const Tensor& dh, const Tensor& d_mtp_embedded) {
   const int64_t T = mb.seq.tokens();
-  if (!stage_.is_last()) {
+  if (!chunks_[static_cast<size_t>(mb.chunk)].is_last()) {  // the MTP rows came from another chunk
     for (int64_t k = mtp_depth(); k-- > 0;) {
       embedding_->backward_weight(mb.mtp_ids.slice(k * T, (k + 1) * T), d_mtp_embedded.slice(k * T, (k + 1) * T));
     }

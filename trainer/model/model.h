@@ -13,9 +13,10 @@
 // EP rank's routed experts, and the MoE layers exchange tokens over the EP group.
 //
 // Pipeline parallelism (ModelParallel::pp_size > 1, trainer/model/pipeline_stage.h): the model
-// holds one stage's modules and parameters, and the pipeline schedule drives it through
-// forward_stage / backward_stage, several micro-batches in flight, passing the tensors they
-// return to the neighbouring stages. forward / backward are the one-stage case (micro-batch 0).
+// holds one stage's modules and parameters (two stages, its chunks, in a V-shaped layout), and the
+// pipeline schedule drives it through forward_stage / backward_stage, several micro-batches in
+// flight, passing the tensors they return to the neighbouring stages. forward / backward are the
+// one-stage case (micro-batch 0).
 //
 // Loss: total = lm + λ · mtp + balance, with lm the token-mean cross entropy of the next token
 // (targets equal to -100 are ignored), mtp = (1/D) Σ_k mtp_k where depth k reads the inputs
@@ -89,7 +90,9 @@ class Model {
   const ParameterStore& parameters() const { return params_; }
   const ModelConfig& config() const { return config_; }
 
-  const PipelineStage& stage() const { return stage_; }
+  const PipelineStage& stage() const { return chunks_.front(); }  // chunk 0's
+  // The stages this model holds: one, or two in a V-shaped layout (chunk 0 first).
+  const std::vector<PipelineStage>& chunks() const { return chunks_; }
 
   // The whole model (one pipeline stage): forward and backward of micro-batch 0.
   Losses forward(const Batch& batch);
@@ -100,21 +103,24 @@ class Model {
   // first reads the inputs, the last the targets and, for MTP, the inputs). hidden_in: the previous
   // stage's StageForward::hidden (undefined on the first stage); mtp_embedded_in: the first stage's
   // StageForward::mtp_embedded (on the last stage of a model with MTP, pp > 1). A forward of a
-  // micro-batch id that is still in flight replaces it.
+  // micro-batch id that is still in flight replaces it. chunk: which of chunks() runs it. When the
+  // model holds both the first and the last stage in different chunks (V-shaped, rank 0), the
+  // MTP embeddings and their gradients pass between them inside the model: the first chunk's
+  // forward of a micro-batch comes before the last chunk's, whose backward comes before the first's.
   StageForward forward_stage(int64_t micro_batch, const Batch& batch, const Tensor& hidden_in = {},
-                             const Tensor& mtp_embedded_in = {});
+                             const Tensor& mtp_embedded_in = {}, int chunk = 0);
   // d_hidden_out: the next stage's StageBackward::d_hidden (undefined on the last stage);
   // d_mtp_embedded_in: the last stage's StageBackward::d_mtp_embedded (on the first stage of a
   // model with MTP, pp > 1). Ends the micro-batch.
   StageBackward backward_stage(int64_t micro_batch, double loss_scale, const Tensor& d_hidden_out = {},
-                               const Tensor& d_mtp_embedded_in = {});
+                               const Tensor& d_mtp_embedded_in = {}, int chunk = 0);
   // backward_stage in two passes, for schedules that split them (zero-bubble): the input
   // gradients (what the previous stage waits for) now, the weight gradients later. Between the
   // two, the micro-batch keeps every module's context (backward_stage releases each as it goes);
   // the gradients are the same bits either way.
   StageBackward backward_stage_input(int64_t micro_batch, double loss_scale, const Tensor& d_hidden_out = {},
-                                     const Tensor& d_mtp_embedded_in = {});
-  void backward_stage_weight(int64_t micro_batch);
+                                     const Tensor& d_mtp_embedded_in = {}, int chunk = 0);
+  void backward_stage_weight(int64_t micro_batch, int chunk = 0);
   // The [rows, hidden_size] tensor stages exchange (compute dtype, on the model's device).
   Tensor empty_stage_tensor(int64_t rows) const;
   // Called by backward for every trainable parameter as soon as its gradient for this backward
@@ -153,6 +159,7 @@ class Model {
  private:
   // Everything one micro-batch keeps between forward and backward.
   struct MicroBatch {
+    int chunk = 0;
     SequenceInfo seq;
     Tensor ids;                  // [T] (first stage)
     Tensor mtp_ids;              // [D·T] tokens shifted by 1..D, the MTP embeddings' (first stage)
@@ -164,23 +171,33 @@ class Model {
     // embedding's outputs, main input and MTP rows
     bool input_grads_done = false;
     Tensor d_embedded, d_mtp_embedded;
+    // the first chunk of a model that also holds the last: the MTP embeddings for that chunk
+    Tensor mtp_embedded;
   };
 
   SequenceInfo sequence_info(const Batch& batch);
   Tensor on_device(const Tensor& t) const;  // t on the model's device (undefined stays undefined)
-  MicroBatch& start_micro_batch(int64_t id, const Batch& batch, const char* op);
-  MicroBatch& micro_batch(int64_t id, const char* op);
+  MicroBatch& start_micro_batch(int chunk, int64_t id, const Batch& batch, const char* op);
+  MicroBatch& micro_batch(int chunk, int64_t id, const char* op);
+  const PipelineStage& chunk_stage(int chunk, const char* op) const;
+  // The model holds the first and the last stage in different chunks and has MTP modules (their
+  // embeddings stay here).
+  bool mtp_inside() const;
+  int first_chunk() const { return 0; }  // a V's chunk 0 holds the first stage, its chunk 1 the last
+  int last_chunk() const { return static_cast<int>(chunks_.size()) - 1; }
   void require_whole_model(const char* op) const;
   void check_stage_tensor(const Tensor& t, int64_t rows, const char* op, const char* name) const;
   double forward_layers(MicroBatch& mb, Tensor hidden_in);  // the stage's layers; their balance loss
   double forward_mtp(MicroBatch& mb, const Batch& batch, const Tensor& mtp_embedded);  // last stage
-  StageBackward backward_pass(int64_t id, double loss_scale, const Tensor& d_hidden_out,
+  StageBackward backward_pass(int chunk, int64_t id, double loss_scale, const Tensor& d_hidden_out,
                               const Tensor& d_mtp_embedded_in, bool with_weights);
   void backward_mtp(MicroBatch& mb, double loss_scale, Tensor& d_next, StageBackward& out, bool with_weights);
   void mtp_weight_grads(MicroBatch& mb, size_t k);
   void head_weight_grads(MicroBatch& mb);
   void layer_weight_grads(MicroBatch& mb, size_t i);
   void finish_weight_grads(int64_t id, MicroBatch& mb);
+  bool holds_first() const { return chunks_.front().is_first(); }
+  bool holds_last() const { return chunks_.back().is_last(); }
   void backward_layers(MicroBatch& mb, Tensor& dh, double balance_scale);
   void backward_embedding(MicroBatch& mb, const Tensor& dh, const Tensor& d_mtp_embedded);
   int64_t mtp_depth() const { return config_.num_nextn_predict_layers; }
@@ -189,17 +206,19 @@ class Model {
 
   ModelConfig config_;
   DType dtype_;
-  PipelineStage stage_;
+  std::vector<PipelineStage> chunks_;
   ParameterStore params_;
   std::optional<Embedding> embedding_;
-  std::vector<DecoderLayer> layers_;  // the stage's: layers_[i] is decoder layer stage_.first_layer + i
+  std::vector<DecoderLayer> layers_;  // the chunks' decoder layers, chunk 0's first
+  std::vector<int64_t> layer_index_;  // layers_[i] is decoder layer layer_index_[i]
+  std::vector<size_t> chunk_begin_;   // chunk c's layers: layers_[chunk_begin_[c], chunk_begin_[c + 1])
   std::optional<OutputHead> head_;
   std::vector<MtpModule> mtp_;
   ops::RopeTable rope_;
   int64_t rope_positions_ = 0;
   int64_t last_seq_len_ = 0;
   double flops_per_token_ = 0;
-  std::map<int64_t, MicroBatch> micro_batches_;  // in flight, by micro-batch id
+  std::map<std::pair<int, int64_t>, MicroBatch> micro_batches_;  // in flight, by chunk and micro-batch id
   std::function<void(Parameter&)> grad_ready_hook_;
   // Trainable parameters by the module whose backward_weight completes their gradient.
   std::vector<Parameter*> embedding_params_, head_params_;

@@ -18,7 +18,7 @@ namespace dsx {
 Model::PolicyOutput Model::policy_forward(const Batch& batch) {
   require_whole_model("Model::policy_forward");
   PolicyOutput out;
-  MicroBatch& mb = start_micro_batch(0, batch, "Model::policy_forward");
+  MicroBatch& mb = start_micro_batch(0, 0, batch, "Model::policy_forward");
   const int64_t B = mb.seq.batch, S = mb.seq.seq_len, T = mb.seq.tokens();
   mb.ids = on_device(batch.inputs.view({T}));
   out.balance = forward_layers(mb, embedding_->forward(mb.ids));
@@ -35,13 +35,13 @@ Model::PolicyOutput Model::policy_forward(const Batch& batch) {
 
 Model::PolicyOutput Model::policy_logprobs(const Batch& batch) {
   PolicyOutput out = policy_forward(batch);
-  micro_batches_.erase(0);
+  micro_batches_.erase({0, 0});
   return out;
 }
 
 void Model::policy_backward(const Tensor& grad_logp, double balance_scale) {
   require_whole_model("Model::policy_backward");
-  MicroBatch& mb = micro_batch(0, "Model::policy_backward");
+  MicroBatch& mb = micro_batch(0, 0, "Model::policy_backward");
   const int64_t T = mb.seq.tokens(), L = config_.num_hidden_layers;
   check_shape(grad_logp, {mb.seq.batch, mb.seq.seq_len}, "Model::policy_backward", "grad_logp");
   HeadContext& head = mb.head;
@@ -73,7 +73,7 @@ void Model::policy_backward(const Tensor& grad_logp, double balance_scale) {
 
   backward_layers(mb, dh, balance_scale);
   backward_embedding(mb, dh, Tensor());
-  micro_batches_.erase(0);
+  micro_batches_.erase({0, 0});
 }
 
 }  // namespace dsx

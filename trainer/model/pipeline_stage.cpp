@@ -42,4 +42,16 @@ std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, int count) 
   return out;
 }
 
+std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, const PipelineLayout& layout) {
+  if (!layout.v_shape) return describe_pipeline(num_layers, mtp_depth, layout.ranks);
+  std::string out;
+  for (int r = 0; r < layout.ranks; ++r) {
+    out += (r ? " | rank " : "rank ") + std::to_string(r) + ": ";
+    for (int c = 0; c < layout.chunks(); ++c) {
+      out += (c ? " + " : "") + describe(pipeline_stage(num_layers, layout.stages(), layout.stage_of(r, c)), mtp_depth);
+    }
+  }
+  return out;
+}
+
 }  // namespace dsx

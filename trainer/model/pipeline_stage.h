@@ -36,4 +36,25 @@ std::string describe(const PipelineStage& stage, int64_t mtp_depth);
 // Every stage of the split, "stage 0/2: embedding, layers 0-1 | stage 1/2: layers 2-3, head + 1 MTP".
 std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, int count);
 
+// Where the stages sit. Sequential: one stage per rank, stage = rank. V-shape (DualPipeV): the
+// model is cut into 2P stages for P ranks and rank r holds two chunks, stage r (chunk 0, on the
+// way down) and stage 2P-1-r (chunk 1, on the way back up). So rank 0 holds both the embedding
+// and the head + MTP modules (the MTP embeddings never leave it), rank P-1 hands its chunk 0's
+// output to its own chunk 1, and every other hop is between neighbouring ranks with the chunk
+// unchanged (a send from chunk c arrives at the peer's chunk c).
+struct PipelineLayout {
+  int ranks = 1;
+  bool v_shape = false;
+
+  int chunks() const { return v_shape ? 2 : 1; }
+  int stages() const { return ranks * chunks(); }
+  int stage_of(int rank, int chunk) const { return chunk == 0 ? rank : 2 * ranks - 1 - rank; }
+  int rank_of(int stage) const { return stage < ranks ? stage : 2 * ranks - 1 - stage; }
+  int chunk_of(int stage) const { return stage < ranks ? 0 : 1; }
+};
+
+// Each rank's stages, "rank 0: stage 0/4: embedding, layers 0-0 + stage 3/4: layers 3-3, head | rank 1: ..."
+// (describe_pipeline for a sequential layout).
+std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, const PipelineLayout& layout);
+
 }  // namespace dsx

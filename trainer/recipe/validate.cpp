@@ -237,16 +237,28 @@ void check_layout(const Recipe& r, const Reporter& report) {
                 fmt::format("`parallel.pp` ({}) needs `model.tie_word_embeddings: false`: the embedding table lives "
                             "on the first pipeline stage and the output head on the last",
                             p.pp));
-  const bool dual = p.pp_schedule == PipelineSchedule::dualpipe || p.pp_schedule == PipelineSchedule::dualpipev;
-  if (dual && p.pp % 2 != 0)
-    report.fail(
-        {"parallel.pp_schedule", "parallel.pp"},
-        fmt::format("`parallel.pp_schedule` {} needs an even `parallel.pp`, got {}", enum_name(p.pp_schedule), p.pp));
-  if (dual && r.train.accumulation_steps(r.train.global_batch, p.dp) % 2 != 0)
+  const int64_t micro_batches = r.train.accumulation_steps(r.train.global_batch, p.dp);
+  if (p.pp_schedule == PipelineSchedule::dualpipe && p.pp % 2 != 0)
+    report.fail({"parallel.pp_schedule", "parallel.pp"},
+                fmt::format("`parallel.pp_schedule` dualpipe needs an even `parallel.pp`, got {}", p.pp));
+  if (p.pp_schedule == PipelineSchedule::dualpipe && micro_batches % 2 != 0)
     report.fail("parallel.pp_schedule",
-                fmt::format("`parallel.pp_schedule` {} needs an even number of micro-batches per step; "
+                fmt::format("`parallel.pp_schedule` dualpipe needs an even number of micro-batches per step; "
                             "`train.global_batch` / (`train.micro_batch`·`parallel.dp`) = {}",
-                            enum_name(p.pp_schedule), r.train.accumulation_steps(r.train.global_batch, p.dp)));
+                            micro_batches));
+  // DualPipeV cuts the model into 2·pp stages, two per rank, and fills its V with 2·pp micro-batches.
+  if (p.pp > 1 && p.pp_schedule == PipelineSchedule::dualpipev) {
+    if (m.num_hidden_layers < 2 * p.pp)
+      report.fail({"parallel.pp_schedule", "model.num_hidden_layers"},
+                  fmt::format("`parallel.pp_schedule` dualpipev splits the model into 2 x `parallel.pp` = {} stages, "
+                              "more than `model.num_hidden_layers` ({}): every stage needs a layer",
+                              2 * p.pp, m.num_hidden_layers));
+    if (micro_batches < 2 * p.pp)
+      report.fail({"parallel.pp_schedule", "train.global_batch"},
+                  fmt::format("`parallel.pp_schedule` dualpipev needs at least 2 x `parallel.pp` = {} micro-batches "
+                              "per step; `train.global_batch` / (`train.micro_batch`·`parallel.dp`) = {}",
+                              2 * p.pp, micro_batches));
+  }
 }
 
 void check_train(const Recipe& r, const Reporter& report) {

@@ -72,6 +72,7 @@ const char* short_name(Action::Kind k) {
 std::string to_string(const Action& a) {
   std::string out = short_name(a.kind);
   if (a.micro_batch >= 0) out += std::to_string(a.micro_batch);
+  if (a.chunk > 0) out += std::string(static_cast<size_t>(a.chunk), '\'');
   if (a.is_transfer()) out += fmt::format("{}{}", a.is_send() ? '>' : '<', a.peer);
   return out;
 }
@@ -209,6 +210,137 @@ std::vector<Action> zero_bubble_schedule(int64_t n, int stages, int stage, bool 
   return actions;
 }
 
+namespace {
+
+// A V-shaped rank's compute actions in order (dualpipev_schedule's phases), without transfers.
+class DualPipeVComputes {
+ public:
+  DualPipeVComputes(int64_t n, int ranks, int rank) : rank_(rank) {
+    const int64_t P = ranks, r = rank;
+    repeat(2 * (P - r - 1), [&] { forward(0); });
+    repeat(r + 1, [&] {
+      forward(0);
+      forward(1);
+    });
+    repeat(P - r - 1, [&] {
+      backward(1, true);
+      weight();
+      forward(1);
+    });
+    repeat(n - 2 * P + r + 1, [&] {
+      forward(0);
+      backward(1, false);
+      forward(1);
+      backward(0, false);
+    });
+    repeat(P - r - 1, [&] {
+      backward(1, false);
+      forward(1);
+      backward(0, false);
+    });
+    // the second half of these backwards leave their weight passes to the W's below (odd ranks
+    // from a B1, even ranks from the B0 after it, so the W's match the (W B0) phase's needs)
+    const int64_t split_from = (r + 1) / 2;
+    for (int64_t i = 0; i < r + 1; ++i) {
+      backward(1, i > split_from || (i == split_from && r % 2 == 1));
+      backward(0, i >= split_from);
+    }
+    repeat(P - r - 1, [&] {
+      weight();
+      backward(0, true);
+    });
+    repeat(r + 1, [&] { weight(); });
+  }
+  std::vector<Action> take() {
+    if (!deferred_.empty()) throw std::logic_error("dualpipev_schedule: weight passes left over");
+    return std::move(actions_);
+  }
+
+ private:
+  static void repeat(int64_t times, const std::function<void()>& f) {
+    for (int64_t i = 0; i < times; ++i) f();
+  }
+  void forward(int chunk) { add(Action::Kind::forward, next_forward_[chunk]++, chunk); }
+  // split: input pass now, its weight pass at a later weight()
+  void backward(int chunk, bool split) {
+    const int64_t mb = next_backward_[chunk]++;
+    add(split ? Action::Kind::backward_input : Action::Kind::backward, mb, chunk);
+    if (split) deferred_.push_back({mb, chunk});
+  }
+  void weight() {
+    if (deferred_.empty()) throw std::logic_error("dualpipev_schedule: a weight pass with no input pass before it");
+    const auto [mb, chunk] = deferred_.front();
+    deferred_.erase(deferred_.begin());
+    add(Action::Kind::backward_weight, mb, chunk);
+  }
+  void add(Action::Kind kind, int64_t mb, int chunk) { actions_.push_back({kind, mb, rank_, -1, chunk}); }
+
+  int rank_;
+  int64_t next_forward_[2] = {0, 0}, next_backward_[2] = {0, 0};
+  std::vector<std::pair<int64_t, int>> deferred_;
+  std::vector<Action> actions_;
+};
+
+// The transfers a compute action of `layout` needs before it (receives) and makes after it
+// (sends): with the neighbouring stage when that stage sits on another rank.
+std::vector<Action> remote_transfers(const Action& c, const PipelineLayout& layout, bool receives) {
+  using K = Action::Kind;
+  const int stage = layout.stage_of(c.stage, c.chunk), last = layout.stages() - 1;
+  const bool forward = c.kind == K::forward;
+  if (!forward && c.kind != K::backward && c.kind != K::backward_input) return {};
+  // forward: receives from stage - 1, sends to stage + 1; backward the other way round
+  const int from = forward ? stage - 1 : stage + 1, to = forward ? stage + 1 : stage - 1;
+  const int other = receives ? from : to;
+  if (other < 0 || other > last || layout.rank_of(other) == c.stage) return {};
+  const K kind =
+      receives ? (forward ? K::recv_activation : K::recv_grad) : (forward ? K::send_activation : K::send_grad);
+  return {Action{kind, c.micro_batch, c.stage, layout.rank_of(other), c.chunk}};
+}
+
+// computes with their transfers: after each compute, one group of its sends and the receives of
+// the next compute other than a weight pass (so weight passes between fill the wait); then the
+// optimizer step. Receives are never posted further ahead: a stage's groups complete in order,
+// so a receive posted early would hold back the sends behind it.
+std::vector<Action> with_transfers(const std::vector<Action>& computes, const PipelineLayout& layout) {
+  std::vector<Action> out;
+  size_t posted_for = 0;  // computes before it have their receives posted
+  const auto post_next_receives = [&](size_t from) {
+    for (size_t j = std::max(from, posted_for); j < computes.size(); ++j) {
+      if (computes[j].kind == Action::Kind::backward_weight) continue;
+      const std::vector<Action> recv = remote_transfers(computes[j], layout, true);
+      out.insert(out.end(), recv.begin(), recv.end());
+      posted_for = j + 1;
+      return;
+    }
+  };
+  post_next_receives(0);
+  for (size_t i = 0; i < computes.size(); ++i) {
+    out.push_back(computes[i]);
+    const std::vector<Action> sends = remote_transfers(computes[i], layout, false);
+    out.insert(out.end(), sends.begin(), sends.end());
+    post_next_receives(i + 1);
+  }
+  out.push_back({Action::Kind::optimizer_step, -1, computes.empty() ? 0 : computes[0].stage});
+  return out;
+}
+
+}  // namespace
+
+std::vector<Action> dualpipev_schedule(int64_t n, int ranks, int rank) {
+  check_schedule_args("dualpipev_schedule", n, ranks, rank);
+  if (n < 2 * static_cast<int64_t>(ranks)) {
+    throw std::invalid_argument(fmt::format(
+        "dualpipev_schedule: {} micro-batches are too few for {} ranks (DualPipeV needs at least 2 x ranks = {})", n,
+        ranks, 2 * ranks));
+  }
+  return with_transfers(DualPipeVComputes(n, ranks, rank).take(), {.ranks = ranks, .v_shape = true});
+}
+
+PipelineLayout pipeline_layout(const Recipe& r) {
+  const int ranks = static_cast<int>(r.parallel.pp);
+  return {.ranks = ranks, .v_shape = ranks > 1 && r.parallel.pp_schedule == PipelineSchedule::dualpipev};
+}
+
 std::vector<Action> stage_schedule(const Recipe& r, int64_t n, int stage) {
   const int stages = static_cast<int>(r.parallel.pp);
   if (stages == 1) return gradient_accumulation_schedule(n);
@@ -218,17 +350,26 @@ std::vector<Action> stage_schedule(const Recipe& r, int64_t n, int stage) {
       return one_f_one_b_schedule(n, stages, stage, mtp);
     case PipelineSchedule::zero_bubble:
       return zero_bubble_schedule(n, stages, stage, mtp);
+    case PipelineSchedule::dualpipev:
+      if (n < 2 * static_cast<int64_t>(stages)) {
+        throw UserError(fmt::format(
+            "parallel.pp_schedule: dualpipev needs at least 2 x parallel.pp = {} micro-batches per step, this step "
+            "has {} (train.global_batch / (train.micro_batch x parallel.dp), during a batch ramp too)",
+            2 * stages, n));
+      }
+      return dualpipev_schedule(n, stages, stage);
     default:
-      throw UserError(fmt::format("parallel.pp_schedule: {} is not built yet; use 1f1b or zero_bubble",
+      throw UserError(fmt::format("parallel.pp_schedule: {} is not built yet; use 1f1b, zero_bubble or dualpipev",
                                   enum_name(r.parallel.pp_schedule)));
   }
 }
 
 namespace {
 
-// The receives a compute action consumes (of its own micro-batch, on its own stage).
+// The receives a compute action consumes (of its own micro-batch and chunk, on its own stage).
 bool consumes(const Action& compute, const Action& transfer) {
-  if (transfer.micro_batch != compute.micro_batch || transfer.is_send()) return false;
+  if (transfer.micro_batch != compute.micro_batch || transfer.chunk != compute.chunk || transfer.is_send())
+    return false;
   switch (compute.kind) {
     case Action::Kind::forward:
       return transfer.kind == Action::Kind::recv_activation || transfer.kind == Action::Kind::recv_mtp_embedding;
@@ -243,8 +384,8 @@ bool consumes(const Action& compute, const Action& transfer) {
 // One clocked run (see run_pipeline): the transfer groups of every stage, in posting order.
 class ClockedRun {
  public:
-  ClockedRun(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs)
-      : schedules_(schedules), costs_(costs) {
+  ClockedRun(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs, TransferRule rule)
+      : schedules_(schedules), costs_(costs), rule_(rule) {
     const size_t stages = schedules.size();
     group_of_.resize(stages);
     groups_.resize(stages);
@@ -296,11 +437,15 @@ class ClockedRun {
           std::optional<double> ready = clock[s];
           for (size_t g = 0; g < groups_[s].size() && ready; ++g) {
             const Group& group = groups_[s][g];
-            bool needed = a.kind == Action::Kind::optimizer_step && group.begin < at[s];
-            for (size_t i = group.begin; i < group.end && !needed; ++i) needed = consumes(a, actions[i]);
-            if (!needed) continue;
-            const std::optional<double> done = completion(s, g);
-            ready = done ? std::optional(std::max(*ready, *done)) : std::nullopt;
+            if (a.kind == Action::Kind::optimizer_step && group.begin < at[s]) {
+              ready = max_of(ready, completion(s, g));
+              continue;
+            }
+            for (size_t i = group.begin; i < group.end && ready; ++i) {
+              if (!consumes(a, actions[i])) continue;
+              // in order, the group completes as a whole; independent, each transfer by itself
+              ready = max_of(ready, rule_ == TransferRule::in_order ? completion(s, g) : transfer_done(s, i));
+            }
           }
           if (!ready) break;
           clock[s] = *ready;
@@ -358,15 +503,31 @@ class ClockedRun {
     }
   }
 
-  // A stage's groups run one after another (one communication stream): a group starts once it
-  // is posted and the one before it completed.
+  // in_order: a stage's groups run one after another (one communication stream), a group starts
+  // once it is posted and the one before it completed; independent: once it is posted.
   std::optional<double> start(int s, size_t g) {
     const Group& group = groups_[s][g];
     if (group.posted < 0) return std::nullopt;
-    if (g == 0) return group.posted;
+    if (g == 0 || rule_ == TransferRule::independent) return group.posted;
     const std::optional<double> before = completion(s, g - 1);
     if (!before) return std::nullopt;
     return std::max(group.posted, *before);
+  }
+
+  static std::optional<double> max_of(std::optional<double> a, std::optional<double> b) {
+    return a && b ? std::optional(std::max(*a, *b)) : std::nullopt;
+  }
+
+  // Transfer i of stage s meets its counterpart once both their groups have started.
+  std::optional<double> transfer_done(int s, size_t i) {
+    const Action& a = schedules_[s][i];
+    const Action wanted{counterpart(a.kind), a.micro_batch, a.peer, s, a.chunk};
+    const std::vector<Action>& peer = schedules_[a.peer];
+    const auto it = std::find(peer.begin(), peer.end(), wanted);
+    if (it == peer.end()) return std::nullopt;  // never posted: stuck
+    const auto j = static_cast<size_t>(it - peer.begin());
+    return max_of(start(s, static_cast<size_t>(group_of_[s][i])),
+                  start(a.peer, static_cast<size_t>(group_of_[a.peer][j])));
   }
 
   // A group completes when each of its transfers met its counterpart, which happens once both
@@ -377,19 +538,7 @@ class ClockedRun {
     if (group.resolving) return std::nullopt;  // it waits on itself: a deadlock
     group.resolving = true;
     std::optional<double> done = start(s, g);
-    for (size_t i = group.begin; i < group.end && done; ++i) {
-      const Action& a = schedules_[s][i];
-      const Action wanted{counterpart(a.kind), a.micro_batch, a.peer, s};
-      const std::vector<Action>& peer = schedules_[a.peer];
-      const auto it = std::find(peer.begin(), peer.end(), wanted);
-      if (it == peer.end()) {  // never posted: stuck
-        done = std::nullopt;
-        break;
-      }
-      const auto j = static_cast<size_t>(it - peer.begin());
-      const std::optional<double> peer_start = start(a.peer, static_cast<size_t>(group_of_[a.peer][j]));
-      done = peer_start ? std::optional(std::max(*done, *peer_start)) : std::nullopt;
-    }
+    for (size_t i = group.begin; i < group.end && done; ++i) done = max_of(done, transfer_done(s, i));
     group.resolving = false;
     if (done) group.completed = *done;
     return done;
@@ -397,14 +546,16 @@ class ClockedRun {
 
   const std::vector<std::vector<Action>>& schedules_;
   ActionCosts costs_;
+  TransferRule rule_;
   std::vector<std::vector<int>> group_of_;  // per stage and action: its group, -1 for compute
   std::vector<std::vector<Group>> groups_;
 };
 
 }  // namespace
 
-PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs) {
-  return ClockedRun(schedules, costs).run();
+PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs,
+                         TransferRule rule) {
+  return ClockedRun(schedules, costs, rule).run();
 }
 
 int64_t max_in_flight(const std::vector<Action>& actions) {
@@ -438,8 +589,20 @@ std::string draw_timeline(const PipelineRun& run, double unit) {
   return out;
 }
 
-std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& schedules) {
-  return run_pipeline(schedules).stuck;
+RecipeStep run_recipe_step(const Recipe& recipe, int64_t n, const ActionCosts& stage_costs) {
+  const PipelineLayout layout = pipeline_layout(recipe);
+  RecipeStep out;
+  for (int r = 0; r < layout.ranks; ++r) out.schedules.push_back(stage_schedule(recipe, n, r));
+  const double share = 1.0 / layout.chunks();
+  const ActionCosts costs{.forward = stage_costs.forward * share,
+                          .backward_input = stage_costs.backward_input * share,
+                          .backward_weight = stage_costs.backward_weight * share};
+  out.run = run_pipeline(out.schedules, costs, layout.v_shape ? TransferRule::independent : TransferRule::in_order);
+  return out;
+}
+
+std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& schedules, TransferRule rule) {
+  return run_pipeline(schedules, {}, rule).stuck;
 }
 
 }  // namespace dsx

@@ -1,6 +1,6 @@
 // A training step is a list of actions produced by a schedule (ARCHITECTURE.md principle 5):
 // visible data, not control flow hidden in the loop. Single-rank gradient accumulation is the
-// trivial schedule; 1F1B and zero-bubble are the pipeline-parallel ones (ARCHITECTURE.md §4d).
+// trivial schedule; 1F1B, zero-bubble and DualPipeV are the pipeline-parallel ones (ARCHITECTURE.md §4d).
 //
 // Transfers between stages are actions too. The loop posts each run of consecutive transfer
 // actions as one group without waiting (NCCL: one ncclGroupStart/End on the communicator's
@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "trainer/model/pipeline_stage.h"
 #include "trainer/recipe/recipe.h"
 
 namespace dsx {
@@ -40,15 +41,19 @@ struct Action {
   };
   Kind kind;
   int64_t micro_batch = -1;  // -1 for step-level actions
-  int stage = 0;             // the pipeline stage running the action (0 without PP)
-  int peer = -1;             // transfers: the other stage
+  int stage = 0;             // the pipeline rank running the action (0 without PP)
+  int peer = -1;             // transfers: the other rank
+  // which of the rank's model chunks (PipelineLayout, trainer/model/pipeline_stage.h): 0, or 1 for
+  // the second chunk of a V-shaped layout; a transfer's chunk is the same on both sides
+  int chunk = 0;
 
   bool is_transfer() const;
   bool is_send() const;
   bool operator==(const Action&) const = default;
 };
 
-std::string to_string(const Action& a);                     // "F3", "B3", "W3", "SA3>1" (send to stage 1), "OPT" ...
+// "F3", "B3", "W3", "SA3>1" (send to stage 1), "OPT" ...; chunk 1's: "F3'", "SA3'>0"
+std::string to_string(const Action& a);
 std::string to_string(const std::vector<Action>& actions);  // space-separated
 
 // Forward then backward for each micro-batch in turn (input and weight gradients together,
@@ -71,10 +76,34 @@ std::vector<Action> one_f_one_b_schedule(int64_t n_micro_batches, int stages, in
 // On the clock (F = B = W): 4 stages × 8 micro-batches take 30 units against 1F1B's 33.
 std::vector<Action> zero_bubble_schedule(int64_t n_micro_batches, int stages, int stage, bool mtp);
 
+// DualPipeV (DeepSeek's DualPipe folded into a V, trainer/model/pipeline_stage.h): P ranks run
+// 2P stages, rank r chunk 0 (stage r) and chunk 1 (stage 2P-1-r). Every micro-batch goes down
+// through the chunks 0 and back up through the chunks 1. A rank's compute order, in phases
+// (F0/F1 forwards of chunk 0/1, B backwards, W weight passes):
+//   2(P-r-1) F0 | r+1 × (F0 F1) | P-r-1 × (B1 W F1) | n-2P+r+1 × (F0 B1 F1 B0)
+//   | P-r-1 × (B1 F1 B0) | r+1 × (B1 B0) | P-r-1 × (W B0) | r+1 × W
+// where the backwards before a W (and those of the second half of the (B1 B0) phase) are input
+// passes whose weight passes run at the W's, oldest first. In the steady phase a forward of one
+// chunk sits next to a backward of the other: DualPipe overlaps the pair's compute with the
+// other's all-to-all (on one CPU thread they run one after the other). Each chunk sees its
+// micro-batches in order, so the gradients are bit-identical to one process's. Transfers: after
+// each compute, its sends and the receives of the next compute that needs any go out as one
+// group. Needs n >= 2P (throws std::invalid_argument otherwise).
+std::vector<Action> dualpipev_schedule(int64_t n_micro_batches, int ranks, int rank);
+
+// The recipe's layout: parallel.pp ranks, V-shaped for dualpipev.
+PipelineLayout pipeline_layout(const Recipe& recipe);
+
 // Stage `stage`'s actions for n micro-batches under the recipe's parallel.pp and
-// parallel.pp_schedule (1f1b, zero_bubble); gradient accumulation for one stage; throws
-// dsx::UserError for a pipeline schedule not built.
+// parallel.pp_schedule (1f1b, zero_bubble, dualpipev); gradient accumulation for one stage;
+// throws dsx::UserError for a pipeline schedule not built.
 std::vector<Action> stage_schedule(const Recipe& recipe, int64_t n_micro_batches, int stage);
+
+// How a stage's transfer groups complete. in_order: one after another (one communication stream,
+// the NCCL communicator's), so a receive that waits holds back every group posted after it.
+// independent: each transfer completes once its counterpart is posted (non-blocking MPI, which
+// matches by tag). A set of schedules that runs in_order runs independent too.
+enum class TransferRule { in_order, independent };
 
 // How long each compute action takes, for run_pipeline's timeline (transfers take no time).
 struct ActionCosts {
@@ -105,9 +134,22 @@ std::string draw_timeline(const PipelineRun& run, double unit = 1.0);
 // Runs the stages' schedules against each other under the loop's transfer rule (above; a send
 // completes only when its receive has started: rendezvous, the strictest case). Returns "" when
 // every stage runs to its end with every transfer complete, else where each stage is stuck.
-std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& schedules);
+// Every rank's stage_schedule for one step of n micro-batches under the recipe, and their run
+// on the clock. stage_costs: a whole 1F1B stage's (a V-shaped rank's chunks are half a stage
+// each, so their actions cost half); transfers follow the rule of the recipe's communicator
+// (independent for dualpipev, which runs on MPI only; in order otherwise).
+struct RecipeStep {
+  std::vector<std::vector<Action>> schedules;  // per rank
+  PipelineRun run;
+};
+RecipeStep run_recipe_step(const Recipe& recipe, int64_t n_micro_batches, const ActionCosts& stage_costs);
+
+std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& schedules,
+                                        TransferRule rule = TransferRule::in_order);
+
 // The same run on a clock: each compute action takes its cost, transfers none; a compute starts
 // when the stage is free and the receives it consumes are complete.
-PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs = {});
+PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs = {},
+                         TransferRule rule = TransferRule::in_order);
 
 }  // namespace dsx

@@ -8,7 +8,7 @@
 namespace dsx {
 namespace {
 
-int tag_of(Action::Kind k) {
+int kind_tag(Action::Kind k) {
   using K = Action::Kind;
   switch (k) {
     case K::send_activation:
@@ -28,21 +28,39 @@ int tag_of(Action::Kind k) {
   }
 }
 
+int tag_of(const Action& a) {
+  return kind_tag(a.kind) + 4 * a.chunk;
+}
+
 }  // namespace
 
-StageRunner::StageRunner(Model& model, Communicator* pp, CommTimer* timer) : model_(model), pp_(pp), timer_(timer) {
-  const int stages = pp_ ? pp_->size() : 1, stage = pp_ ? pp_->rank() : 0;
-  if (stages != model_.stage().count || stage != model_.stage().index) {
-    throw std::logic_error("StageRunner: the pipeline group (rank " + std::to_string(stage) + " of " +
-                           std::to_string(stages) + ") does not match the model's " +
-                           describe(model_.stage(), model_.config().num_nextn_predict_layers));
+StageRunner::StageRunner(Model& model, Communicator* pp, CommTimer* timer)
+    : model_(model),
+      pp_(pp),
+      timer_(timer),
+      layout_{.ranks = pp ? pp->size() : 1, .v_shape = model.chunks().size() > 1},
+      rank_(pp ? pp->rank() : 0) {
+  for (int c = 0; c < static_cast<int>(model_.chunks().size()); ++c) {
+    const PipelineStage& st = model_.chunks()[static_cast<size_t>(c)];
+    if (layout_.chunks() != static_cast<int>(model_.chunks().size()) || st.count != layout_.stages() ||
+        st.index != layout_.stage_of(rank_, c)) {
+      throw std::logic_error("StageRunner: the pipeline group (rank " + std::to_string(rank_) + " of " +
+                             std::to_string(layout_.ranks) + ") does not match the model's " +
+                             describe(st, model_.config().num_nextn_predict_layers));
+    }
   }
 }
 
-// A stage between the first and the last passes the MTP embeddings (and their gradients) on.
-bool StageRunner::passes_mtp_on() const {
-  const PipelineStage& s = model_.stage();
-  return !s.is_first() && !s.is_last();
+// In a sequential layout, a stage between the first and the last passes the MTP embeddings (and
+// their gradients) on; a V-shaped one keeps them on rank 0, inside the model.
+bool StageRunner::passes_mtp_on(int chunk) const {
+  const PipelineStage& s = model_.chunks().at(static_cast<size_t>(chunk));
+  return !layout_.v_shape && !s.is_first() && !s.is_last();
+}
+
+std::optional<int> StageRunner::local_chunk(int stage) const {
+  if (stage < 0 || stage >= layout_.stages() || layout_.rank_of(stage) != rank_) return std::nullopt;
+  return layout_.chunk_of(stage);
 }
 
 Tensor StageRunner::take(Received& r) {
@@ -50,41 +68,50 @@ Tensor StageRunner::take(Received& r) {
   return std::exchange(r.tensor, Tensor());
 }
 
-Losses StageRunner::forward(int64_t mb, const Batch& batch) {
-  InFlight& f = in_flight_[mb];
+Losses StageRunner::forward(int64_t mb, const Batch& batch, int chunk) {
+  InFlight& f = in_flight_[{chunk, mb}];
   const Tensor hidden_in = take(f.hidden_in), mtp_in = take(f.mtp_embedded_in);
-  const bool pass_on = passes_mtp_on();
-  StageForward out = model_.forward_stage(mb, batch, hidden_in, pass_on ? Tensor() : mtp_in);
-  f.hidden_out = std::move(out.hidden);
+  const bool pass_on = passes_mtp_on(chunk);
+  StageForward out = model_.forward_stage(mb, batch, hidden_in, pass_on ? Tensor() : mtp_in, chunk);
   f.mtp_embedded_out = pass_on ? mtp_in : std::move(out.mtp_embedded);
+  // the bottom of a V: the next stage is this rank's other chunk
+  if (const auto next = local_chunk(layout_.stage_of(rank_, chunk) + 1)) {
+    in_flight_[{*next, mb}].hidden_in.tensor = std::move(out.hidden);
+  } else {
+    f.hidden_out = std::move(out.hidden);
+  }
   return out.losses;
 }
 
-void StageRunner::backward(int64_t mb, double loss_scale) {
-  backward_pass(mb, loss_scale, /*with_weights=*/true);
+void StageRunner::backward(int64_t mb, double loss_scale, int chunk) {
+  backward_pass(mb, loss_scale, /*with_weights=*/true, chunk);
 }
 
-void StageRunner::backward_input(int64_t mb, double loss_scale) {
-  backward_pass(mb, loss_scale, /*with_weights=*/false);
+void StageRunner::backward_input(int64_t mb, double loss_scale, int chunk) {
+  backward_pass(mb, loss_scale, /*with_weights=*/false, chunk);
 }
 
-void StageRunner::backward_pass(int64_t mb, double loss_scale, bool with_weights) {
-  InFlight& f = in_flight_[mb];
+void StageRunner::backward_pass(int64_t mb, double loss_scale, bool with_weights, int chunk) {
+  InFlight& f = in_flight_[{chunk, mb}];
   const Tensor d_out = take(f.d_hidden_out), d_mtp = take(f.d_mtp_embedded_in);
-  const bool pass_on = passes_mtp_on();
+  const bool pass_on = passes_mtp_on(chunk);
   const Tensor d_mtp_for_model = pass_on ? Tensor() : d_mtp;
-  StageBackward out = with_weights ? model_.backward_stage(mb, loss_scale, d_out, d_mtp_for_model)
-                                   : model_.backward_stage_input(mb, loss_scale, d_out, d_mtp_for_model);
-  f.d_hidden_in = std::move(out.d_hidden);
+  StageBackward out = with_weights ? model_.backward_stage(mb, loss_scale, d_out, d_mtp_for_model, chunk)
+                                   : model_.backward_stage_input(mb, loss_scale, d_out, d_mtp_for_model, chunk);
   f.d_mtp_embedded_out = pass_on ? d_mtp : std::move(out.d_mtp_embedded);
+  if (const auto previous = local_chunk(layout_.stage_of(rank_, chunk) - 1)) {
+    in_flight_[{*previous, mb}].d_hidden_out.tensor = std::move(out.d_hidden);
+  } else {
+    f.d_hidden_in = std::move(out.d_hidden);
+  }
 }
 
-void StageRunner::backward_weight(int64_t mb) {
-  model_.backward_stage_weight(mb);
+void StageRunner::backward_weight(int64_t mb, int chunk) {
+  model_.backward_stage_weight(mb, chunk);
 }
 
 Tensor& StageRunner::to_send(const Action& a) {
-  InFlight& f = in_flight_[a.micro_batch];
+  InFlight& f = in_flight_[{a.chunk, a.micro_batch}];
   switch (a.kind) {
     case Action::Kind::send_activation:
       return f.hidden_out;
@@ -100,7 +127,7 @@ Tensor& StageRunner::to_send(const Action& a) {
 }
 
 StageRunner::Received& StageRunner::to_receive(const Action& a) {
-  InFlight& f = in_flight_[a.micro_batch];
+  InFlight& f = in_flight_[{a.chunk, a.micro_batch}];
   switch (a.kind) {
     case Action::Kind::recv_activation:
       return f.hidden_in;
@@ -130,7 +157,7 @@ void StageRunner::transfer(std::span<const Action> group, std::span<const Batch>
     if (a.is_send()) {
       Tensor& t = to_send(a);
       if (!t.defined()) throw std::logic_error("StageRunner: " + to_string(a) + ": nothing computed to send");
-      CommHandle h = pp_->send(t, a.peer, tag_of(a.kind));
+      CommHandle h = pp_->send(t, a.peer, tag_of(a));
       sending_.push_back({std::exchange(t, Tensor()), std::move(h)});
       ++sends;
     } else {
@@ -139,7 +166,7 @@ void StageRunner::transfer(std::span<const Action> group, std::span<const Batch>
       Received& r = to_receive(a);
       if (r.tensor.defined()) throw std::logic_error("StageRunner: " + to_string(a) + " is already received");
       r.tensor = model_.empty_stage_tensor(mtp ? model_.config().num_nextn_predict_layers * tokens : tokens);
-      r.handle = pp_->recv(r.tensor, a.peer, tag_of(a.kind));
+      r.handle = pp_->recv(r.tensor, a.peer, tag_of(a));
     }
   }
   // Start the group now (NCCL launches its queued group when a handle is first tested; MPI
@@ -153,12 +180,12 @@ void StageRunner::transfer(std::span<const Action> group, std::span<const Batch>
 void StageRunner::finish_step() {
   for (Sending& s : sending_) timed_wait(s.handle, timer_);
   sending_.clear();
-  for (const auto& [mb, f] : in_flight_) {
+  for (const auto& [key, f] : in_flight_) {
     for (const Tensor* t :
          {&f.hidden_in.tensor, &f.mtp_embedded_in.tensor, &f.d_hidden_out.tensor, &f.d_mtp_embedded_in.tensor,
           &f.hidden_out, &f.mtp_embedded_out, &f.d_hidden_in, &f.d_mtp_embedded_out}) {
       if (t->defined()) {
-        throw std::logic_error("StageRunner: micro-batch " + std::to_string(mb) +
+        throw std::logic_error("StageRunner: micro-batch " + std::to_string(key.second) +
                                " still has a tensor in flight at the end of the step");
       }
     }

@@ -9,13 +9,15 @@
 // for its gradients'; finished sends are released as later groups are posted, and all before
 // the optimizer step.
 //
-// Per micro-batch in flight it holds what was received and not yet used, and what was computed
-// and not yet sent. Messages between two stages keep their order per tag: tag 0 activations,
-// 1 their gradients, 2 MTP embeddings, 3 their gradients; both sides walk micro-batches in
-// increasing order.
+// Per micro-batch and chunk in flight it holds what was received and not yet used, and what was
+// computed and not yet sent. Messages between two stages keep their order per tag: tag 0
+// activations, 1 their gradients, 2 MTP embeddings, 3 their gradients, plus 4 for chunk 1 of a
+// V-shaped layout; both sides walk a chunk's micro-batches in increasing order. In a V-shaped
+// layout, a hop between two chunks of this rank (the bottom of the V) is a hand-over, not a message.
 #pragma once
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -32,11 +34,11 @@ class StageRunner {
   StageRunner(Model& model, Communicator* pp, CommTimer* timer);
 
   // The model's forward_stage / backward_stage / backward_stage_input / backward_stage_weight
-  // of micro-batch `mb`, after waiting for what it receives.
-  Losses forward(int64_t mb, const Batch& batch);
-  void backward(int64_t mb, double loss_scale);
-  void backward_input(int64_t mb, double loss_scale);
-  void backward_weight(int64_t mb);
+  // of micro-batch `mb` on model chunk `chunk`, after waiting for what it receives.
+  Losses forward(int64_t mb, const Batch& batch, int chunk = 0);
+  void backward(int64_t mb, double loss_scale, int chunk = 0);
+  void backward_input(int64_t mb, double loss_scale, int chunk = 0);
+  void backward_weight(int64_t mb, int chunk = 0);
   // Posts a group of transfer actions; batches: the step's micro-batches (for the tensors' rows).
   void transfer(std::span<const Action> group, std::span<const Batch> batches);
   // Ends the step: waits for every send, then throws std::logic_error when a received tensor was
@@ -59,17 +61,21 @@ class StageRunner {
     Tensor tensor;  // kept alive until the send is done
     CommHandle handle;
   };
-  bool passes_mtp_on() const;
+  bool passes_mtp_on(int chunk) const;
+  // The chunk of this rank that runs stage `stage`, if it is one of ours.
+  std::optional<int> local_chunk(int stage) const;
   Tensor& to_send(const Action& a);
   Received& to_receive(const Action& a);
   Tensor take(Received& r);  // waits for the receive (if posted) and hands its tensor over
   void release_finished_sends();
-  void backward_pass(int64_t mb, double loss_scale, bool with_weights);
+  void backward_pass(int64_t mb, double loss_scale, bool with_weights, int chunk);
 
   Model& model_;
   Communicator* pp_;
   CommTimer* timer_;
-  std::map<int64_t, InFlight> in_flight_;
+  PipelineLayout layout_;
+  int rank_ = 0;
+  std::map<std::pair<int, int64_t>, InFlight> in_flight_;  // by chunk and micro-batch
   std::vector<Sending> sending_;
 };
 

@@ -26,6 +26,7 @@ ModelParallel TrainParallel::model_parallel(const ParallelSection& p, const Prec
   mp.timer = &timer;
   mp.pp_size = mesh.sizes.pp;
   mp.pp_rank = mesh.coords.pp;
+  mp.pp_v_shape = p.pp > 1 && p.pp_schedule == PipelineSchedule::dualpipev;
   return mp;
 }
 
@@ -95,7 +96,13 @@ std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
         "parallel.tp: tensor-parallel layers are not built yet; train with pipeline, data and expert parallelism "
         "(parallel.pp, parallel.dp, parallel.ep) and tp = 1");
   }
-  if (p.pp > 1) stage_schedule(recipe, 1, 0);  // refuses a schedule that is not built, before any work
+  if (p.pp > 1) stage_schedule(recipe, 2 * p.pp, 0);  // refuses a schedule that is not built, before any work
+  if (p.pp > 1 && p.pp_schedule == PipelineSchedule::dualpipev && recipe.model.device == Device::cuda) {
+    throw UserError(
+        "parallel.pp_schedule: dualpipev runs on MPI (device: cpu) only so far. Its two chunks per rank talk to "
+        "both neighbours in an order the NCCL communicator's single stream cannot keep: a receive waiting for one "
+        "neighbour holds back the sends to the other (dsx recipe schedule shows it; use 1f1b or zero_bubble on GPUs)");
+  }
   auto tp = std::make_unique<TrainParallel>();
   tp->launch = launch;
   tp->mpi = std::make_unique<MpiSession>();

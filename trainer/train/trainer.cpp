@@ -182,24 +182,25 @@ StepMetrics Trainer::train_step(int64_t step) {
     }
     switch (a.kind) {
       case Action::Kind::forward: {
-        const Losses l = stage_runner_->forward(a.micro_batch, micro_batches[static_cast<size_t>(a.micro_batch)]);
+        const Losses l =
+            stage_runner_->forward(a.micro_batch, micro_batches[static_cast<size_t>(a.micro_batch)], a.chunk);
         m.loss += l.total * micro_weight;
         m.lm_loss += l.lm * micro_weight;
         m.mtp_loss += l.mtp * micro_weight;
         m.balance_loss += l.balance * micro_weight;
         break;
       }
-      case Action::Kind::backward:  // gradients become final in the last one
+      case Action::Kind::backward:  // gradients become final in the last one (each chunk's own parameters)
         last_backward_ = a.micro_batch == n_micro - 1;
-        stage_runner_->backward(a.micro_batch, micro_weight);
+        stage_runner_->backward(a.micro_batch, micro_weight, a.chunk);
         last_backward_ = false;
         break;
       case Action::Kind::backward_input:
-        stage_runner_->backward_input(a.micro_batch, micro_weight);
+        stage_runner_->backward_input(a.micro_batch, micro_weight, a.chunk);
         break;
       case Action::Kind::backward_weight:  // weight passes run in micro-batch order
         last_backward_ = a.micro_batch == n_micro - 1;
-        stage_runner_->backward_weight(a.micro_batch);
+        stage_runner_->backward_weight(a.micro_batch, a.chunk);
         last_backward_ = false;
         break;
       case Action::Kind::optimizer_step:
@@ -300,14 +301,12 @@ std::vector<Action> Trainer::step_schedule(int64_t n) const {
 // The stage split and what the schedule's bubble costs at this step's micro-batches (forward 1,
 // backward 2, transfers free; `dsx recipe schedule` draws it).
 void Trainer::print_pipeline() const {
-  const int stages = parallel_->mesh.sizes.pp;
   const int64_t n = batch_schedule_.global_batch(tokens_) / (recipe_.train.micro_batch * dp_size());
-  std::vector<std::vector<Action>> schedules;
-  for (int s = 0; s < stages; ++s) schedules.push_back(stage_schedule(recipe_, n, s));
-  const PipelineRun run = run_pipeline(schedules, {.forward = 1, .backward_input = 1, .backward_weight = 1});
+  const PipelineRun run = run_recipe_step(recipe_, n, {.forward = 1, .backward_input = 1, .backward_weight = 1}).run;
   fmt::print("  pipeline: {}, {} micro-batches per step, bubble {:.1f}% on the clock\n    {}\n",
              enum_name(recipe_.parallel.pp_schedule), n, 100 * run.bubble,
-             describe_pipeline(recipe_.model.num_hidden_layers, recipe_.model.num_nextn_predict_layers, stages));
+             describe_pipeline(recipe_.model.num_hidden_layers, recipe_.model.num_nextn_predict_layers,
+                               pipeline_layout(recipe_)));
 }
 
 TrainResult Trainer::run() {
