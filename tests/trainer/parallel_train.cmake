@@ -42,6 +42,8 @@ set(DSX_LAYOUTS
     # embedding, head and MTP module, rank 1 layers 1 and 2 (the bottom of the V); alone and with
     # DP, EP and ZeRO-1.
     "pp2_dualpipev|2|--set parallel.pp=2 --set parallel.pp_schedule=dualpipev"
+    # The balanced split: 3 layers on the first stage, 1 with the head and MTP on the last.
+    "pp2_balanced|2|--set parallel.pp=2 --set parallel.pp_split=balanced"
     "pp2_dp2_ep2_dualpipev_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1 --set parallel.pp_schedule=dualpipev")
 # "name|np|overrides" -> name, np and the override arguments, in the caller's scope.
 macro(dsx_split_layout entry)

@@ -32,6 +32,10 @@ dsx_recipe_cli_test(schedule.dualpipev ${_dsx_expect} 0
   "stage 1: RA0<0 F0 F0' SA0'>0 RA1<0 F1 F1' SA1'>0" "24.5 units per step, bubble 2.0%" "stage 0: 5 | stage 1: 5"
   -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=2 --set parallel.pp_schedule=dualpipev
      --set train.global_batch=8 --set train.micro_batch=1)
+# The balanced split gives the tiny model's first stage three layers (the last runs the head and MTP).
+dsx_recipe_cli_test(schedule.balanced_split ${_dsx_expect} 0
+  "pipeline: 1f1b over stage 0/2: embedding, layers 0-2 | stage 1/2: layers 3-3, head + 1 MTP"
+  -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=2 --set parallel.pp_split=balanced)
 dsx_recipe_cli_test(schedule.one_stage ${_dsx_expect} 0 "stage 0: F0 BW0 F1 BW1" "bubble 0.0%"
   -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml)
 dsx_recipe_cli_test(check.tiny ${_dsx_expect} 0 "valid" "4 layers (1 dense + 3 MoE)" "parameters  total"

@@ -280,6 +280,14 @@ TEST_CASE("model FLOPs per token follow the active parameters", "[model]") {
   // Causal attention at 4096: 3 · 128 heads · (192 + 128) · 4097 per layer, 61 layers.
   const double attention = model_flops_per_token(v3, 4096) - no_attention;
   CHECK(attention == Approx(3.0 * 128 * 320 * 4097 * 61).epsilon(1e-12));
+  // By module (what a pipeline split weighs): the same total; dense and MoE layers nearly equal.
+  v3.num_nextn_predict_layers = 1;
+  const ModuleFlops modules = module_flops_per_token(v3, 4096);
+  double sum = modules.head + modules.mtp;
+  for (double layer : modules.layers) sum += layer;
+  CHECK(sum == Approx(model_flops_per_token(v3, 4096)).epsilon(1e-12));
+  CHECK(modules.layers[0] / modules.layers[3] == Approx(1.0).epsilon(0.01));
+  CHECK(modules.mtp > modules.layers[3] + modules.head);
   // The Model reports the same figure for the sequence length it last saw.
   const ModelConfig tiny = test::tiny_config();
   Model model(tiny, DType::f32, 1);

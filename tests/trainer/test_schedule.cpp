@@ -4,8 +4,10 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <set>
+#include <string>
 
 #include "trainer/model/pipeline_stage.h"
 #include "trainer/train/schedule.h"
@@ -288,9 +290,85 @@ TEST_CASE("the V-shaped layout puts the embedding and the head on rank 0", "[sch
   CHECK(v.rank_of(5) == 0);
   CHECK(v.rank_of(2) == 2);
   CHECK(v.rank_of(3) == 2);
-  CHECK(describe_pipeline(6, 1, v) ==
+  CHECK(describe_pipeline(even_split(6, 6), 1, v) ==
         "rank 0: stage 0/6: embedding, layers 0-0 + stage 5/6: layers 5-5, head + 1 MTP | rank 1: stage 1/6: layers "
         "1-1 + stage 4/6: layers 4-4 | rank 2: stage 2/6: layers 2-2 + stage 3/6: layers 3-3");
   // one rank: (F0 F1) once, the steady (F0 B1 F1 B0) once, (B1 B0) with B0 split, its W
   CHECK(to_string(dualpipev_schedule(2, 1, 0)) == "F0 F0' F1 BW0' F1' BW0 BW1' B1 W1 OPT");
+}
+
+namespace {
+
+// Every split of L layers into S non-empty contiguous stages, stage 0 first.
+void all_splits(int64_t layers, int stages, std::vector<int64_t>& prefix, std::vector<std::vector<int64_t>>& out) {
+  if (stages == 1) {
+    prefix.push_back(layers);
+    out.push_back(prefix);
+    prefix.pop_back();
+    return;
+  }
+  for (int64_t n = 1; n + stages - 1 <= layers; ++n) {
+    prefix.push_back(n);
+    all_splits(layers - n, stages - 1, prefix, out);
+    prefix.pop_back();
+  }
+}
+
+double costliest(const std::vector<double>& costs) {
+  return *std::max_element(costs.begin(), costs.end());
+}
+
+}  // namespace
+
+TEST_CASE("the even split gives the first num_layers % stages stages one layer more", "[schedule]") {
+  const std::vector<int64_t> v3 = even_split(61, 16);
+  CHECK(std::count(v3.begin(), v3.end(), 4) == 13);
+  CHECK(std::count(v3.begin(), v3.end(), 3) == 3);
+  CHECK(v3.front() == 4);
+  CHECK(v3.back() == 3);
+  for (int s = 0; s < 16; ++s) CHECK(pipeline_stage(v3, s).first_layer == pipeline_stage(61, 16, s).first_layer);
+  CHECK_THROWS_WITH(even_split(3, 4), Catch::Contains("3 decoder layers cannot fill 4 pipeline stages"));
+}
+
+TEST_CASE("the balanced split minimises the costliest stage, head and MTP on the last", "[schedule]") {
+  // Against every split of small models: a dense first layer, MoE layers, a large head, MTP or not.
+  const Recipe tiny = load_recipe(std::string(DSX_SOURCE_DIR) + "/recipes/tiny.yaml");
+  for (int64_t layers : {4, 6, 8}) {
+    for (int64_t mtp : {0, 1, 2}) {
+      ModelConfig c = tiny.model;
+      c.num_hidden_layers = layers;
+      c.num_nextn_predict_layers = mtp;
+      for (int stages = 1; stages <= 4; ++stages) {
+        INFO(layers << " layers, MTP depth " << mtp << ", " << stages << " stages");
+        const std::vector<int64_t> split = balanced_split(c, stages, 64);
+        const double got = costliest(stage_flops_per_token(c, split, 64));
+        std::vector<std::vector<int64_t>> candidates;
+        std::vector<int64_t> prefix;
+        all_splits(layers, stages, prefix, candidates);
+        double best = std::numeric_limits<double>::infinity();
+        std::vector<int64_t> first_best;  // the lexicographically largest optimum (earlier stages longer)
+        for (const auto& candidate : candidates) {
+          const double cost = costliest(stage_flops_per_token(c, candidate, 64));
+          if (cost < best * (1 - 1e-12))
+            best = cost, first_best = candidate;
+          else if (cost <= best * (1 + 1e-12) && candidate > first_best)
+            first_best = candidate;
+        }
+        CHECK(got == Approx(best).epsilon(1e-12));
+        CHECK(split == first_best);
+        CHECK(got <= costliest(stage_flops_per_token(c, even_split(layers, stages), 64)) * (1 + 1e-12));
+      }
+    }
+  }
+  // The shipped tiny model on two stages: the head and the MTP block weigh about a layer and a
+  // half, so the first stage takes three of the four layers.
+  CHECK(balanced_split(tiny.model, 2, tiny.train.seq_len) == std::vector<int64_t>{3, 1});
+  // DeepSeek-V3 on 16 stages: the last stage's head + MTP module cost more than a layer, so it
+  // keeps fewer layers than the even split's 3 and the costliest stage gets cheaper.
+  const Recipe v3 = load_recipe(std::string(DSX_SOURCE_DIR) + "/recipes/deepseek-v3-671b.yaml");
+  const std::vector<int64_t> balanced = balanced_split(v3.model, 16, v3.train.seq_len);
+  const std::vector<int64_t> even = even_split(61, 16);
+  CHECK(balanced.back() < even.back());
+  CHECK(costliest(stage_flops_per_token(v3.model, balanced, 4096)) <
+        costliest(stage_flops_per_token(v3.model, even, 4096)));
 }

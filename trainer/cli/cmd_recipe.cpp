@@ -59,7 +59,7 @@ void run_schedule(const ScheduleArgs& args) {
   const PipelineLayout layout = pipeline_layout(shown);
   if (stages > 1) {
     fmt::print("pipeline: {} over {}\n", enum_name(shown.parallel.pp_schedule),
-               describe_pipeline(r.model.num_hidden_layers, r.model.num_nextn_predict_layers, layout));
+               describe_pipeline(pipeline_split(shown), r.model.num_nextn_predict_layers, layout));
   }
   fmt::print(
       "actions (F3 forward of micro-batch 3, BW3 its backward, B3/W3 its input/weight passes; SA/RA send/receive "

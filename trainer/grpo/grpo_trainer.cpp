@@ -467,8 +467,7 @@ GrpoTrainer::GrpoTrainer(Recipe recipe, GrpoOptions options) : s_(std::make_uniq
   }
 
   // Under DP the MoE layers sum their router loads over the DP group before the bias update.
-  const ModelParallel model_parallel =
-      s.parallel ? s.parallel->model_parallel(r.parallel, r.precision) : ModelParallel{};
+  const ModelParallel model_parallel = s.parallel ? s.parallel->model_parallel(r) : ModelParallel{};
   s.model = std::make_unique<Model>(r.model, r.model.dtype, static_cast<uint64_t>(r.train.seed),
                                     recompute_policy(r.train), precision_policy(r.precision), model_parallel);
   model_ = s.model.get();

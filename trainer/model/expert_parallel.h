@@ -7,6 +7,7 @@
 // aux-loss-free bias update, so every replica moves its biases identically.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "parallel/comm.h"
 
@@ -48,6 +49,8 @@ struct ModelParallel {
   int pp_size = 1;
   int pp_rank = 0;
   bool pp_v_shape = false;
+  // decoder layers per stage (pipeline_stage.h's splits), stage 0 first; empty: the even split
+  std::vector<int64_t> pp_layers;
 
   int ep_size() const { return ep ? ep->size() : 1; }
   int ep_rank() const { return ep ? ep->rank() : 0; }

@@ -60,9 +60,17 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
     throw std::invalid_argument("Model: pipeline rank " + std::to_string(parallel.pp_rank) + " of " +
                                 std::to_string(layout.ranks) + " does not exist");
   }
-  for (int c = 0; c < layout.chunks(); ++c) {
-    chunks_.push_back(pipeline_stage(config.num_hidden_layers, layout.stages(), layout.stage_of(parallel.pp_rank, c)));
+  const std::vector<int64_t> split =
+      parallel.pp_layers.empty() ? even_split(config.num_hidden_layers, layout.stages()) : parallel.pp_layers;
+  int64_t layers = 0;
+  for (int64_t n : split) layers += n;
+  if (static_cast<int>(split.size()) != layout.stages() || layers != config.num_hidden_layers) {
+    throw std::invalid_argument("Model: a pipeline split of " + std::to_string(split.size()) + " stages and " +
+                                std::to_string(layers) + " layers for " + std::to_string(layout.stages()) +
+                                " stages of " + std::to_string(config.num_hidden_layers) + " layers");
   }
+  for (int c = 0; c < layout.chunks(); ++c)
+    chunks_.push_back(pipeline_stage(split, layout.stage_of(parallel.pp_rank, c)));
   if (layout.stages() > 1 && config_.tie_word_embeddings) {
     throw std::invalid_argument(
         "Model: pipeline parallelism needs an untied output head (tie_word_embeddings: false); the embedding "

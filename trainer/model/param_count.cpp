@@ -1,5 +1,8 @@
 #include "trainer/model/param_count.h"
 
+#include <stdexcept>
+#include <string>
+
 #include "trainer/model/parameters.h"
 
 namespace dsx {
@@ -29,25 +32,44 @@ ParameterCounts count_parameters(const ModelConfig& config) {
   return counts;
 }
 
-double model_flops_per_token(const ModelConfig& config, int64_t seq_len) {
+ModuleFlops module_flops_per_token(const ModelConfig& config, int64_t seq_len) {
   const double routed_fraction = config.n_routed_experts > 0 ? static_cast<double>(config.num_experts_per_tok) /
                                                                    static_cast<double>(config.n_routed_experts)
                                                              : 0.0;
-  double matmul_params = 0;
+  const int64_t L = config.num_hidden_layers;
+  ModuleFlops out;
+  out.layers.assign(static_cast<size_t>(L), 0.0);
+  // 6 FLOPs per weight element a token passes, by module
+  const std::string layer_prefix = "model.layers.";
   for (const ParamSpec& spec : model_param_specs(config)) {
     if (spec.shape.size() != 2 || spec.name == "model.embed_tokens.weight" || spec.name == "lm_head.weight") {
       continue;  // norms and the router bias, the embedding lookup, and the head (counted below)
     }
-    matmul_params += static_cast<double>(spec.numel()) * (spec.routed_expert ? routed_fraction : 1.0);
+    const double flops = 6.0 * static_cast<double>(spec.numel()) * (spec.routed_expert ? routed_fraction : 1.0);
+    if (!spec.name.starts_with(layer_prefix)) {
+      throw std::logic_error("module_flops_per_token: " + spec.name + " belongs to no module it knows");
+    }
+    const auto layer = static_cast<int64_t>(std::stoul(spec.name.substr(layer_prefix.size())));
+    (layer < L ? out.layers[static_cast<size_t>(layer)] : out.mtp) += flops;
   }
-  const double outputs = 1.0 + static_cast<double>(config.num_nextn_predict_layers);
-  matmul_params += outputs * static_cast<double>(config.vocab_size) * static_cast<double>(config.hidden_size);
-  const double layers = static_cast<double>(config.num_hidden_layers + config.num_nextn_predict_layers);
+  const double head = 6.0 * static_cast<double>(config.vocab_size) * static_cast<double>(config.hidden_size);
+  out.head = head;
+  out.mtp += static_cast<double>(config.num_nextn_predict_layers) * head;
+  // causal attention per decoder block (MTP blocks included)
   const double attention = seq_len > 0 ? 3.0 * static_cast<double>(config.num_attention_heads) *
                                              static_cast<double>(config.qk_head_dim() + config.v_head_dim) *
-                                             static_cast<double>(seq_len + 1) * layers
+                                             static_cast<double>(seq_len + 1)
                                        : 0.0;
-  return 6.0 * matmul_params + attention;
+  for (double& layer : out.layers) layer += attention;
+  out.mtp += static_cast<double>(config.num_nextn_predict_layers) * attention;
+  return out;
+}
+
+double model_flops_per_token(const ModelConfig& config, int64_t seq_len) {
+  const ModuleFlops m = module_flops_per_token(config, seq_len);
+  double total = m.head + m.mtp;
+  for (double layer : m.layers) total += layer;
+  return total;
 }
 
 }  // namespace dsx

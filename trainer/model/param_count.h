@@ -1,5 +1,6 @@
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "trainer/model/config.h"
 
@@ -25,5 +26,16 @@ ParameterCounts count_parameters(const ModelConfig& config);
 // (MTP blocks included): QKᵀ and PV, 2 FLOPs per multiply-add, (seq_len + 1) / 2 keys on
 // average per query, backward twice the forward.
 double model_flops_per_token(const ModelConfig& config, int64_t seq_len);
+
+// model_flops_per_token by module, what a pipeline split weighs: each decoder layer's matmuls
+// and attention, the main output head (final norm and lm_head), and the MTP modules (each a
+// decoder block, its projection and the shared head once more). The embedding lookup is free.
+// Their sum is model_flops_per_token.
+struct ModuleFlops {
+  std::vector<double> layers;  // [num_hidden_layers]
+  double head = 0;
+  double mtp = 0;  // all MTP modules together
+};
+ModuleFlops module_flops_per_token(const ModelConfig& config, int64_t seq_len);
 
 }  // namespace dsx

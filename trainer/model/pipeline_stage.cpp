@@ -1,26 +1,111 @@
 #include "trainer/model/pipeline_stage.h"
 
 #include <algorithm>
+#include <limits>
 #include <stdexcept>
 
+#include "trainer/model/param_count.h"
+
 namespace dsx {
+
+namespace {
+
+void check_stages(int64_t num_layers, int count) {
+  if (count < 1) throw std::invalid_argument("pipeline_stage: " + std::to_string(count) + " pipeline stages");
+  if (num_layers < count) {
+    throw std::invalid_argument("pipeline_stage: " + std::to_string(num_layers) + " decoder layers cannot fill " +
+                                std::to_string(count) + " pipeline stages (each needs at least one)");
+  }
+}
+
+}  // namespace
+
+std::vector<int64_t> even_split(int64_t num_layers, int stages) {
+  check_stages(num_layers, stages);
+  const int64_t base = num_layers / stages, extra = num_layers % stages;
+  std::vector<int64_t> split;
+  for (int s = 0; s < stages; ++s) split.push_back(base + (s < extra ? 1 : 0));
+  return split;
+}
+
+PipelineStage pipeline_stage(const std::vector<int64_t>& split, int index) {
+  const auto count = static_cast<int>(split.size());
+  if (index < 0 || index >= count) {
+    throw std::invalid_argument("pipeline_stage: stage " + std::to_string(index) + " of " + std::to_string(count) +
+                                " does not exist");
+  }
+  PipelineStage s;
+  s.index = index;
+  s.count = count;
+  for (int i = 0; i < index; ++i) s.first_layer += split[static_cast<size_t>(i)];
+  s.end_layer = s.first_layer + split[static_cast<size_t>(index)];
+  if (s.layers() < 1) throw std::invalid_argument("pipeline_stage: stage " + std::to_string(index) + " has no layer");
+  return s;
+}
 
 PipelineStage pipeline_stage(int64_t num_layers, int count, int index) {
   if (count < 1 || index < 0 || index >= count) {
     throw std::invalid_argument("pipeline_stage: stage " + std::to_string(index) + " of " + std::to_string(count) +
                                 " does not exist");
   }
-  if (num_layers < count) {
-    throw std::invalid_argument("pipeline_stage: " + std::to_string(num_layers) + " decoder layers cannot fill " +
-                                std::to_string(count) + " pipeline stages (each needs at least one)");
+  return pipeline_stage(even_split(num_layers, count), index);
+}
+
+std::vector<double> stage_flops_per_token(const ModelConfig& config, const std::vector<int64_t>& split,
+                                          int64_t seq_len) {
+  const ModuleFlops m = module_flops_per_token(config, seq_len);
+  std::vector<double> out;
+  size_t layer = 0;
+  for (int64_t n : split) {
+    double cost = 0;
+    for (int64_t i = 0; i < n; ++i) cost += m.layers.at(layer++);
+    out.push_back(cost);
   }
-  const int64_t base = num_layers / count, extra = num_layers % count;
-  PipelineStage s;
-  s.index = index;
-  s.count = count;
-  s.first_layer = index * base + std::min<int64_t>(index, extra);
-  s.end_layer = s.first_layer + base + (index < extra ? 1 : 0);
-  return s;
+  if (!out.empty()) out.back() += m.head + m.mtp;
+  return out;
+}
+
+// Linear partition by dynamic programming over suffixes: best[k][i] is the smallest possible
+// most expensive stage when layers [i, L) form the last k stages. Then, stage by stage from the
+// first, the longest run that keeps the rest within that optimum.
+std::vector<int64_t> balanced_split(const ModelConfig& config, int stages, int64_t seq_len) {
+  const int64_t L = config.num_hidden_layers;
+  check_stages(L, stages);
+  const ModuleFlops m = module_flops_per_token(config, seq_len);
+  std::vector<double> prefix(static_cast<size_t>(L) + 1, 0.0);
+  for (int64_t i = 0; i < L; ++i)
+    prefix[static_cast<size_t>(i) + 1] = prefix[static_cast<size_t>(i)] + m.layers[static_cast<size_t>(i)];
+  const double tail = m.head + m.mtp;
+  // the cost of layers [i, j) as a stage; the last stage (j == L) adds the head and MTP modules
+  const auto cost = [&](int64_t i, int64_t j) {
+    return prefix[static_cast<size_t>(j)] - prefix[static_cast<size_t>(i)] + (j == L ? tail : 0.0);
+  };
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  std::vector<std::vector<double>> best(static_cast<size_t>(stages) + 1,
+                                        std::vector<double>(static_cast<size_t>(L) + 1, kInf));
+  for (int64_t i = 0; i < L; ++i) best[1][static_cast<size_t>(i)] = cost(i, L);
+  for (int k = 2; k <= stages; ++k) {
+    for (int64_t i = 0; i + k <= L; ++i) {
+      double b = kInf;
+      for (int64_t j = i + 1; j + (k - 1) <= L; ++j)
+        b = std::min(b, std::max(cost(i, j), best[k - 1][static_cast<size_t>(j)]));
+      best[static_cast<size_t>(k)][static_cast<size_t>(i)] = b;
+    }
+  }
+  const double optimum = best[static_cast<size_t>(stages)][0];
+  const double slack = optimum * 1e-12;  // the sums above are rounded; ties must count as ties
+  std::vector<int64_t> split;
+  int64_t i = 0;
+  for (int k = stages; k > 1; --k) {
+    int64_t j = L - (k - 1);  // the longest first run that leaves one layer per later stage
+    while (j > i + 1 &&
+           (cost(i, j) > optimum + slack || best[static_cast<size_t>(k) - 1][static_cast<size_t>(j)] > optimum + slack))
+      --j;
+    split.push_back(j - i);
+    i = j;
+  }
+  split.push_back(L - i);
+  return split;
 }
 
 std::string describe(const PipelineStage& stage, int64_t mtp_depth) {
@@ -35,20 +120,18 @@ std::string describe(const PipelineStage& stage, int64_t mtp_depth) {
 }
 
 std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, int count) {
-  std::string out;
-  for (int s = 0; s < count; ++s) {
-    out += (s ? " | " : "") + describe(pipeline_stage(num_layers, count, s), mtp_depth);
-  }
-  return out;
+  return describe_pipeline(even_split(num_layers, count), mtp_depth, {.ranks = count});
 }
 
-std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, const PipelineLayout& layout) {
-  if (!layout.v_shape) return describe_pipeline(num_layers, mtp_depth, layout.ranks);
+std::string describe_pipeline(const std::vector<int64_t>& split, int64_t mtp_depth, const PipelineLayout& layout) {
   std::string out;
   for (int r = 0; r < layout.ranks; ++r) {
-    out += (r ? " | rank " : "rank ") + std::to_string(r) + ": ";
+    if (layout.v_shape) out += (r ? " | rank " : "rank ") + std::to_string(r) + ": ";
     for (int c = 0; c < layout.chunks(); ++c) {
-      out += (c ? " + " : "") + describe(pipeline_stage(num_layers, layout.stages(), layout.stage_of(r, c)), mtp_depth);
+      out += (c                      ? " + "
+              : r && !layout.v_shape ? " | "
+                                     : "") +
+             describe(pipeline_stage(split, layout.stage_of(r, c)), mtp_depth);
     }
   }
   return out;

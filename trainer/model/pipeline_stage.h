@@ -13,6 +13,9 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
+
+#include "trainer/model/config.h"
 
 namespace dsx {
 
@@ -27,9 +30,23 @@ struct PipelineStage {
   int64_t layers() const { return end_layer - first_layer; }
 };
 
-// Stage `index` of `count` over num_layers decoder layers. Throws std::invalid_argument when a
-// stage would get no layer (count > num_layers) or index is outside [0, count).
+// Stage `index` of `count` over num_layers decoder layers (the even split). Throws
+// std::invalid_argument when a stage would get no layer (count > num_layers) or index is outside
+// [0, count).
 PipelineStage pipeline_stage(int64_t num_layers, int count, int index);
+
+// Decoder layers per stage, stage 0 first (they sum to num_hidden_layers, each at least 1).
+// even: as above, the first num_layers % stages stages one layer more. balanced: contiguous runs
+// minimising the most expensive stage by model FLOPs per token (module_flops_per_token at
+// seq_len; the last stage also pays the head and the MTP modules) — among the optimal splits the
+// one whose earlier stages take the most layers. Throws std::invalid_argument like pipeline_stage.
+std::vector<int64_t> even_split(int64_t num_layers, int stages);
+std::vector<int64_t> balanced_split(const ModelConfig& config, int stages, int64_t seq_len);
+// The cost the balanced split minimises, per stage (FLOPs per token).
+std::vector<double> stage_flops_per_token(const ModelConfig& config, const std::vector<int64_t>& split,
+                                          int64_t seq_len);
+// Stage `index` of a split.
+PipelineStage pipeline_stage(const std::vector<int64_t>& split, int index);
 
 // "stage 1/4: layers 8-15" (and the embedding / head + MTP where the stage holds them).
 std::string describe(const PipelineStage& stage, int64_t mtp_depth);
@@ -53,8 +70,8 @@ struct PipelineLayout {
   int chunk_of(int stage) const { return stage < ranks ? 0 : 1; }
 };
 
-// Each rank's stages, "rank 0: stage 0/4: embedding, layers 0-0 + stage 3/4: layers 3-3, head | rank 1: ..."
-// (describe_pipeline for a sequential layout).
-std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, const PipelineLayout& layout);
+// Each rank's stages of a split (layout.stages() entries), "rank 0: stage 0/4: embedding, layers
+// 0-0 + stage 3/4: layers 3-3, head | rank 1: ..." (as describe_pipeline for a sequential layout).
+std::string describe_pipeline(const std::vector<int64_t>& split, int64_t mtp_depth, const PipelineLayout& layout);
 
 }  // namespace dsx

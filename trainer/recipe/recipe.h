@@ -37,6 +37,7 @@ enum class GemmPrecision : uint8_t { fp32, bf16, fp8_blockwise };
 enum class DispatchPrecision : uint8_t { fp32, bf16, fp8 };
 enum class CombinePrecision : uint8_t { fp32, bf16 };
 enum class PipelineSchedule : uint8_t { one_f_one_b, interleaved_1f1b, zero_bubble, dualpipe, dualpipev };
+enum class PipelineSplit : uint8_t { even, balanced };
 
 // The YAML spelling of each enumerator, in declaration order (found by argument-dependent
 // lookup: enum_names(E{}) lists E's names).
@@ -94,6 +95,10 @@ constexpr auto enum_names(PipelineSchedule) {
                                                      {PipelineSchedule::dualpipe, "dualpipe"},
                                                      {PipelineSchedule::dualpipev, "dualpipev"}});
 }
+constexpr auto enum_names(PipelineSplit) {
+  return std::to_array<EnumTable<PipelineSplit>>(
+      {{PipelineSplit::even, "even"}, {PipelineSplit::balanced, "balanced"}});
+}
 constexpr auto enum_names(Device) {
   return std::to_array<EnumTable<Device>>({{Device::cpu, "cpu"}, {Device::cuda, "cuda"}});
 }
@@ -148,6 +153,7 @@ struct ParallelSection {
   bool overlap_a2a = true;
   double comm_timeout_s = 600.0;
   PipelineSchedule pp_schedule = PipelineSchedule::one_f_one_b;
+  PipelineSplit pp_split = PipelineSplit::even;
 };
 
 struct BatchRamp {
@@ -234,7 +240,7 @@ struct LoggingSection {
   std::string run_dir;  // "" = runs/<recipe file stem> (resolved at load)
   bool jsonl = true;
   bool rank_logs = false;  // every rank writes <run_dir>/logs/rank-NNNNN.log
-  double peak_flops = 0;  // per device, FLOP/s; 0 = no MFU column
+  double peak_flops = 0;   // per device, FLOP/s; 0 = no MFU column
 };
 
 // ---- the GRPO stage (`dsx grpo`; trainer/grpo/grpo_trainer.h) ----------------------------
@@ -257,9 +263,8 @@ constexpr auto enum_names(ScaleRewards) {
       {{ScaleRewards::group, "group"}, {ScaleRewards::batch, "batch"}, {ScaleRewards::none, "none"}});
 }
 constexpr auto enum_names(LossAggregation) {
-  return std::to_array<EnumTable<LossAggregation>>({{LossAggregation::grpo, "grpo"},
-                                                    {LossAggregation::dapo, "dapo"},
-                                                    {LossAggregation::dr_grpo, "dr_grpo"}});
+  return std::to_array<EnumTable<LossAggregation>>(
+      {{LossAggregation::grpo, "grpo"}, {LossAggregation::dapo, "dapo"}, {LossAggregation::dr_grpo, "dr_grpo"}});
 }
 }  // namespace grpo
 
@@ -279,11 +284,11 @@ struct GrpoAdditionTask {
 };
 
 struct GrpoEval {
-  std::string prompts;        // held-out JSONL prompt set; "" = the task's held-out prompts
-  int64_t count = 64;         // held-out prompts per evaluation; 0 = no evaluation
-  int64_t samples = 4;        // completions per prompt
-  double temperature = 1.0;   // 0 = greedy
-  int64_t interval = 10;      // evaluate every N steps (and before the first and after the last)
+  std::string prompts;       // held-out JSONL prompt set; "" = the task's held-out prompts
+  int64_t count = 64;        // held-out prompts per evaluation; 0 = no evaluation
+  int64_t samples = 4;       // completions per prompt
+  double temperature = 1.0;  // 0 = greedy
+  int64_t interval = 10;     // evaluate every N steps (and before the first and after the last)
 };
 
 struct GrpoSection {
@@ -306,8 +311,8 @@ struct GrpoSection {
   int64_t mu = 1;             // optimizer steps per batch of rollouts
   grpo::LossAggregation loss = grpo::LossAggregation::grpo;
   grpo::ScaleRewards scale_rewards = grpo::ScaleRewards::group;
-  bool dynamic_sampling = false;  // drop groups whose rewards are all equal
-  int64_t resample_rounds = 0;    // extra generation rounds to refill dropped groups
+  bool dynamic_sampling = false;     // drop groups whose rewards are all equal
+  int64_t resample_rounds = 0;       // extra generation rounds to refill dropped groups
   int64_t ref_refresh_interval = 0;  // copy the policy into the reference every N steps; 0 = never
   int64_t micro_batch = 0;           // sequences per forward/backward; 0 = all at once
   int64_t overlong_cache = 0;        // overlong_penalty: soft-penalty span before the length limit

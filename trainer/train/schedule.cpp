@@ -341,6 +341,12 @@ PipelineLayout pipeline_layout(const Recipe& r) {
   return {.ranks = ranks, .v_shape = ranks > 1 && r.parallel.pp_schedule == PipelineSchedule::dualpipev};
 }
 
+std::vector<int64_t> pipeline_split(const Recipe& r) {
+  const int stages = pipeline_layout(r).stages();
+  return r.parallel.pp_split == PipelineSplit::balanced ? balanced_split(r.model, stages, r.train.seq_len)
+                                                        : even_split(r.model.num_hidden_layers, stages);
+}
+
 std::vector<Action> stage_schedule(const Recipe& r, int64_t n, int stage) {
   const int stages = static_cast<int>(r.parallel.pp);
   if (stages == 1) return gradient_accumulation_schedule(n);

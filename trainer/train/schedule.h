@@ -93,6 +93,8 @@ std::vector<Action> dualpipev_schedule(int64_t n_micro_batches, int ranks, int r
 
 // The recipe's layout: parallel.pp ranks, V-shaped for dualpipev.
 PipelineLayout pipeline_layout(const Recipe& recipe);
+// Decoder layers per stage of that layout (parallel.pp_split at train.seq_len).
+std::vector<int64_t> pipeline_split(const Recipe& recipe);
 
 // Stage `stage`'s actions for n micro-batches under the recipe's parallel.pp and
 // parallel.pp_schedule (1f1b, zero_bubble, dualpipev); gradient accumulation for one stage;

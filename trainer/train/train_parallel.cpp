@@ -12,7 +12,9 @@
 
 namespace dsx {
 
-ModelParallel TrainParallel::model_parallel(const ParallelSection& p, const PrecisionSection& precision) {
+ModelParallel TrainParallel::model_parallel(const Recipe& recipe) {
+  const ParallelSection& p = recipe.parallel;
+  const PrecisionSection& precision = recipe.precision;
   ModelParallel mp;
   // Token rows travel where the model lives (NCCL for device: cuda); the router loads are
   // host counters and stay on MPI.
@@ -26,7 +28,8 @@ ModelParallel TrainParallel::model_parallel(const ParallelSection& p, const Prec
   mp.timer = &timer;
   mp.pp_size = mesh.sizes.pp;
   mp.pp_rank = mesh.coords.pp;
-  mp.pp_v_shape = p.pp > 1 && p.pp_schedule == PipelineSchedule::dualpipev;
+  mp.pp_v_shape = pipeline_layout(recipe).v_shape;
+  mp.pp_layers = pipeline_split(recipe);
   return mp;
 }
 

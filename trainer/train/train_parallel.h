@@ -35,8 +35,9 @@ struct TrainParallel {
   int world_rank() const { return mesh.rank; }
   int world_size() const { return mesh.sizes.world(); }
   // What the model's MoE layers use: the EP group (when ep > 1) and the DP group for the loads.
-  // The wire formats of the MoE all-to-alls follow precision.dispatch / precision.combine.
-  ModelParallel model_parallel(const ParallelSection& p, const PrecisionSection& precision);
+  // The wire formats of the MoE all-to-alls follow precision.dispatch / precision.combine; the
+  // pipeline stage(s) of this rank follow parallel.pp, pp_schedule (V-shaped for dualpipev) and pp_split.
+  ModelParallel model_parallel(const Recipe& recipe);
 
   // Element-wise sums over the data-parallel group (blocking).
   void sum_over_dp(std::span<double> values);

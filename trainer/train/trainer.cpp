@@ -53,8 +53,7 @@ Trainer::Trainer(Recipe recipe, TrainerOptions options)
   options_.console = options_.console && is_rank0();
   std::filesystem::create_directories(run_dir_);
   if (is_rank0()) std::ofstream(run_dir_ / "recipe.yaml") << to_yaml(recipe_);
-  const ModelParallel model_parallel =
-      parallel_ ? parallel_->model_parallel(recipe_.parallel, recipe_.precision) : ModelParallel{};
+  const ModelParallel model_parallel = parallel_ ? parallel_->model_parallel(recipe_) : ModelParallel{};
   model_ = std::make_unique<Model>(recipe_.model, recipe_.model.dtype, static_cast<uint64_t>(recipe_.train.seed),
                                    recompute_policy(recipe_.train), precision_policy(recipe_.precision), model_parallel,
                                    recipe_.model.device);
@@ -303,10 +302,10 @@ std::vector<Action> Trainer::step_schedule(int64_t n) const {
 void Trainer::print_pipeline() const {
   const int64_t n = batch_schedule_.global_batch(tokens_) / (recipe_.train.micro_batch * dp_size());
   const PipelineRun run = run_recipe_step(recipe_, n, {.forward = 1, .backward_input = 1, .backward_weight = 1}).run;
-  fmt::print("  pipeline: {}, {} micro-batches per step, bubble {:.1f}% on the clock\n    {}\n",
-             enum_name(recipe_.parallel.pp_schedule), n, 100 * run.bubble,
-             describe_pipeline(recipe_.model.num_hidden_layers, recipe_.model.num_nextn_predict_layers,
-                               pipeline_layout(recipe_)));
+  fmt::print(
+      "  pipeline: {}, {} micro-batches per step, bubble {:.1f}% on the clock\n    {}\n",
+      enum_name(recipe_.parallel.pp_schedule), n, 100 * run.bubble,
+      describe_pipeline(pipeline_split(recipe_), recipe_.model.num_nextn_predict_layers, pipeline_layout(recipe_)));
 }
 
 TrainResult Trainer::run() {
