@@ -32,10 +32,17 @@ dsx_recipe_cli_test(schedule.dualpipev ${_dsx_expect} 0
   "stage 1: RA0<0 F0 F0' SA0'>0 RA1<0 F1 F1' SA1'>0" "24.5 units per step, bubble 2.0%" "stage 0: 5 | stage 1: 5"
   -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=2 --set parallel.pp_schedule=dualpipev
      --set train.global_batch=8 --set train.micro_batch=1)
-# The balanced split gives the tiny model's first stage three layers (the last runs the head and MTP).
+# The balanced split gives the tiny model's first stage three layers (the last runs the head and
+# MTP); on the clock with stages weighted by model FLOPs (16 micro-batches) that takes 51.2 units
+# against the even split's 65.3 (stages 0.68 and 1.32 of the mean).
 dsx_recipe_cli_test(schedule.balanced_split ${_dsx_expect} 0
   "pipeline: 1f1b over stage 0/2: embedding, layers 0-2 | stage 1/2: layers 3-3, head + 1 MTP"
-  -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=2 --set parallel.pp_split=balanced)
+  "(parallel.pp_split balanced; stages relative to the mean: 1.00 1.00): 51.2038 units per step, bubble 6.3%"
+  -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=2 --set parallel.pp_split=balanced
+     --set train.micro_batch=1)
+dsx_recipe_cli_test(schedule.even_split_weighted ${_dsx_expect} 0
+  "(parallel.pp_split even; stages relative to the mean: 0.68 1.32): 65.3229 units per step, bubble 26.5%"
+  -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=2 --set train.micro_batch=1)
 dsx_recipe_cli_test(schedule.one_stage ${_dsx_expect} 0 "stage 0: F0 BW0 F1 BW1" "bubble 0.0%"
   -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml)
 dsx_recipe_cli_test(check.tiny ${_dsx_expect} 0 "valid" "4 layers (1 dense + 3 MoE)" "parameters  total"

@@ -372,3 +372,35 @@ TEST_CASE("the balanced split minimises the costliest stage, head and MTP on the
   CHECK(costliest(stage_flops_per_token(v3.model, balanced, 4096)) <
         costliest(stage_flops_per_token(v3.model, even, 4096)));
 }
+
+TEST_CASE("a V-shaped balanced split lowers the costliest rank to the optimum on small models", "[schedule]") {
+  const Recipe tiny = load_recipe(std::string(DSX_SOURCE_DIR) + "/recipes/tiny.yaml");
+  for (int64_t layers : {4, 6, 8, 9}) {
+    for (int64_t mtp : {0, 1}) {
+      ModelConfig c = tiny.model;
+      c.num_hidden_layers = layers;
+      c.num_nextn_predict_layers = mtp;
+      for (int ranks = 1; 2 * ranks <= layers && ranks <= 4; ++ranks) {
+        INFO(layers << " layers, MTP depth " << mtp << ", " << ranks << " ranks");
+        const PipelineLayout v{.ranks = ranks, .v_shape = true};
+        const std::vector<int64_t> split = balanced_split(c, v, 64);
+        const double got = costliest(rank_flops_per_token(c, split, v, 64));
+        std::vector<std::vector<int64_t>> candidates;
+        std::vector<int64_t> prefix;
+        all_splits(layers, v.stages(), prefix, candidates);
+        double best = std::numeric_limits<double>::infinity();
+        for (const auto& candidate : candidates) best = std::min(best, costliest(rank_flops_per_token(c, candidate, v, 64)));
+        CHECK(got == Approx(best).epsilon(1e-12));
+      }
+    }
+  }
+  // DeepSeek-V3 under DualPipeV (16 ranks, 32 stages): rank 0 keeps the head and MTP module
+  // with one layer in each of its stages; its cost falls from the even split's.
+  const Recipe v3 = load_recipe(std::string(DSX_SOURCE_DIR) + "/recipes/deepseek-v3-671b.yaml");
+  const PipelineLayout v{.ranks = 16, .v_shape = true};
+  const std::vector<int64_t> balanced = balanced_split(v3.model, v, 4096);
+  CHECK(balanced.front() == 1);
+  CHECK(balanced.back() == 1);
+  CHECK(costliest(rank_flops_per_token(v3.model, balanced, v, 4096)) <
+        costliest(rank_flops_per_token(v3.model, even_split(61, 32), v, 4096)));
+}

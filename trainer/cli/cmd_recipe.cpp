@@ -87,6 +87,15 @@ void run_schedule(const ScheduleArgs& args) {
   if (!run.stuck.empty()) throw std::logic_error("the schedule deadlocks: " + run.stuck);
   fmt::print("on the clock (a stage's forward 1, backward {:g}, transfers free): {:g} units per step, bubble {:.1f}%\n",
              args.backward_cost, run.makespan, 100 * run.bubble);
+  if (stages > 1) {
+    const PipelineRun weighted = run_recipe_step(shown, n, costs, /*by_flops=*/true).run;
+    std::string shares;
+    for (double f : relative_stage_flops(shown)) shares += fmt::format("{}{:.2f}", shares.empty() ? "" : " ", f);
+    fmt::print(
+        "with each stage weighted by its model FLOPs (parallel.pp_split {}; stages relative to the mean: {}): {:g} "
+        "units per step, bubble {:.1f}%\n",
+        enum_name(shown.parallel.pp_split), shares, weighted.makespan, 100 * weighted.bubble);
+  }
   if (run.makespan * layout.chunks() > static_cast<double>(args.max_width)) {
     fmt::print("timeline omitted: {:g} characters wide (--width {})\n", run.makespan * layout.chunks(), args.max_width);
     return;

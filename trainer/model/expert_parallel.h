@@ -50,7 +50,7 @@ struct ModelParallel {
   int pp_rank = 0;
   bool pp_v_shape = false;
   // decoder layers per stage (pipeline_stage.h's splits), stage 0 first; empty: the even split
-  std::vector<int64_t> pp_layers;
+  std::vector<int64_t> pp_layers = {};
 
   int ep_size() const { return ep ? ep->size() : 1; }
   int ep_rank() const { return ep ? ep->rank() : 0; }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <limits>
 #include <stdexcept>
+#include <utility>
 
 #include "trainer/model/param_count.h"
 
@@ -121,6 +122,64 @@ std::string describe(const PipelineStage& stage, int64_t mtp_depth) {
 
 std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, int count) {
   return describe_pipeline(even_split(num_layers, count), mtp_depth, {.ranks = count});
+}
+
+std::vector<double> rank_flops_per_token(const ModelConfig& config, const std::vector<int64_t>& split,
+                                         const PipelineLayout& layout, int64_t seq_len) {
+  const std::vector<double> stages = stage_flops_per_token(config, split, seq_len);
+  std::vector<double> ranks(static_cast<size_t>(layout.ranks), 0.0);
+  for (int s = 0; s < layout.stages(); ++s)
+    ranks[static_cast<size_t>(layout.rank_of(s))] += stages.at(static_cast<size_t>(s));
+  return ranks;
+}
+
+namespace {
+
+// What the V's local search lowers: the costliest rank, then the sum of squared rank costs.
+std::pair<double, double> split_badness(const std::vector<double>& ranks) {
+  double most = 0, squares = 0;
+  for (double r : ranks) most = std::max(most, r), squares += r * r;
+  return {most, squares};
+}
+
+std::vector<int64_t> improve_v_split(const ModelConfig& config, std::vector<int64_t> split,
+                                     const PipelineLayout& layout, int64_t seq_len) {
+  auto badness = split_badness(rank_flops_per_token(config, split, layout, seq_len));
+  for (bool moved = true; moved;) {
+    moved = false;
+    for (size_t b = 0; b + 1 < split.size(); ++b) {  // the boundary between stage b and b + 1
+      for (const int step : {1, -1}) {               // a layer from stage b + 1 to b, or back
+        std::vector<int64_t> trial = split;
+        trial[b] += step;
+        trial[b + 1] -= step;
+        if (trial[b] < 1 || trial[b + 1] < 1) continue;
+        const auto trial_badness = split_badness(rank_flops_per_token(config, trial, layout, seq_len));
+        const double tolerance = badness.first * 1e-12;
+        if (trial_badness.first < badness.first - tolerance ||
+            (trial_badness.first <= badness.first + tolerance && trial_badness.second < badness.second * (1 - 1e-12))) {
+          split = std::move(trial);
+          badness = trial_badness;
+          moved = true;
+        }
+      }
+    }
+  }
+  return split;
+}
+
+}  // namespace
+
+std::vector<int64_t> balanced_split(const ModelConfig& config, const PipelineLayout& layout, int64_t seq_len) {
+  if (!layout.v_shape) return balanced_split(config, layout.stages(), seq_len);
+  std::vector<int64_t> best;
+  std::pair<double, double> best_badness;
+  for (std::vector<int64_t> start :
+       {balanced_split(config, layout.stages(), seq_len), even_split(config.num_hidden_layers, layout.stages())}) {
+    std::vector<int64_t> split = improve_v_split(config, std::move(start), layout, seq_len);
+    const auto badness = split_badness(rank_flops_per_token(config, split, layout, seq_len));
+    if (best.empty() || badness < best_badness) best = std::move(split), best_badness = badness;
+  }
+  return best;
 }
 
 std::string describe_pipeline(const std::vector<int64_t>& split, int64_t mtp_depth, const PipelineLayout& layout) {

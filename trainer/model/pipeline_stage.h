@@ -70,6 +70,15 @@ struct PipelineLayout {
   int chunk_of(int stage) const { return stage < ranks ? 0 : 1; }
 };
 
+// The balanced split for a layout: sequential, balanced_split above; V-shaped, where a rank runs
+// two stages, the split that minimises the costliest rank (its two stages' costs summed), found
+// by local search from the stage-balanced and the even splits — one layer across one boundary at
+// a time while that lowers the costliest rank, or at equal cost the sum of squared rank costs.
+std::vector<int64_t> balanced_split(const ModelConfig& config, const PipelineLayout& layout, int64_t seq_len);
+// FLOPs per token of each rank's stages under a split (stage_flops_per_token summed per rank).
+std::vector<double> rank_flops_per_token(const ModelConfig& config, const std::vector<int64_t>& split,
+                                         const PipelineLayout& layout, int64_t seq_len);
+
 // Each rank's stages of a split (layout.stages() entries), "rank 0: stage 0/4: embedding, layers
 // 0-0 + stage 3/4: layers 3-3, head | rank 1: ..." (as describe_pipeline for a sequential layout).
 std::string describe_pipeline(const std::vector<int64_t>& split, int64_t mtp_depth, const PipelineLayout& layout);

@@ -343,8 +343,16 @@ PipelineLayout pipeline_layout(const Recipe& r) {
 
 std::vector<int64_t> pipeline_split(const Recipe& r) {
   const int stages = pipeline_layout(r).stages();
-  return r.parallel.pp_split == PipelineSplit::balanced ? balanced_split(r.model, stages, r.train.seq_len)
+  return r.parallel.pp_split == PipelineSplit::balanced ? balanced_split(r.model, pipeline_layout(r), r.train.seq_len)
                                                         : even_split(r.model.num_hidden_layers, stages);
+}
+
+std::vector<double> relative_stage_flops(const Recipe& r) {
+  std::vector<double> flops = stage_flops_per_token(r.model, pipeline_split(r), r.train.seq_len);
+  double mean = 0;
+  for (double f : flops) mean += f / static_cast<double>(flops.size());
+  for (double& f : flops) f /= mean;
+  return flops;
 }
 
 std::vector<Action> stage_schedule(const Recipe& r, int64_t n, int stage) {
@@ -495,15 +503,17 @@ class ClockedRun {
   };
 
   double cost(const Action& a) const {
+    const double scale =
+        costs_.scale.empty() ? 1.0 : costs_.scale.at(static_cast<size_t>(a.stage)).at(static_cast<size_t>(a.chunk));
     switch (a.kind) {
       case Action::Kind::forward:
-        return costs_.forward;
+        return scale * costs_.forward;
       case Action::Kind::backward_input:
-        return costs_.backward_input;
+        return scale * costs_.backward_input;
       case Action::Kind::backward_weight:
-        return costs_.backward_weight;
+        return scale * costs_.backward_weight;
       case Action::Kind::backward:
-        return costs_.backward_input + costs_.backward_weight;
+        return scale * (costs_.backward_input + costs_.backward_weight);
       default:
         return 0.0;
     }
@@ -595,14 +605,24 @@ std::string draw_timeline(const PipelineRun& run, double unit) {
   return out;
 }
 
-RecipeStep run_recipe_step(const Recipe& recipe, int64_t n, const ActionCosts& stage_costs) {
+RecipeStep run_recipe_step(const Recipe& recipe, int64_t n, const ActionCosts& stage_costs, bool by_flops) {
   const PipelineLayout layout = pipeline_layout(recipe);
   RecipeStep out;
   for (int r = 0; r < layout.ranks; ++r) out.schedules.push_back(stage_schedule(recipe, n, r));
   const double share = 1.0 / layout.chunks();
-  const ActionCosts costs{.forward = stage_costs.forward * share,
-                          .backward_input = stage_costs.backward_input * share,
-                          .backward_weight = stage_costs.backward_weight * share};
+  ActionCosts costs{.forward = stage_costs.forward * share,
+                    .backward_input = stage_costs.backward_input * share,
+                    .backward_weight = stage_costs.backward_weight * share};
+  if (by_flops) {
+    const std::vector<double> relative = relative_stage_flops(recipe);
+    costs.scale.assign(static_cast<size_t>(layout.ranks), std::vector<double>(static_cast<size_t>(layout.chunks())));
+    for (int r = 0; r < layout.ranks; ++r) {
+      for (int c = 0; c < layout.chunks(); ++c) {
+        costs.scale[static_cast<size_t>(r)][static_cast<size_t>(c)] =
+            relative[static_cast<size_t>(layout.stage_of(r, c))];
+      }
+    }
+  }
   out.run = run_pipeline(out.schedules, costs, layout.v_shape ? TransferRule::independent : TransferRule::in_order);
   return out;
 }

@@ -95,6 +95,8 @@ std::vector<Action> dualpipev_schedule(int64_t n_micro_batches, int ranks, int r
 PipelineLayout pipeline_layout(const Recipe& recipe);
 // Decoder layers per stage of that layout (parallel.pp_split at train.seq_len).
 std::vector<int64_t> pipeline_split(const Recipe& recipe);
+// Each stage's model FLOPs per token under that split, relative to the mean stage's.
+std::vector<double> relative_stage_flops(const Recipe& recipe);
 
 // Stage `stage`'s actions for n micro-batches under the recipe's parallel.pp and
 // parallel.pp_schedule (1f1b, zero_bubble, dualpipev); gradient accumulation for one stage;
@@ -110,6 +112,8 @@ enum class TransferRule { in_order, independent };
 // How long each compute action takes, for run_pipeline's timeline (transfers take no time).
 struct ActionCosts {
   double forward = 1, backward_input = 1, backward_weight = 1;  // fused backward = the two
+  // per rank and chunk, a factor on those (stages of unequal cost); empty: 1 everywhere
+  std::vector<std::vector<double>> scale = {};
 };
 
 struct ComputeSpan {
@@ -139,12 +143,15 @@ std::string draw_timeline(const PipelineRun& run, double unit = 1.0);
 // Every rank's stage_schedule for one step of n micro-batches under the recipe, and their run
 // on the clock. stage_costs: a whole 1F1B stage's (a V-shaped rank's chunks are half a stage
 // each, so their actions cost half); transfers follow the rule of the recipe's communicator
-// (independent for dualpipev, which runs on MPI only; in order otherwise).
+// (independent for dualpipev, which runs on MPI only; in order otherwise). by_flops: each stage's
+// costs scaled by its share of the model FLOPs (stage_flops_per_token of the recipe's split,
+// relative to the mean stage), so an unbalanced split shows; else every stage costs the same.
 struct RecipeStep {
   std::vector<std::vector<Action>> schedules;  // per rank
   PipelineRun run;
 };
-RecipeStep run_recipe_step(const Recipe& recipe, int64_t n_micro_batches, const ActionCosts& stage_costs);
+RecipeStep run_recipe_step(const Recipe& recipe, int64_t n_micro_batches, const ActionCosts& stage_costs,
+                           bool by_flops = false);
 
 std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& schedules,
                                         TransferRule rule = TransferRule::in_order);

@@ -301,10 +301,14 @@ std::vector<Action> Trainer::step_schedule(int64_t n) const {
 // backward 2, transfers free; `dsx recipe schedule` draws it).
 void Trainer::print_pipeline() const {
   const int64_t n = batch_schedule_.global_batch(tokens_) / (recipe_.train.micro_batch * dp_size());
-  const PipelineRun run = run_recipe_step(recipe_, n, {.forward = 1, .backward_input = 1, .backward_weight = 1}).run;
+  const ActionCosts costs{.forward = 1, .backward_input = 1, .backward_weight = 1};
+  const PipelineRun run = run_recipe_step(recipe_, n, costs).run;
+  const PipelineRun weighted = run_recipe_step(recipe_, n, costs, /*by_flops=*/true).run;
   fmt::print(
-      "  pipeline: {}, {} micro-batches per step, bubble {:.1f}% on the clock\n    {}\n",
-      enum_name(recipe_.parallel.pp_schedule), n, 100 * run.bubble,
+      "  pipeline: {}, {} micro-batches per step, bubble {:.1f}% on the clock ({:.1f}% with the stages weighted by "
+      "model FLOPs, {} split)\n    {}\n",
+      enum_name(recipe_.parallel.pp_schedule), n, 100 * run.bubble, 100 * weighted.bubble,
+      enum_name(recipe_.parallel.pp_split),
       describe_pipeline(pipeline_split(recipe_), recipe_.model.num_nextn_predict_layers, pipeline_layout(recipe_)));
 }
 
