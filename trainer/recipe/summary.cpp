@@ -82,8 +82,10 @@ std::string run_line(const Recipe& r) {
 std::string layout_line(const Recipe& r) {
   const ParallelSection& p = r.parallel;
   const int64_t world = p.pp * p.dp * p.tp;
-  return fmt::format("{} rank{} = pp {} x dp {} x tp {}; ep {} inside dp (experts replicated {}x); ZeRO-{}; {}", world,
-                     world == 1 ? "" : "s", p.pp, p.dp, p.tp, p.ep, p.dp / p.ep, p.zero, enum_name(p.pp_schedule));
+  return fmt::format("{} rank{} = pp {} x dp {} x tp {}; ep {} inside dp (experts replicated {}x); ZeRO-{}; {}{}",
+                     world, world == 1 ? "" : "s", p.pp, p.dp, p.tp, p.ep, p.dp / p.ep, p.zero,
+                     enum_name(p.pp_schedule),
+                     p.pp > 1 ? fmt::format(", {} split", enum_name(p.pp_split)) : std::string());
 }
 
 std::string precision_line(const Recipe& r) {
