@@ -124,13 +124,16 @@ set_tests_properties(${DSX_LAYOUT_TESTS} PROPERTIES ENVIRONMENT "${DSX_LAYOUT_EN
                      RESOURCE_LOCK mpi_cores)
 
 # A checkpoint written by a 2-stage pipeline with DP2 + ZeRO-1 (each stage writes its own layers)
-# resumes in one process and as a 4-stage pipeline: checkpoints name tensors, not ranks.
+# resumes in one process, as a 4-stage pipeline, with the balanced split (3 + 1 layers) and as a
+# DualPipeV (two chunks per rank): checkpoints name tensors, not ranks or stages.
 add_test(NAME parallel_train.pp2_writer COMMAND ${DSX_LAYOUT_RUN} pp2_writer 4 ${DSX_LAYOUT_RTOL}
          --set parallel.pp=2 --set parallel.dp=2 --set parallel.zero=1 --stop-after 3)
 set_tests_properties(parallel_train.pp2_writer PROPERTIES FIXTURES_REQUIRED layout_reference
                      FIXTURES_SETUP pp2_checkpoint ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300 LABELS parallel
                      RESOURCE_LOCK mpi_cores)
-dsx_layout_resume_tests(pp2 pp2_writer pp2_checkpoint "pp4|4|--set parallel.pp=4" "single|0|")
+dsx_layout_resume_tests(pp2 pp2_writer pp2_checkpoint "pp4|4|--set parallel.pp=4" "single|0|"
+                        "pp2_balanced|2|--set parallel.pp=2 --set parallel.pp_split=balanced"
+                        "pp2_dualpipev|2|--set parallel.pp=2 --set parallel.pp_schedule=dualpipev")
 
 # A rank SIGKILLed mid-training ends the whole job within comm_timeout_s + 10 s, naming it.
 add_test(NAME parallel_train.sigkill_rank_ends_job
