@@ -24,6 +24,7 @@ nlohmann::json to_json(const StepMetrics& m) {
                       {"exposed_comm_s", m.exposed_comm_s},
                       {"exposed_comm_fraction", m.exposed_comm_fraction},
                       {"moe_a2a_bytes", m.moe_a2a_bytes}};
+  if (!m.exposed_comm_by_stage.empty()) j["exposed_comm_fraction_by_stage"] = m.exposed_comm_by_stage;
   if (m.device_reserved_bytes > 0) {
     j["device_peak_bytes"] = m.device_peak_bytes;
     j["device_reserved_bytes"] = m.device_reserved_bytes;
@@ -62,6 +63,11 @@ std::string console_line(const StepMetrics& m) {
   if (!m.expert_load.empty()) line += fmt::format(" | load cv {:.2f}", worst_cv);
   if (worst_ep > 0) line += fmt::format(" ep max/mean {:.2f}", worst_ep);
   if (m.exposed_comm_s > 0) line += fmt::format(" | comm {:.0f}%", 100 * m.exposed_comm_fraction);
+  if (!m.exposed_comm_by_stage.empty()) {
+    line += " (by stage";
+    for (double f : m.exposed_comm_by_stage) line += fmt::format(" {:.0f}%", 100 * f);
+    line += ")";
+  }
   if (m.device_reserved_bytes > 0) {
     constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
     line += fmt::format(" | mem {:.1f}/{:.1f} GiB", static_cast<double>(m.device_peak_bytes) / kGiB,

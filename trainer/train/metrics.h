@@ -36,6 +36,9 @@ struct StepMetrics {
   // step's time that is.
   double exposed_comm_s = 0;
   double exposed_comm_fraction = 0;
+  // Pipeline parallelism: each stage's exposed_comm_fraction (the mean over its ranks), stage 0
+  // first, so an unbalanced split shows (rank 0's own figure above is one stage's view).
+  std::vector<double> exposed_comm_by_stage;
   double step_s = 0;
   int64_t moe_a2a_bytes = 0;  // bytes this rank sent in MoE all-to-alls during the step
   // The step's peak of live tensor memory on the model's device and what its allocator holds

@@ -228,6 +228,7 @@ StepMetrics Trainer::train_step(int64_t step) {
   if (parallel_) {
     m.exposed_comm_s = parallel_->timer.take_exposed() + optimizer_->take_exposed_comm_s();
     m.exposed_comm_fraction = m.step_s > 0 ? m.exposed_comm_s / m.step_s : 0;
+    m.exposed_comm_by_stage = exposed_comm_by_stage(m.exposed_comm_fraction);
     m.moe_a2a_bytes = std::exchange(parallel_->timer.bytes_sent, 0);
   }
   tokens_ += global_batch * recipe_.train.seq_len;
@@ -259,6 +260,18 @@ void Trainer::add_expert_load_metrics(StepMetrics& m) const {
     }
     m.expert_load.push_back(load);
   }
+}
+
+// Each rank puts its share, divided by the ranks of a stage, at its stage's index; the sum over
+// the world is every stage's mean.
+std::vector<double> Trainer::exposed_comm_by_stage(double fraction) const {
+  if (!parallel_ || parallel_->mesh.sizes.pp == 1) return {};
+  const int stages = parallel_->mesh.sizes.pp;
+  std::vector<double> by_stage(static_cast<size_t>(stages), 0.0);
+  by_stage[static_cast<size_t>(parallel_->mesh.coords.pp)] =
+      fraction / static_cast<double>(parallel_->world_size() / stages);
+  parallel_->sum_over(*parallel_->comms.world, by_stage);
+  return by_stage;
 }
 
 // The loads of every MoE layer: a pipeline stage holds only its own layers, so with PP each stage
@@ -310,6 +323,15 @@ void Trainer::print_pipeline() const {
       enum_name(recipe_.parallel.pp_schedule), n, 100 * run.bubble, 100 * weighted.bubble,
       enum_name(recipe_.parallel.pp_split),
       describe_pipeline(pipeline_split(recipe_), recipe_.model.num_nextn_predict_layers, pipeline_layout(recipe_)));
+  if (recipe_.parallel.pp_split == PipelineSplit::even) {
+    Recipe balanced = recipe_;
+    balanced.parallel.pp_split = PipelineSplit::balanced;
+    const PipelineRun better = run_recipe_step(balanced, n, costs, /*by_flops=*/true).run;
+    if (better.makespan < weighted.makespan * 0.98) {  // worth saying: 2% or more of the step
+      fmt::print("    parallel.pp_split: balanced would take {:.2f} of this step's time on the clock\n",
+                 better.makespan / weighted.makespan);
+    }
+  }
 }
 
 TrainResult Trainer::run() {

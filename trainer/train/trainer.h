@@ -71,6 +71,9 @@ class Trainer {
   int dp_size() const { return parallel_ ? parallel_->mesh.sizes.dp : 1; }
   void add_expert_load_metrics(StepMetrics& m) const;
   std::vector<ExpertLoad> all_expert_loads() const;
+  // Pipeline parallelism: every stage's share of the step blocked on communication (the mean
+  // over its ranks), from this rank's; empty without pipeline stages. A collective over the world.
+  std::vector<double> exposed_comm_by_stage(double fraction) const;
   void print_pipeline() const;
   std::vector<Action> step_schedule(int64_t n_micro_batches) const;
 

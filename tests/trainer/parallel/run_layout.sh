@@ -33,6 +33,13 @@ case "$*" in
       grep -q "^step *6/6" "$log" || { echo "missing or incomplete $log"; exit 1; }
     done ;;
 esac
+case "$*" in
+  *parallel.pp=[2-9]*)  # every step names each stage's share of the step blocked on communication
+    pp=$(echo "$*" | sed 's/.*parallel\.pp=\([0-9]*\).*/\1/')
+    shares=$(tail -n 1 "$work/$name/metrics.jsonl" | sed -n 's/.*"exposed_comm_fraction_by_stage":\[\([^]]*\)\].*/\1/p')
+    [ "$(echo "$shares" | awk -F, '{ print NF }')" = "$pp" ] ||
+      { echo "metrics.jsonl: exposed_comm_fraction_by_stage is [$shares], not $pp shares"; exit 1; } ;;
+esac
 case "$rtol" in
   *L) exec "$compare" "$reference" "$work/$name" "${rtol%L}" losses-only ;;
   *) exec "$compare" "$reference" "$work/$name" "$rtol" ;;
