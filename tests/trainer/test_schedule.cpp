@@ -95,6 +95,15 @@ TEST_CASE("the deadlock check finds a stuck schedule", "[schedule]") {
   CHECK(pipeline_runs_to_completion({{{K::send_activation, 0, 0, 1}}, {{K::forward, 0, 1}}}) ==
         "stage 0 waits at the end, SA0>1 in flight");
   CHECK(pipeline_runs_to_completion({{{K::send_activation, 0, 0, 0}}}) == "stage 0: SA0>0 has no valid peer");
+  // Two sends received in the other order: non-blocking MPI matches them by tag, NCCL by order
+  // (the 1F1B, zero-bubble and DualPipeV tests above run with this check under the in-order rule).
+  const std::vector<std::vector<Action>> crossed = {
+      {{K::forward, 0, 0}, {K::send_activation, 0, 0, 1}, {K::send_mtp_embedding, 0, 0, 1}},
+      {{K::recv_mtp_embedding, 0, 1, 0}, {K::recv_activation, 0, 1, 0}, {K::forward, 0, 1}}};
+  CHECK(pipeline_runs_to_completion(crossed, TransferRule::in_order) ==
+        "stage 0 posts its sends to stage 1 in another order than stage 1 posts the receives (SA0>1 against SE0>1): "
+        "NCCL, which pairs them by order, would mix them up");
+  CHECK(pipeline_runs_to_completion(crossed, TransferRule::independent).empty());
 }
 
 TEST_CASE("zero-bubble: input passes then weight passes in micro-batch order, 1F1B's memory bound", "[schedule]") {
@@ -277,7 +286,8 @@ TEST_CASE("DualPipeV on the clock: deadlock-free with independent transfers, few
   // Rank 0 stores at most 2P + 1 chunk micro-batches (half a stage each) against 1F1B's P stage ones.
   CHECK(max_in_flight(dualpipev_schedule(8, 4, 0)) == 9);
   // With one communication stream per rank (NCCL), a receive posted for one neighbour holds back
-  // the sends to the other behind it: two ranks still run, four do not.
+  // the sends to the other behind it: two ranks still run (their messages paired in order), four
+  // do not.
   CHECK(pipeline_runs_to_completion(dualpipev_ranks(4, 2), TransferRule::in_order).empty());
   CHECK_FALSE(pipeline_runs_to_completion(dualpipev_ranks(8, 4), TransferRule::in_order).empty());
 }
@@ -389,7 +399,8 @@ TEST_CASE("a V-shaped balanced split lowers the costliest rank to the optimum on
         std::vector<int64_t> prefix;
         all_splits(layers, v.stages(), prefix, candidates);
         double best = std::numeric_limits<double>::infinity();
-        for (const auto& candidate : candidates) best = std::min(best, costliest(rank_flops_per_token(c, candidate, v, 64)));
+        for (const auto& candidate : candidates)
+          best = std::min(best, costliest(rank_flops_per_token(c, candidate, v, 64)));
         CHECK(got == Approx(best).epsilon(1e-12));
       }
     }

@@ -395,6 +395,33 @@ bool consumes(const Action& compute, const Action& transfer) {
   }
 }
 
+// NCCL pairs a send with the peer's receive by their order per pair of ranks, without tags: the
+// sends from s to p must be posted in the order p posts the matching receives. "" when they are,
+// else the first pair of ranks where they differ.
+std::string pairing_problem(const std::vector<std::vector<Action>>& schedules) {
+  const auto stages = static_cast<int>(schedules.size());
+  for (int s = 0; s < stages; ++s) {
+    for (int p = 0; p < stages; ++p) {
+      std::vector<Action> sent, received;  // as the sender's actions, in posting order
+      for (const Action& a : schedules[static_cast<size_t>(s)]) {
+        if (a.is_transfer() && a.is_send() && a.peer == p) sent.push_back(a);
+      }
+      for (const Action& a : schedules[static_cast<size_t>(p)]) {
+        if (a.is_transfer() && !a.is_send() && a.peer == s)
+          received.push_back({counterpart(a.kind), a.micro_batch, s, p, a.chunk});
+      }
+      // (a send without a receive, or the reverse, is left to the run: it waits forever)
+      const auto [mine, theirs] = std::mismatch(sent.begin(), sent.end(), received.begin(), received.end());
+      if (mine == sent.end() || theirs == received.end()) continue;
+      return fmt::format(
+          "stage {} posts its sends to stage {} in another order than stage {} posts the receives ({} "
+          "against {}): NCCL, which pairs them by order, would mix them up",
+          s, p, p, to_string(*mine), to_string(*theirs));
+    }
+  }
+  return "";
+}
+
 // One clocked run (see run_pipeline): the transfer groups of every stage, in posting order.
 class ClockedRun {
  public:
@@ -433,6 +460,10 @@ class ClockedRun {
           return run;
         }
       }
+    }
+    if (rule_ == TransferRule::in_order) {
+      run.stuck = pairing_problem(schedules_);
+      if (!run.stuck.empty()) return run;
     }
     for (bool moved = true; moved;) {
       moved = false;

@@ -104,7 +104,10 @@ std::vector<double> relative_stage_flops(const Recipe& recipe);
 std::vector<Action> stage_schedule(const Recipe& recipe, int64_t n_micro_batches, int stage);
 
 // How a stage's transfer groups complete. in_order: one after another (one communication stream,
-// the NCCL communicator's), so a receive that waits holds back every group posted after it.
+// the NCCL communicator's), so a receive that waits holds back every group posted after it; and
+// as NCCL pairs sends with receives by their order per pair of ranks (no tags), the sends from
+// one stage to another must be posted in the order the other posts their receives (run_pipeline
+// reports the first pair where they are not, as stuck).
 // independent: each transfer completes once its counterpart is posted (non-blocking MPI, which
 // matches by tag). A set of schedules that runs in_order runs independent too.
 enum class TransferRule { in_order, independent };
