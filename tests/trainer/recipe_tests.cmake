@@ -32,6 +32,13 @@ dsx_recipe_cli_test(schedule.dualpipev ${_dsx_expect} 0
   "stage 1: RA0<0 F0 F0' SA0'>0 RA1<0 F1 F1' SA1'>0" "24.5 units per step, bubble 2.0%" "stage 0: 5 | stage 1: 5"
   -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=2 --set parallel.pp_schedule=dualpipev
      --set train.global_batch=8 --set train.micro_batch=1)
+# On GPUs (NCCL: one in-order stream per rank, sends paired with receives by order) DualPipeV
+# cannot run from three ranks on: the checker names the first pair of ranks out of order.
+dsx_recipe_cli_test(schedule.dualpipev_nccl_pp3 ${_dsx_expect} 2
+  "parallel.pp_schedule: dualpipev cannot run with 3 ranks on GPUs (NCCL, one in-order stream per rank)"
+  "NCCL, which pairs them by order, would mix them up"
+  -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=3 --set parallel.pp_schedule=dualpipev
+     --set model.num_hidden_layers=6 --set model.device=cuda --set train.micro_batch=1)
 # The balanced split gives the tiny model's first stage three layers (the last runs the head and
 # MTP); on the clock with stages weighted by model FLOPs (16 micro-batches) that takes 51.2 units
 # against the even split's 65.3 (stages 0.68 and 1.32 of the mean).

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/error.h"
 #include "trainer/cli/registry.h"
 #include "trainer/model/pipeline_stage.h"
 #include "trainer/recipe/recipe.h"
@@ -84,7 +85,11 @@ void run_schedule(const ScheduleArgs& args) {
   fmt::print("micro-batches in flight at most (their activations are stored{}): {}\n",
              layout.v_shape ? "; chunk micro-batches of half a stage each" : "", in_flight);
   const PipelineRun& run = step.run;
-  if (!run.stuck.empty()) throw std::logic_error("the schedule deadlocks: " + run.stuck);
+  if (!run.stuck.empty()) {  // only a layout that training refuses too gets here (dualpipev over NCCL, pp > 2)
+    throw UserError(fmt::format(
+        "parallel.pp_schedule: {} cannot run with {} ranks on {}: {}", enum_name(shown.parallel.pp_schedule), stages,
+        r.model.device == Device::cuda ? "GPUs (NCCL, one in-order stream per rank)" : "MPI", run.stuck));
+  }
   fmt::print("on the clock (a stage's forward 1, backward {:g}, transfers free): {:g} units per step, bubble {:.1f}%\n",
              args.backward_cost, run.makespan, 100 * run.bubble);
   if (stages > 1) {

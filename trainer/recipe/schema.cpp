@@ -389,9 +389,9 @@ Table<Recipe> parallel_keys() {
       key<Recipe>(DSX_KEY(parallel.overlap_a2a), "overlap expert all-to-all with compute (two chunks per micro-batch)"),
       key<Recipe>(DSX_KEY(parallel.comm_timeout_s), "a collective waiting longer aborts the job with its name",
                   {positive()}),
-      key<Recipe>(
-          DSX_KEY(parallel.pp_schedule),
-          "pipeline schedule; 1f1b, zero_bubble and dualpipev (MPI only so far) are built (DeepSeek-V3 used dualpipe)"),
+      key<Recipe>(DSX_KEY(parallel.pp_schedule),
+                  "pipeline schedule; 1f1b, zero_bubble and dualpipev (on GPUs with pp = 2 only so far) are built "
+                  "(DeepSeek-V3 used dualpipe)"),
       key<Recipe>(DSX_KEY(parallel.pp_split),
                   "decoder layers per pipeline stage: even (the first num_hidden_layers % stages one more) or "
                   "balanced (minimise the costliest stage by model FLOPs; the last also runs the head and MTP)"),

@@ -654,7 +654,9 @@ RecipeStep run_recipe_step(const Recipe& recipe, int64_t n, const ActionCosts& s
       }
     }
   }
-  out.run = run_pipeline(out.schedules, costs, layout.v_shape ? TransferRule::independent : TransferRule::in_order);
+  const bool mpi = recipe.model.device == Device::cpu;
+  out.run =
+      run_pipeline(out.schedules, costs, layout.v_shape && mpi ? TransferRule::independent : TransferRule::in_order);
   return out;
 }
 

@@ -146,7 +146,8 @@ std::string draw_timeline(const PipelineRun& run, double unit = 1.0);
 // Every rank's stage_schedule for one step of n micro-batches under the recipe, and their run
 // on the clock. stage_costs: a whole 1F1B stage's (a V-shaped rank's chunks are half a stage
 // each, so their actions cost half); transfers follow the rule of the recipe's communicator
-// (independent for dualpipev, which runs on MPI only; in order otherwise). by_flops: each stage's
+// (independent on MPI, device: cpu, for dualpipev, whose transfers need it from 3 ranks on; in
+// order otherwise, as the NCCL stream runs them). by_flops: each stage's
 // costs scaled by its share of the model FLOPs (stage_flops_per_token of the recipe's split,
 // relative to the mean stage), so an unbalanced split shows; else every stage costs the same.
 struct RecipeStep {

@@ -100,11 +100,12 @@ std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
         "(parallel.pp, parallel.dp, parallel.ep) and tp = 1");
   }
   if (p.pp > 1) stage_schedule(recipe, 2 * p.pp, 0);  // refuses a schedule that is not built, before any work
-  if (p.pp > 1 && p.pp_schedule == PipelineSchedule::dualpipev && recipe.model.device == Device::cuda) {
+  if (p.pp > 2 && p.pp_schedule == PipelineSchedule::dualpipev && recipe.model.device == Device::cuda) {
     throw UserError(
-        "parallel.pp_schedule: dualpipev runs on MPI (device: cpu) only so far. Its two chunks per rank talk to "
-        "both neighbours in an order the NCCL communicator's single stream cannot keep: a receive waiting for one "
-        "neighbour holds back the sends to the other (dsx recipe schedule shows it; use 1f1b or zero_bubble on GPUs)");
+        "parallel.pp_schedule: dualpipev on GPUs (NCCL) runs with parallel.pp = 2 only so far. From three ranks its "
+        "two chunks per rank talk to both neighbours in an order the NCCL communicator's single stream cannot keep: "
+        "a receive waiting for one neighbour holds back the sends to the other (use 1f1b or zero_bubble, or "
+        "device: cpu)");
   }
   auto tp = std::make_unique<TrainParallel>();
   tp->launch = launch;
