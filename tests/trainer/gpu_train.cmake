@@ -27,10 +27,11 @@ if(DSX_CUDA AND MPIEXEC_EXECUTABLE)
                    ${CMAKE_CURRENT_BINARY_DIR}/gpu_train_pp2 50 5e-3 ${MPIEXEC_EXECUTABLE} 2 --set parallel.pp=2)
   set_tests_properties(gpu.train_tiny_pp2_one_gpu PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 TIMEOUT 900)
   # DualPipeV on two ranks: the one V the NCCL stream can carry (the schedule checker shows its
-  # transfers neither deadlock nor pair out of order; from three ranks they deadlock).
+  # transfers neither deadlock nor pair out of order; from three ranks they deadlock). It needs
+  # 2 x pp micro-batches: 4 of 4 sequences (the same global batch as the CPU run's 2 of 8).
   add_test(NAME gpu.train_tiny_pp2_dualpipev_one_gpu
            COMMAND ${CMAKE_CURRENT_LIST_DIR}/gpu_train.sh $<TARGET_FILE:dsx> $<TARGET_FILE:compare_runs>
                    ${CMAKE_CURRENT_BINARY_DIR}/gpu_train_pp2_dualpipev 50 5e-3 ${MPIEXEC_EXECUTABLE} 2
-                   --set parallel.pp=2 --set parallel.pp_schedule=dualpipev)
+                   --set parallel.pp=2 --set parallel.pp_schedule=dualpipev --set train.micro_batch=4)
   set_tests_properties(gpu.train_tiny_pp2_dualpipev_one_gpu PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 TIMEOUT 900)
 endif()

@@ -44,7 +44,6 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
              const PrecisionPolicy& precision, const ModelParallel& parallel, Device device)
     : config_(config),
       dtype_(compute_dtype),
-
       params_(compute_dtype, device),
       flops_per_token_(model_flops_per_token(config, 0)) {
   if (compute_dtype != DType::f32 && compute_dtype != DType::f64) {
@@ -98,6 +97,9 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
   for (Parameter& p : params_) p.precision = precision.for_parameter(p.spec.name);
 
   if (holds_first()) embedding_.emplace(params_.at("model.embed_tokens.weight"));
+  size_t held = 0;
+  for (const PipelineStage& st : chunks_) held += static_cast<size_t>(st.layers());
+  layers_.reserve(held);  // the layers stay where they are built
   for (const PipelineStage& st : chunks_) {
     chunk_begin_.push_back(layers_.size());
     for (int64_t l = st.first_layer; l < st.end_layer; ++l) {

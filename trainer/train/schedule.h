@@ -7,9 +7,10 @@
 // stream, so a stage's send to its successor and its receive from it do not wait on each other;
 // MPI: non-blocking sends and receives). A compute action waits for the receives it consumes
 // (a forward for its activations, a backward for its gradients); sends are released once done,
-// all of them before the optimizer step. A stage's groups complete in posting order (one
-// communication stream), and a transfer completes once its counterpart's group has started.
-// run_pipeline checks a set of per-stage schedules for deadlock under exactly that rule.
+// all of them before the optimizer step. On NCCL a stage's groups complete in posting order (one
+// communication stream) and sends pair with receives by order; on MPI each transfer completes by
+// itself, matched by tag; either way a transfer completes once its counterpart has been posted.
+// run_pipeline checks a set of per-stage schedules for deadlock under either rule (TransferRule).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -143,20 +144,6 @@ std::string draw_timeline(const PipelineRun& run, double unit = 1.0);
 // Runs the stages' schedules against each other under the loop's transfer rule (above; a send
 // completes only when its receive has started: rendezvous, the strictest case). Returns "" when
 // every stage runs to its end with every transfer complete, else where each stage is stuck.
-// Every rank's stage_schedule for one step of n micro-batches under the recipe, and their run
-// on the clock. stage_costs: a whole 1F1B stage's (a V-shaped rank's chunks are half a stage
-// each, so their actions cost half); transfers follow the rule of the recipe's communicator
-// (independent on MPI, device: cpu, for dualpipev, whose transfers need it from 3 ranks on; in
-// order otherwise, as the NCCL stream runs them). by_flops: each stage's
-// costs scaled by its share of the model FLOPs (stage_flops_per_token of the recipe's split,
-// relative to the mean stage), so an unbalanced split shows; else every stage costs the same.
-struct RecipeStep {
-  std::vector<std::vector<Action>> schedules;  // per rank
-  PipelineRun run;
-};
-RecipeStep run_recipe_step(const Recipe& recipe, int64_t n_micro_batches, const ActionCosts& stage_costs,
-                           bool by_flops = false);
-
 std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& schedules,
                                         TransferRule rule = TransferRule::in_order);
 
@@ -164,5 +151,19 @@ std::string pipeline_runs_to_completion(const std::vector<std::vector<Action>>& 
 // when the stage is free and the receives it consumes are complete.
 PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, const ActionCosts& costs = {},
                          TransferRule rule = TransferRule::in_order);
+
+// Every rank's stage_schedule for one step of n micro-batches under the recipe, and their run
+// on the clock. stage_costs: a whole 1F1B stage's (a V-shaped rank's chunks are half a stage
+// each, so their actions cost half); transfers follow the rule of the recipe's communicator
+// (independent on MPI, device: cpu, for dualpipev, whose transfers need it from 3 ranks on; in
+// order otherwise, as the NCCL stream runs them). by_flops: each stage's costs scaled by its
+// share of the model FLOPs (relative_stage_flops), so an unbalanced split shows; else every
+// stage costs the same.
+struct RecipeStep {
+  std::vector<std::vector<Action>> schedules;  // per rank
+  PipelineRun run;
+};
+RecipeStep run_recipe_step(const Recipe& recipe, int64_t n_micro_batches, const ActionCosts& stage_costs,
+                           bool by_flops = false);
 
 }  // namespace dsx
