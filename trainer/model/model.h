@@ -184,7 +184,6 @@ class Model {
   // embeddings stay here).
   bool mtp_inside() const;
   int first_chunk() const { return 0; }  // a V's chunk 0 holds the first stage, its chunk 1 the last
-  int last_chunk() const { return static_cast<int>(chunks_.size()) - 1; }
   void require_whole_model(const char* op) const;
   void check_stage_tensor(const Tensor& t, int64_t rows, const char* op, const char* name) const;
   double forward_layers(MicroBatch& mb, Tensor hidden_in);  // the stage's layers; their balance loss

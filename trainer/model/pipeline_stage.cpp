@@ -45,11 +45,7 @@ PipelineStage pipeline_stage(const std::vector<int64_t>& split, int index) {
 }
 
 PipelineStage pipeline_stage(int64_t num_layers, int count, int index) {
-  if (count < 1 || index < 0 || index >= count) {
-    throw std::invalid_argument("pipeline_stage: stage " + std::to_string(index) + " of " + std::to_string(count) +
-                                " does not exist");
-  }
-  return pipeline_stage(even_split(num_layers, count), index);
+  return pipeline_stage(even_split(num_layers, count), index);  // both check their arguments
 }
 
 std::vector<double> stage_flops_per_token(const ModelConfig& config, const std::vector<int64_t>& split,
