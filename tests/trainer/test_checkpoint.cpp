@@ -14,9 +14,9 @@
 
 #include "kernels/error.h"
 #include "support/gradcheck.h"
+#include "tests/support/temp_dir.h"
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/checkpoint/inspect.h"
-#include "tests/support/temp_dir.h"
 
 using namespace dsx;
 using namespace dsx::ckpt;
@@ -258,6 +258,36 @@ TEST_CASE("checkpoint: expert-parallel writers each hold whole experts, loadable
   REQUIRE(same_bytes(reader.read_whole(experts[2].name), experts[2].whole));
   for (const Named& t : experts) REQUIRE(same_bytes(reader.read_whole(t.name), t.whole));
   REQUIRE(same_bytes(reader.read_whole(dense.name), dense.whole));
+}
+
+TEST_CASE("checkpoint: a writer may hold several boxes of one tensor", "[checkpoint]") {
+  // What a ZeRO range inside a tensor-parallel shard is: the end of one row, whole rows, the start
+  // of a row (writer 0), and the rest (writer 1: two boxes again).
+  TempDir tmp;
+  const Tensor whole = random_of(DType::f32, {5, 6}, 400);
+  const auto box = [&](const Shape& offset, const Shape& extent) {
+    return TensorSlice{"optim.exp_avg.w", {5, 6}, offset, extract_box(whole, offset, extent)};
+  };
+  const std::vector<std::vector<TensorSlice>> writers = {
+      {box({0, 4}, {1, 2}), box({1, 0}, {2, 6}), box({3, 0}, {1, 3})},
+      {box({0, 0}, {1, 4}), box({3, 3}, {2, 3}), box({4, 0}, {1, 3})}};
+  for (int w = 1; w >= 0; --w) {
+    save(tmp.path(), CheckpointState{2, json::object(), ""}, writers[static_cast<size_t>(w)],
+         {.writer_index = w, .n_writers = 2, .barrier = [] {}, .attempt_id = "boxes"});
+  }
+  CheckpointReader reader(tmp.path() / "step-000002");
+  const TensorInfo* info = reader.find("optim.exp_avg.w");
+  REQUIRE(info != nullptr);
+  REQUIRE(info->slices.size() == 6);
+  REQUIRE(info->slices[1].dataset == "optim.exp_avg.w@1");  // a writer's later boxes get their own datasets
+  REQUIRE(same_bytes(reader.read_whole("optim.exp_avg.w"), whole));
+  Tensor middle = Tensor::zeros({3, 4}, DType::f32);  // crosses boxes of both writers
+  reader.read(LoadRequest{"optim.exp_avg.w", {5, 6}, {1, 1}, middle});
+  REQUIRE(same_bytes(middle, extract_box(whole, {1, 1}, {3, 4})));
+
+  // Overlapping boxes of one writer do not tile the tensor: the save fails.
+  const std::vector<TensorSlice> overlapping = {box({0, 0}, {3, 6}), box({2, 0}, {3, 6})};
+  REQUIRE_THROWS_WITH(save(tmp.path(), CheckpointState{3, json::object(), ""}, overlapping), Contains("overlap"));
 }
 
 TEST_CASE("checkpoint: writers whose slices do not tile a tensor fail the save", "[checkpoint]") {

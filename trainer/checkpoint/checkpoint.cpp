@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <regex>
 #include <set>
 #include <stdexcept>
@@ -67,6 +68,14 @@ std::optional<ParsedName> parse_dir_name(const std::string& name) {
 
 // ---- saving ------------------------------------------------------------------------------------
 
+}  // namespace
+
+std::string stored_dataset_name(const std::string& name, int k) {
+  return k == 0 ? name : name + "@" + std::to_string(k);
+}
+
+namespace {
+
 void check_options(const CheckpointState& state, const SaveOptions& o) {
   if (o.n_writers < 1) throw std::invalid_argument(fmt::format("checkpoint save: n_writers = {}", o.n_writers));
   if (o.writer_index < 0 || o.writer_index >= o.n_writers) {
@@ -113,15 +122,16 @@ TensorSlice checked_slice(const TensorSlice& s) {
 // Every slice checked (and offsets filled in) before anything touches the disk.
 std::vector<TensorSlice> checked_slices(std::span<const TensorSlice> tensors, int writer_index) {
   std::vector<TensorSlice> slices;
-  std::set<std::string, std::less<>> names;
+  std::map<std::string, Shape, std::less<>> global_shapes;
   for (const TensorSlice& s : tensors) {
     slices.push_back(checked_slice(s));
-    if (!names.insert(s.name).second) {
-      throw std::invalid_argument(
-          fmt::format("checkpoint save: tensor '{}' given twice to writer {}", s.name, writer_index));
+    const auto [it, first] = global_shapes.emplace(s.name, s.global_shape);
+    if (!first && (it->second != s.global_shape)) {
+      throw std::invalid_argument(fmt::format("checkpoint save: tensor '{}' given to writer {} as {} and as {}", s.name,
+                                              writer_index, shape_str(it->second), shape_str(s.global_shape)));
     }
   }
-  return slices;
+  return slices;  // overlapping parts are found when the writers' slices are merged
 }
 
 // Writes this writer's HDF5 file and its index into dir; returns the index.
@@ -134,10 +144,18 @@ WriterIndex write_writer_files(const fs::path& dir, const CheckpointState& state
   index.file.name = writer_file_name(o.writer_index);
   const fs::path file = dir / index.file.name;
   detail::SliceFileWriter writer(file, {o.writer_index, o.n_writers, state.step});
+  std::map<std::string, size_t, std::less<>> position;  // tensor -> its entry in index.tensors
   for (const TensorSlice& s : slices) {
-    writer.write(s);
-    TensorInfo info{s.name, s.global_shape, s.data.dtype(), {{o.writer_index, s.offset, s.data.shape()}}};
-    index.tensors.push_back(std::move(info));
+    const auto [it, first] = position.emplace(s.name, index.tensors.size());
+    if (first) index.tensors.push_back({s.name, s.global_shape, s.data.dtype(), {}});
+    TensorInfo& info = index.tensors[it->second];
+    if (info.dtype != s.data.dtype()) {
+      throw std::invalid_argument(fmt::format("checkpoint save: tensor '{}' given to writer {} as {} and as {}", s.name,
+                                              o.writer_index, dtype_name(info.dtype), dtype_name(s.data.dtype())));
+    }
+    const std::string dataset = stored_dataset_name(s.name, static_cast<int>(info.slices.size()));
+    writer.write(s, dataset);
+    info.slices.push_back({o.writer_index, s.offset, s.data.shape(), dataset == s.name ? "" : dataset});
   }
   writer.close();
   detail::fsync_path(file);
@@ -188,7 +206,7 @@ Manifest merge_indexes(const fs::path& dir, const CheckpointState& state, int n_
             fmt::format("checkpoint save: tensor '{}' is {} {} on writer {} but {} {} on an earlier writer", t.name,
                         dtype_name(t.dtype), shape_str(t.shape), w, dtype_name(merged.dtype), shape_str(merged.shape)));
       }
-      merged.slices.push_back(t.slices.at(0));
+      merged.slices.insert(merged.slices.end(), t.slices.begin(), t.slices.end());
     }
   }
   for (const TensorInfo& t : manifest.tensors) {
@@ -424,7 +442,8 @@ void CheckpointReader::read(const LoadRequest& r) {
     if (!part) continue;
     detail::SliceFileReader& source = file(s.file, r.name, options_.verify_checksums);
     try {
-      source.read_box(r.name, tensor->dtype, s.extent, part->file_start, part->count, r.dest, part->mem_start);
+      source.read_box(s.dataset.empty() ? r.name : s.dataset, tensor->dtype, s.extent, part->file_start, part->count,
+                      r.dest, part->mem_start);
     } catch (const std::runtime_error& e) {
       throw UserError(fmt::format("checkpoint {}: file {}{}", dir_.string(), e.what(), tensor_context(r.name)));
     }

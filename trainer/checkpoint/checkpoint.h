@@ -71,9 +71,9 @@ inline constexpr std::string_view kManifestFile = "manifest.json";
 
 // ---- saving ------------------------------------------------------------------------------------
 
-// One writer's part of a tensor. data holds the box [offset, offset + data.shape()) of the global
-// tensor; data.dtype() is the tensor's dtype. An empty offset means all zeros (the writer holds
-// the box starting at the origin, e.g. the whole tensor).
+// One writer's part of a tensor (a writer may give several disjoint parts of one tensor). data holds the box [offset,
+// offset + data.shape()) of the global tensor; data.dtype() is the tensor's dtype. An empty offset means all zeros (the
+// writer holds the box starting at the origin, e.g. the whole tensor).
 struct TensorSlice {
   std::string name;  // Hugging Face name, or e.g. "optim.exp_avg.<param name>"; no '/'
   Shape global_shape;
@@ -119,7 +119,13 @@ struct StoredSlice {
   int file = 0;  // index into Manifest::files
   Shape offset;
   Shape extent;
+  // The slice's dataset in its file: empty for the tensor's name; a writer's second, third, ...
+  // slice of one tensor is "<name>@1", "<name>@2", ... (stored_dataset_name).
+  std::string dataset;
 };
+
+// The name of a writer's k-th (from 0) slice of tensor `name` in its file.
+std::string stored_dataset_name(const std::string& name, int k);
 
 struct TensorInfo {
   std::string name;

@@ -195,14 +195,14 @@ SliceFileWriter::SliceFileWriter(const std::filesystem::path& path, const FileId
                   H5Gclose);
 }
 
-void SliceFileWriter::write(const TensorSlice& slice) {
+void SliceFileWriter::write(const TensorSlice& slice, const std::string& dataset_name) {
   QuietHdf5 quiet;
   // HDF5 reads host memory: a device tensor is staged through a host copy.
   const Tensor data = slice.data.device() == Device::cpu ? slice.data : slice.data.to(Device::cpu);
   H5Id type = hdf5_type(data.dtype());
   H5Id space = make_space(data.shape());
-  H5Id dataset(checked(H5Dcreate2(tensors_.get(), slice.name.c_str(), type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT,
-                                  H5P_DEFAULT),
+  H5Id dataset(checked(H5Dcreate2(tensors_.get(), dataset_name.c_str(), type.get(), space.get(), H5P_DEFAULT,
+                                  H5P_DEFAULT, H5P_DEFAULT),
                        path_, fmt::format("cannot create dataset for tensor '{}'", slice.name)),
                H5Dclose);
   if (data.numel() > 0) {

@@ -49,8 +49,9 @@ struct FileIdentity {
 class SliceFileWriter {
  public:
   SliceFileWriter(const std::filesystem::path& path, const FileIdentity& identity);
-  void write(const TensorSlice& slice);  // slice.offset already normalised to ndim entries
-  void close();                          // flushes; throws if the file could not be completed
+  // slice.offset already normalised to ndim entries; the dataset /tensors/<dataset>
+  void write(const TensorSlice& slice, const std::string& dataset);
+  void close();  // flushes; throws if the file could not be completed
 
  private:
   std::filesystem::path path_;

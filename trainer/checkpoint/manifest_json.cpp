@@ -103,7 +103,18 @@ FileInfo file_from_json(const json& value, const std::string& where) {
 }
 
 json slice_to_json(const StoredSlice& slice) {
-  return json{{"file", slice.file}, {"offset", slice.offset}, {"extent", slice.extent}};
+  json out{{"file", slice.file}, {"offset", slice.offset}, {"extent", slice.extent}};
+  if (!slice.dataset.empty()) out["dataset"] = slice.dataset;
+  return out;
+}
+
+// The optional "dataset" of a slice (absent: the tensor's name).
+std::string dataset_from_json(const json& value, const std::string& where) {
+  if (!value.contains("dataset")) return "";
+  std::string dataset = as_string(value.at("dataset"), sub(where, "dataset"));
+  if (dataset.empty() || dataset.find('/') != std::string::npos)
+    bad(sub(where, "dataset"), fmt::format("\"{}\" is not a dataset name (empty or containing '/')", dataset));
+  return dataset;
 }
 
 StoredSlice slice_from_json(const json& value, const std::string& where, size_t n_files) {
@@ -113,6 +124,7 @@ StoredSlice slice_from_json(const json& value, const std::string& where, size_t 
   slice.file = static_cast<int>(file);
   slice.offset = as_shape(field(value, "offset", where), sub(where, "offset"));
   slice.extent = as_shape(field(value, "extent", where), sub(where, "extent"));
+  slice.dataset = dataset_from_json(value, where);
   return slice;
 }
 
@@ -232,10 +244,13 @@ Manifest manifest_from_json(const json& value) {
 json to_json(const WriterIndex& index) {
   json tensors = json::array();
   for (const TensorInfo& t : index.tensors) {
-    json entry = tensor_header_json(t);
-    entry["offset"] = t.slices.at(0).offset;
-    entry["extent"] = t.slices.at(0).extent;
-    tensors.push_back(std::move(entry));
+    for (const StoredSlice& slice : t.slices) {  // an entry per slice
+      json entry = tensor_header_json(t);
+      entry["offset"] = slice.offset;
+      entry["extent"] = slice.extent;
+      if (!slice.dataset.empty()) entry["dataset"] = slice.dataset;
+      tensors.push_back(std::move(entry));
+    }
   }
   return json{{"format", kIndexFormatName},   {"version", kFormatVersion}, {"writer_index", index.writer_index},
               {"n_writers", index.n_writers}, {"step", index.step},        {"file", file_to_json(index.file)},
@@ -257,6 +272,7 @@ WriterIndex writer_index_from_json(const json& value) {
     slice.file = index.writer_index;
     slice.offset = as_shape(field(tensors[i], "offset", where), sub(where, "offset"));
     slice.extent = as_shape(field(tensors[i], "extent", where), sub(where, "extent"));
+    slice.dataset = dataset_from_json(tensors[i], where);
     tensor.slices.push_back(std::move(slice));
     index.tensors.push_back(std::move(tensor));
   }

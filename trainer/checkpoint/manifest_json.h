@@ -16,7 +16,7 @@ struct WriterIndex {
   int n_writers = 1;
   int64_t step = 0;
   FileInfo file;
-  std::vector<TensorInfo> tensors;  // one slice each
+  std::vector<TensorInfo> tensors;  // one slice each; a tensor with several slices appears once per slice
 };
 
 std::string index_file_name(int writer_index);  // "rank-00000.index.json"
