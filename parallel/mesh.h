@@ -6,6 +6,10 @@
 //
 //   rank = tp + TP · (ep + EP · (edp + EDP · pp)),   dp = ep + EP · edp
 //
+// The routed experts are split over the TP ranks too: the expert-parallel group is the EP × TP
+// ranks of one EDP replica (each TP rank dispatches its own share of the tokens), so expert
+// weights are replicated over EDP only and n_routed_experts must divide by EP · TP.
+//
 // A pure function of (sizes, rank): no MPI here; communicators are built from these lists.
 #pragma once
 #include <cstdint>
@@ -36,7 +40,7 @@ struct Mesh {
   // index in a group's list is its rank within that group.
   std::vector<int> tp_group;     // same pp, dp
   std::vector<int> dp_group;     // same pp, tp (dense gradients reduce here)
-  std::vector<int> ep_group;     // same pp, tp, edp (all-to-all dispatch/combine)
+  std::vector<int> ep_group;     // same pp, edp: EP × TP ranks (all-to-all dispatch/combine)
   std::vector<int> edp_group;    // same pp, tp, ep (expert gradients reduce here)
   std::vector<int> pp_group;     // same tp, dp
   std::vector<int> model_group;  // same dp: the TP × PP ranks holding one model replica
@@ -51,6 +55,7 @@ MeshCoords mesh_coords(const MeshSizes& sizes, int rank);
 void validate_mesh(const MeshSizes& sizes, int world_size, int64_t n_routed_experts);
 Mesh build_mesh(const MeshSizes& sizes, int rank);
 
-std::string describe_mesh(const MeshSizes& sizes);  // "PP16 × DP128 (EP64 × EDP2) × TP1 = 2048 ranks"
+// "PP16 x DP128 (EP64 x EDP2) x TP1 = 2048 ranks"; with TP: ", routed experts over EP x TP = N ranks"
+std::string describe_mesh(const MeshSizes& sizes);
 
 }  // namespace dsx

@@ -42,7 +42,7 @@ TEST_CASE("mesh: every group kind partitions the world", "[mesh]") {
   const MeshSizes s{.pp = 2, .dp = 4, .tp = 2, .ep = 2};
   check_partition(s, &Mesh::tp_group, 2);
   check_partition(s, &Mesh::dp_group, 4);
-  check_partition(s, &Mesh::ep_group, 2);
+  check_partition(s, &Mesh::ep_group, 4);  // EP × TP: the routed experts are split over both
   check_partition(s, &Mesh::edp_group, 2);
   check_partition(s, &Mesh::pp_group, 2);
   check_partition(s, &Mesh::model_group, 4);
@@ -53,9 +53,10 @@ TEST_CASE("mesh: explicit groups of an 8-rank DP4 x EP2 x TP2 layout", "[mesh]")
   const Mesh m = build_mesh(s, 5);  // tp 1, ep 0, edp 1
   REQUIRE(m.tp_group == std::vector<int>{4, 5});
   REQUIRE(m.dp_group == std::vector<int>{1, 3, 5, 7});
-  REQUIRE(m.ep_group == std::vector<int>{5, 7});
+  REQUIRE(m.ep_group == std::vector<int>{4, 5, 6, 7});  // EP × TP ranks, TP fastest: expert index tp + TP · ep
   REQUIRE(m.edp_group == std::vector<int>{1, 5});
   REQUIRE(m.pp_group == std::vector<int>{5});
+  REQUIRE(describe_mesh(s) == "PP1 x DP4 (EP2 x EDP2) x TP2 = 8 ranks, routed experts over EP x TP = 4 ranks");
 }
 
 TEST_CASE("mesh: DeepSeek-V3's PP16 x EP64 layout on 2048 ranks", "[mesh]") {
@@ -84,6 +85,7 @@ TEST_CASE("mesh: rejected layouts name the problem", "[mesh]") {
   REQUIRE_THAT(message({.pp = 1, .dp = 6, .tp = 1, .ep = 4}, 6, 8), Catch::Contains("ep=4 must divide dp=6"));
   REQUIRE_THAT(message({.pp = 1, .dp = 4, .tp = 1, .ep = 4}, 4, 6), Catch::Contains("n_routed_experts=6"));
   REQUIRE_THAT(message({.pp = 0, .dp = 1, .tp = 1, .ep = 1}, 0, 8), Catch::Contains(">= 1"));
+  REQUIRE_THAT(message({.pp = 1, .dp = 4, .tp = 2, .ep = 4}, 8, 12), Catch::Contains("ep=4 x parallel.tp=2"));
   REQUIRE(message({.pp = 2, .dp = 4, .tp = 2, .ep = 2}, 16, 8) == "accepted");
   REQUIRE_THROWS_AS(build_mesh({.pp = 1, .dp = 2, .tp = 1, .ep = 1}, 2), UserError);
 }

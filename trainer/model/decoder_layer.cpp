@@ -18,8 +18,9 @@ DecoderLayer::DecoderLayer(ParameterStore& params, int64_t layer, const ModelCon
     : recompute_(recompute),
       input_norm_(params.at(layer_prefix(layer) + "input_layernorm.weight"), config.rms_norm_eps),
       post_attention_norm_(params.at(layer_prefix(layer) + "post_attention_layernorm.weight"), config.rms_norm_eps),
-      attention_(params, layer_prefix(layer) + "self_attn.", config, recompute),
-      bf16_residual_(params.at(layer_prefix(layer) + "input_layernorm.weight").precision.bf16_output) {
+      attention_(params, layer_prefix(layer) + "self_attn.", config, recompute, parallel),
+      bf16_residual_(params.at(layer_prefix(layer) + "input_layernorm.weight").precision.bf16_output),
+      parallel_(parallel) {
   const std::string p = layer_prefix(layer) + "mlp.";
   if (config.is_moe_layer(layer)) {
     moe_.emplace(params, p, layer, config, recompute, parallel);
@@ -37,6 +38,7 @@ Tensor DecoderLayer::ffn_forward(const Tensor& h, const SequenceInfo& seq, Decod
   }
   Tensor y = empty_like(h, h.shape());
   mlp_->forward(h, ctx.mlp, y);
+  all_reduce_over_tp(parallel_, y);  // down_proj is row-parallel
   ctx.balance_loss = 0;
   return y;
 }
@@ -80,6 +82,7 @@ Tensor DecoderLayer::backward_input(const Tensor& x, const Tensor& dy, const Seq
   } else {
     d_ffn_in = empty_like(dy, dy.shape());
     mlp_->backward_input(dy, ctx.mlp, d_ffn_in);
+    all_reduce_over_tp(parallel_, d_ffn_in);  // gate_proj and up_proj are column-parallel
   }
   Tensor d_mid = post_attention_norm_.backward_input(ctx.mid, d_ffn_in, ctx.post_attention_norm);
   ops::add_(d_mid, dy);  // residual

@@ -43,8 +43,9 @@ class DecoderLayer {
   RecomputePolicy recompute_;
   RmsNorm input_norm_, post_attention_norm_;
   Mla attention_;
-  bool bf16_residual_;      // round the residual stream to bf16 (precision.activations: bf16)
-  std::optional<Mlp> mlp_;  // dense layers
+  bool bf16_residual_;  // round the residual stream to bf16 (precision.activations: bf16)
+  ModelParallel parallel_;
+  std::optional<Mlp> mlp_;  // dense layers (split over TP by their intermediate width)
   std::optional<Moe> moe_;  // MoE layers
 };
 

@@ -5,6 +5,16 @@
 // routes to expert e travel to rank e / (E/ep). Dense weights (attention, shared experts, the
 // router) are replicated. The data-parallel group sums the expert loads that drive the
 // aux-loss-free bias update, so every replica moves its biases identically.
+//
+// Tensor parallelism (Megatron-style, without sequence parallelism): every TP rank of a replica
+// sees all of the micro-batch's tokens. Attention is split by heads, the dense and shared-expert
+// MLPs by their intermediate width (column-parallel gate/up, row-parallel down), the embedding and
+// the output head by vocabulary rows (vocab-parallel cross entropy). Each split block sums its
+// partial outputs over the TP group in the forward and its partial input gradients in the
+// backward, so replicated weights (norms, the MLA down-projections, the router) see identical,
+// complete gradients on every TP rank and need no reduction of their own. The routed experts are
+// not split: the EP group spans the EP × TP ranks (parallel/mesh.h), and TP rank t sends only its
+// 1/TP of the tokens to them (their outputs, zero elsewhere, join the block's sum).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -36,7 +46,8 @@ void timed_wait(CommHandle& h, CommTimer* timer);
 enum class WireFormat : uint8_t { f32, bf16, fp8_e4m3 };
 
 struct ModelParallel {
-  Communicator* ep = nullptr;  // null: every expert is local (ep = 1)
+  Communicator* ep = nullptr;  // null: every expert is local (ep = 1); with tp > 1 it spans EP × TP
+  Communicator* tp = nullptr;  // null: tp = 1
   Communicator* dp = nullptr;  // null: a single replica
   // Each MoE layer runs its micro-batch as two chunks: one chunk's dispatch or combine is in
   // flight while the other chunk's experts compute (forward and backward).
@@ -54,7 +65,20 @@ struct ModelParallel {
 
   int ep_size() const { return ep ? ep->size() : 1; }
   int ep_rank() const { return ep ? ep->rank() : 0; }
+  int tp_size() const { return tp ? tp->size() : 1; }
+  int tp_rank() const { return tp ? tp->rank() : 0; }
 };
+
+// t summed over the TP group, in place (nothing without tensor parallelism); the wait counts as
+// exposed communication.
+void all_reduce_over_tp(const ModelParallel& parallel, Tensor& t);
+
+// The rows [begin, end) of n that TP rank `rank` of `size` takes: equal contiguous parts, the
+// first n % size ranks one row more.
+struct RowRange {
+  int64_t begin = 0, end = 0;
+};
+RowRange tp_rows(int64_t n, int size, int rank);
 
 // The routed experts EP rank `ep_rank` holds: [first, first + count).
 struct LocalExperts {

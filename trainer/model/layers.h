@@ -14,6 +14,7 @@
 
 #include "kernels/ops/cross_entropy.h"
 #include "kernels/tensor.h"
+#include "trainer/model/expert_parallel.h"
 #include "trainer/model/parameters.h"
 
 namespace dsx {
@@ -55,14 +56,17 @@ class RmsNorm {
 };
 
 // Token embedding: no input gradient (ids are integers), so only forward and backward_weight.
+// Vocab-parallel under tensor parallelism: a TP rank holds rows [v0, v0 + V/tp) of the table,
+// looks up the ids among them (zero rows for the others) and the forward sums over TP.
 class Embedding {
  public:
-  explicit Embedding(Parameter& table) : table_(&table) {}
+  explicit Embedding(Parameter& table, const ModelParallel& parallel = {}) : table_(&table), parallel_(parallel) {}
   Tensor forward(const Tensor& ids) const;  // ids [N] -> [N, D]
   void backward_weight(const Tensor& ids, const Tensor& dout) const;
 
  private:
   Parameter* table_;
+  ModelParallel parallel_;
 };
 
 struct MlpContext {
@@ -99,20 +103,32 @@ struct HeadContext {
 
 // logits = head(norm(h)); the loss is the cross entropy against targets (ignore_index -100).
 // head_weight is lm_head.weight or, with tied embeddings, model.embed_tokens.weight.
+//
+// Vocab-parallel under tensor parallelism: a TP rank holds rows [v0, v0 + V/tp) of the head and
+// computes those logits only (ctx.logits [N, V/tp]); the cross entropy combines the ranks'
+// log-sum-exps (one all-gather of [N] per rank) and loss sums (one scalar), so ctx.ce and ctx.lse
+// are the whole vocabulary's; the backward's softmax uses that lse, and the input gradient sums
+// over TP. Megatron's vocab-parallel cross entropy; the [N, V] logits never exist on one rank.
 class OutputHead {
  public:
   static constexpr int64_t kIgnoreIndex = -100;
-  OutputHead(Parameter& norm_weight, Parameter& head_weight, double eps)
-      : norm_(norm_weight, eps), head_(&head_weight) {}
+  OutputHead(Parameter& norm_weight, Parameter& head_weight, double eps, const ModelParallel& parallel = {})
+      : norm_(norm_weight, eps), head_(&head_weight), parallel_(parallel) {}
   void forward(const Tensor& h, const Tensor& targets, HeadContext& ctx) const;
   // loss_grad: d(objective)/d(loss_sum), i.e. the loss weight / the counted tokens.
   // d_normed_extra: gradient reaching ctx.normed from elsewhere (the next MTP module) or undefined.
   Tensor backward_input(const Tensor& h, double loss_grad, const Tensor& d_normed_extra, HeadContext& ctx) const;
   void backward_weight(const Tensor& h, HeadContext& ctx) const;
+  // The logits of ctx (this rank's vocabulary rows under TP) as the whole [N, V] matrix.
+  Tensor gather_logits(const HeadContext& ctx) const;
 
  private:
+  void vocab_parallel_cross_entropy(HeadContext& ctx) const;
+  void vocab_parallel_backward(double loss_grad, HeadContext& ctx) const;
+
   RmsNorm norm_;
   Parameter* head_;
+  ModelParallel parallel_;
 };
 
 }  // namespace dsx

@@ -25,14 +25,16 @@ ops::RopeConfig rope_config(const ModelConfig& config) {
   return r;
 }
 
-Mla::Mla(ParameterStore& params, const std::string& prefix, const ModelConfig& config, const RecomputePolicy& recompute)
-    : heads_(config.num_attention_heads),
+Mla::Mla(ParameterStore& params, const std::string& prefix, const ModelConfig& config, const RecomputePolicy& recompute,
+         const ModelParallel& parallel)
+    : heads_(config.num_attention_heads / parallel.tp_size()),
       nope_dim_(config.qk_nope_head_dim),
       rope_dim_(config.qk_rope_head_dim),
       v_dim_(config.v_head_dim),
       kv_lora_rank_(config.kv_lora_rank),
       q_lora_(config.q_lora_rank > 0),
       recompute_(recompute),
+      parallel_(parallel),
       kv_a_proj_(&params.at(prefix + "kv_a_proj_with_mqa.weight")),
       kv_b_proj_(&params.at(prefix + "kv_b_proj.weight")),
       o_proj_(&params.at(prefix + "o_proj.weight")),
@@ -117,6 +119,7 @@ Tensor Mla::forward(const Tensor& x, const SequenceInfo& seq, MlaContext& ctx) c
       attention_4d(ctx.q_states, seq, nope_dim_ + rope_dim_), attention_4d(ctx.k_states, seq, nope_dim_ + rope_dim_),
       attention_4d(ctx.v_states, seq, v_dim_), softmax_scale_, seq.segment_ids, ctx.attn_out, ctx.lse);
   Tensor y = linear(in_dtype(ctx.attn_out, x.dtype()).view({T, heads_ * v_dim_}), *o_proj_);
+  all_reduce_over_tp(parallel_, y);  // o_proj is row-parallel: each TP rank's heads add their part
   if (recompute_.rmsnorm) {
     ctx.q_latent_normed = Tensor();
     ctx.kv_latent_normed = Tensor();
@@ -179,23 +182,40 @@ Tensor Mla::backward_input(const Tensor& x, const Tensor& dy, const SequenceInfo
     ops::copy_columns(dk_rows, h * qk_dim + nope_dim_, dk_pe_head);
     ops::add_(dk_pe_rotated, dk_pe_head);
   }
+
+  // down-projections (their inputs' gradients summed over the TP ranks' heads first)
+  Tensor d_kv_normed = linear_input_grad(ctx.d_kv_b, *kv_b_proj_);
+  Tensor d_q_normed = q_lora_ ? linear_input_grad(ctx.d_q, *q_b_proj_) : Tensor();
+  sum_latent_grads_over_tp(d_kv_normed, dk_pe_rotated, d_q_normed);
   Tensor dk_pe = empty_like(x, {T, 1, rope_dim_});
   ops::rope_backward(dk_pe_rotated.view({T, 1, rope_dim_}), seq.positions, seq.rope, dk_pe);
-
-  // down-projections
-  const Tensor d_kv_latent =
-      kv_a_norm_.backward_input(ctx.kv_latent, linear_input_grad(ctx.d_kv_b, *kv_b_proj_), ctx.kv_norm);
+  const Tensor d_kv_latent = kv_a_norm_.backward_input(ctx.kv_latent, d_kv_normed, ctx.kv_norm);
   ctx.d_kv_a = empty_like(x, {T, kv_lora_rank_ + rope_dim_});
   ops::set_columns(ctx.d_kv_a, 0, d_kv_latent);
   ops::set_columns(ctx.d_kv_a, kv_lora_rank_, dk_pe.view({T, rope_dim_}));
   Tensor dx = linear_input_grad(ctx.d_kv_a, *kv_a_proj_);
   if (q_lora_) {
-    ctx.d_q_a = q_a_norm_->backward_input(ctx.q_latent, linear_input_grad(ctx.d_q, *q_b_proj_), ctx.q_norm);
+    ctx.d_q_a = q_a_norm_->backward_input(ctx.q_latent, d_q_normed, ctx.q_norm);
     ops::add_(dx, linear_input_grad(ctx.d_q_a, *q_a_proj_));
   } else {
-    ops::add_(dx, linear_input_grad(ctx.d_q, *q_proj_));
+    Tensor dx_q = linear_input_grad(ctx.d_q, *q_proj_);  // q_proj is column-parallel: a part per TP rank
+    all_reduce_over_tp(parallel_, dx_q);
+    ops::add_(dx, dx_q);
   }
   return dx;
+}
+
+void Mla::sum_latent_grads_over_tp(Tensor& d_kv_normed, Tensor& dk_pe_rotated, Tensor& d_q_normed) const {
+  if (parallel_.tp_size() == 1) return;
+  const int64_t T = d_kv_normed.dim(0), q_cols = d_q_normed.defined() ? d_q_normed.dim(1) : 0;
+  Tensor packed = empty_like(d_kv_normed, {T, kv_lora_rank_ + rope_dim_ + q_cols});
+  ops::set_columns(packed, 0, d_kv_normed);
+  ops::set_columns(packed, kv_lora_rank_, dk_pe_rotated);
+  if (q_cols > 0) ops::set_columns(packed, kv_lora_rank_ + rope_dim_, d_q_normed);
+  all_reduce_over_tp(parallel_, packed);
+  ops::copy_columns(packed, 0, d_kv_normed);
+  ops::copy_columns(packed, kv_lora_rank_, dk_pe_rotated);
+  if (q_cols > 0) ops::copy_columns(packed, kv_lora_rank_ + rope_dim_, d_q_normed);
 }
 
 void Mla::backward_weight(const Tensor& x, MlaContext& ctx) const {

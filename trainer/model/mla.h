@@ -7,7 +7,13 @@
 //   q = [q_nope, rope(q_pe)],  k = [k_nope, rope(kpe)]   (one rope key shared by all heads)
 //   out = o_proj(causal_attention(q, k, v, scale = qk_head_dim^-0.5 · mscale²))
 //
-// Shapes: T tokens, H heads, dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim,
+// Tensor parallelism (ModelParallel::tp): a TP rank holds H/tp heads (its rows of q_b_proj or
+// q_proj and kv_b_proj, its columns of o_proj) and the whole down-projections and latent norms.
+// The forward sums the o_proj partial outputs over TP; the backward sums the gradients of the
+// latents and of the shared rope key (each rank's heads contribute a part), so the
+// down-projections get complete gradients on every rank.
+//
+// Shapes: T tokens, H heads (per TP rank), dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim,
 // Dqk = dn + dr. q and k are assembled as [T·H, Dqk], v as [T·H, dv] ([B, S, H, ·] row-major).
 #pragma once
 #include <cstdint>
@@ -15,6 +21,7 @@
 #include <string>
 
 #include "trainer/model/config.h"
+#include "trainer/model/expert_parallel.h"
 #include "trainer/model/layers.h"
 #include "trainer/model/parameters.h"
 #include "trainer/model/recompute.h"
@@ -39,7 +46,8 @@ struct MlaContext {
 
 class Mla {
  public:
-  Mla(ParameterStore& params, const std::string& prefix, const ModelConfig& config, const RecomputePolicy& recompute);
+  Mla(ParameterStore& params, const std::string& prefix, const ModelConfig& config, const RecomputePolicy& recompute,
+      const ModelParallel& parallel = {});
   Tensor forward(const Tensor& x, const SequenceInfo& seq, MlaContext& ctx) const;
   Tensor backward_input(const Tensor& x, const Tensor& dy, const SequenceInfo& seq, MlaContext& ctx) const;
   void backward_weight(const Tensor& x, MlaContext& ctx) const;
@@ -55,11 +63,15 @@ class Mla {
   // With bf16 activations the attention core (inputs, output, their gradients) runs on bf16
   // tensors, as cuDNN's fused attention does on the GPU; lse stays f32.
   bool bf16_core() const;
+  // d(normed kv latent) [T, kv_lora_rank], d(rotated rope key) [T, dr] and, with query
+  // compression, d(normed q latent) [T, q_lora_rank]: summed over the TP group in one message.
+  void sum_latent_grads_over_tp(Tensor& d_kv_normed, Tensor& dk_pe_rotated, Tensor& d_q_normed) const;
 
   int64_t heads_, nope_dim_, rope_dim_, v_dim_, kv_lora_rank_;
   bool q_lora_;
   double softmax_scale_;
   RecomputePolicy recompute_;
+  ModelParallel parallel_;
   Parameter* q_a_proj_ = nullptr;
   Parameter* q_b_proj_ = nullptr;
   Parameter* q_proj_ = nullptr;

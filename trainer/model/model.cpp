@@ -44,6 +44,7 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
              const PrecisionPolicy& precision, const ModelParallel& parallel, Device device)
     : config_(config),
       dtype_(compute_dtype),
+      tp_size_(parallel.tp_size()),
       params_(compute_dtype, device),
       flops_per_token_(model_flops_per_token(config, 0)) {
   if (compute_dtype != DType::f32 && compute_dtype != DType::f64) {
@@ -90,13 +91,13 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
   for (ParamSpec& spec : model_param_specs(config_)) {
     if (spec.shard.axis == ShardAxis::expert && !local.holds(spec.shard.expert_index)) continue;  // another EP rank's
     if (!on_this_stage(spec)) continue;  // another pipeline stage's
-    params_.add(std::move(spec));
+    params_.add(std::move(spec), TensorShard{parallel.tp_size(), parallel.tp_rank()});
   }
   params_.initialize(seed);
   // before the modules are built: they read their weights' precision
   for (Parameter& p : params_) p.precision = precision.for_parameter(p.spec.name);
 
-  if (holds_first()) embedding_.emplace(params_.at("model.embed_tokens.weight"));
+  if (holds_first()) embedding_.emplace(params_.at("model.embed_tokens.weight"), parallel);
   size_t held = 0;
   for (const PipelineStage& st : chunks_) held += static_cast<size_t>(st.layers());
   layers_.reserve(held);  // the layers stay where they are built
@@ -110,7 +111,7 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
   chunk_begin_.push_back(layers_.size());
   if (holds_last()) {
     Parameter& head_weight = params_.at(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
-    head_.emplace(params_.at("model.norm.weight"), head_weight, config_.rms_norm_eps);
+    head_.emplace(params_.at("model.norm.weight"), head_weight, config_.rms_norm_eps, parallel);
     mtp_.reserve(static_cast<size_t>(mtp_depth()));
     for (int64_t k = 0; k < mtp_depth(); ++k)
       mtp_.emplace_back(params_, config_.num_hidden_layers + k, config_, recompute, head_weight, parallel);

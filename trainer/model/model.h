@@ -12,6 +12,10 @@
 // Expert parallelism (ModelParallel, trainer/model/expert_parallel.h): the store holds only this
 // EP rank's routed experts, and the MoE layers exchange tokens over the EP group.
 //
+// Tensor parallelism (ModelParallel::tp): the store holds this TP rank's boxes of the split
+// parameters (Parameter::offset); the modules sum over the TP group themselves (expert_parallel.h),
+// so forward, backward and the losses are the same calls, with the same values on every TP rank.
+//
 // Pipeline parallelism (ModelParallel::pp_size > 1, trainer/model/pipeline_stage.h): the model
 // holds one stage's modules and parameters (two stages, its chunks, in a V-shaped layout), and the
 // pipeline schedule drives it through forward_stage / backward_stage, several micro-batches in
@@ -205,6 +209,7 @@ class Model {
 
   ModelConfig config_;
   DType dtype_;
+  int tp_size_ = 1;
   std::vector<PipelineStage> chunks_;
   ParameterStore params_;
   std::optional<Embedding> embedding_;

@@ -41,7 +41,7 @@ Tensor Model::logits(const Batch& batch) {
   const Tensor no_targets = Tensor::full({T}, static_cast<double>(OutputHead::kIgnoreIndex), DType::i32);
   HeadContext head;
   head_->forward(h, no_targets, head);
-  return head.logits;
+  return head_->gather_logits(head);  // the whole vocabulary's under tensor parallelism
 }
 
 }  // namespace dsx

@@ -17,6 +17,10 @@
 namespace dsx {
 Model::PolicyOutput Model::policy_forward(const Batch& batch) {
   require_whole_model("Model::policy_forward");
+  if (tp_size_ > 1) {  // token_logprobs would need the vocab-parallel log-sum-exp (the GRPO stage refuses tp)
+    throw std::invalid_argument(
+        "Model::policy_forward: not built for tensor parallelism (tp = " + std::to_string(tp_size_) + ")");
+  }
   PolicyOutput out;
   MicroBatch& mb = start_micro_batch(0, 0, batch, "Model::policy_forward");
   const int64_t B = mb.seq.batch, S = mb.seq.seq_len, T = mb.seq.tokens();

@@ -40,10 +40,12 @@ Moe::Moe(ParameterStore& params, const std::string& prefix, int64_t layer, const
 
 namespace {
 
-// Token ranges of the chunks: two halves with overlap (when there are two tokens), else one.
-std::vector<ExpertRouter::TokenRange> chunk_ranges(int64_t T, bool overlap) {
-  if (!overlap || T < 2) return {{0, T}};
-  return {{0, T / 2}, {T / 2, T}};
+// Token ranges of the chunks of the rows [rows.begin, rows.end) this rank routes: two halves with
+// overlap (when there are two tokens), else one.
+std::vector<ExpertRouter::TokenRange> chunk_ranges(RowRange rows, bool overlap) {
+  const int64_t n = rows.end - rows.begin, mid = rows.begin + n / 2;
+  if (!overlap || n < 2) return {{rows.begin, rows.end}};
+  return {{rows.begin, mid}, {mid, rows.end}};
 }
 
 }  // namespace
@@ -79,7 +81,9 @@ Tensor Moe::forward(const Tensor& x, const SequenceInfo& seq, MoeContext& ctx, b
                          : 0.0;
 
   // dispatch every chunk, then compute each as its rows arrive and send the outputs back
-  const std::vector<ExpertRouter::TokenRange> ranges = chunk_ranges(T, parallel_.overlap_a2a);
+  // Under TP every rank routed all T tokens (identically); each sends its share to the experts.
+  const std::vector<ExpertRouter::TokenRange> ranges =
+      chunk_ranges(tp_rows(T, parallel_.tp_size(), parallel_.tp_rank()), parallel_.overlap_a2a);
   std::vector<Dispatch> routes = routes_.plan(ctx.expert_ids, ranges);
   ctx.chunks.resize(ranges.size());
   for (size_t i = 0; i < ranges.size(); ++i) {
@@ -100,7 +104,8 @@ Tensor Moe::forward(const Tensor& x, const SequenceInfo& seq, MoeContext& ctx, b
     c.expert_x = routes_.finish_to_experts(c.dispatch, c.in_flight);
     run_experts(c, ctx);  // starts the combine
   }
-  Tensor y = empty_like(x, x.shape());
+  // rows another TP rank routes stay zero here: the sum over TP fills them
+  Tensor y = parallel_.tp_size() > 1 ? Tensor::zeros(x.shape(), x.dtype(), x.device()) : empty_like(x, x.shape());
   for (MoeChunk& c : ctx.chunks) {
     c.permuted_y = routes_.finish_from_experts(c.dispatch, c.in_flight, x.dtype());
     c.in_flight = Tensor();
@@ -108,6 +113,7 @@ Tensor Moe::forward(const Tensor& x, const SequenceInfo& seq, MoeContext& ctx, b
     ops::moe_unpermute(c.permuted_y, ctx.weights.slice(c.begin, c.end), c.dispatch.plan, y_rows);
   }
   if (shared_) ops::add_(y, shared_y);
+  all_reduce_over_tp(parallel_, y);  // the shared experts' row-parallel parts and the routed rows
 
   if (record_load) {
     Tensor counts = Tensor::empty({E}, DType::i64, x.device());
@@ -134,7 +140,7 @@ Tensor Moe::experts_backward_input(MoeChunk& chunk, const Tensor& d_expert_y, Mo
 
 Tensor Moe::backward_input(const Tensor& dy, const SequenceInfo& seq, double balance_loss_grad, MoeContext& ctx) const {
   const int64_t T = dy.dim(0), K = router_.top_k;
-  Tensor d_weights = empty_like(dy, {T, K});
+  Tensor d_weights = Tensor::zeros({T, K}, dy.dtype(), dy.device());  // rows routed by another TP rank: 0
   for (MoeChunk& c : ctx.chunks) {  // the combine's backward: output gradients to the experts
     Tensor d_permuted_y = empty_like(dy, {(c.end - c.begin) * K, dy.dim(1)});
     Tensor d_weight_rows = d_weights.slice(c.begin, c.end);
@@ -157,6 +163,11 @@ Tensor Moe::backward_input(const Tensor& dy, const SequenceInfo& seq, double bal
     Tensor dx_rows = dx.slice(c.begin, c.end);
     ops::add_(dx_rows, d_routed);
   }
+  // Under TP: the shared experts' column-parallel parts and each rank's routed rows sum to the
+  // input gradient; the gate weights' gradients are summed too, so every rank runs the same
+  // (replicated) router backward on complete gradients.
+  all_reduce_over_tp(parallel_, dx);
+  all_reduce_over_tp(parallel_, d_weights);
 
   // The router: gradient through the chosen experts' gate weights and the balance loss.
   ctx.d_logits = empty_like(dy, ctx.scores.shape());

@@ -11,6 +11,11 @@
 // tokens are processed as two chunks: chunk 1's dispatch is in flight while chunk 0's experts
 // compute, chunk 0's combine while chunk 1's experts compute; the backward mirrors it.
 //
+// Tensor parallelism: the router runs on every token on every TP rank (same input, same weights,
+// same routing and loads); TP rank t sends only its share of the tokens (tp_rows) to the routed
+// experts, which the EP × TP group splits, and the shared experts are split by their width. The
+// output sums over TP; so do the input gradient and the gate weights' gradients in the backward.
+//
 // Aux-loss-free balancing: each (non-recompute) forward adds the tokens each expert received to
 // the layer's load; update_bias(γ) moves the selection bias by ±γ from that load and resets it.
 // The optional sequence-wise balance loss α·Σ_i f_i·P_i is computed per sequence of the batch.

@@ -15,7 +15,7 @@ MtpModule::MtpModule(ParameterStore& params, int64_t layer, const ModelConfig& c
       eh_proj_(&params.at("model.layers." + std::to_string(layer) + ".eh_proj.weight")),
       block_(params, layer, config, recompute, parallel),
       head_(params.at("model.layers." + std::to_string(layer) + ".shared_head.norm.weight"), head_weight,
-            config.rms_norm_eps) {}
+            config.rms_norm_eps, parallel) {}
 
 void MtpModule::forward(const Tensor& h_prev, const SequenceInfo& seq, MtpContext& ctx) {
   ctx.concat = empty_like(h_prev, {h_prev.dim(0), 2 * hidden_});

@@ -1,6 +1,8 @@
 #include "trainer/model/parameters.h"
 
 #include <stdexcept>
+#include <string>
+#include <utility>
 
 #include "kernels/dispatch.h"
 #include "kernels/random.h"
@@ -144,11 +146,43 @@ double initial_value(const ParamSpec& spec, uint64_t seed, int64_t index) {
   return 0.0;
 }
 
-Parameter& ParameterStore::add(ParamSpec spec) {
+int64_t global_element_index(const Shape& global, const Shape& offset, const Shape& local, int64_t local_index) {
+  int64_t index = 0;
+  int64_t rest = local_index;
+  int64_t local_stride = shape_numel(local), global_stride = shape_numel(global);
+  for (size_t d = 0; d < local.size(); ++d) {
+    local_stride /= local[d];
+    global_stride /= global[d];
+    index += (rest / local_stride + offset[d]) * global_stride;
+    rest %= local_stride;
+  }
+  return index;
+}
+
+namespace {
+// The box of `spec` a rank holds: the whole tensor, or its part of a tensor-parallel split.
+std::pair<Shape, Shape> held_box(const ParamSpec& spec, TensorShard shard) {
+  Shape local = spec.shape, offset(spec.shape.size(), 0);
+  if (spec.shard.axis != ShardAxis::tensor || shard.size == 1) return {local, offset};
+  const auto dim = static_cast<size_t>(spec.shard.dim);
+  if (shard.size < 1 || shard.rank < 0 || shard.rank >= shard.size || dim >= local.size() ||
+      local[dim] % shard.size != 0) {
+    throw std::invalid_argument("ParameterStore: " + spec.name + " cannot be split into " + std::to_string(shard.size) +
+                                " tensor-parallel parts along dimension " + std::to_string(spec.shard.dim));
+  }
+  local[dim] /= shard.size;
+  offset[dim] = local[dim] * shard.rank;
+  return {local, offset};
+}
+}  // namespace
+
+Parameter& ParameterStore::add(ParamSpec spec, TensorShard shard) {
   if (contains(spec.name)) throw std::invalid_argument("ParameterStore: parameter " + spec.name + " added twice");
   Parameter p;
-  p.value = Tensor::zeros(spec.shape, dtype_, device_);
-  if (spec.trainable) p.grad = Tensor::zeros(spec.shape, dtype_, device_);
+  auto [local, offset] = held_box(spec, shard);
+  p.offset = std::move(offset);
+  p.value = Tensor::zeros(local, dtype_, device_);
+  if (spec.trainable) p.grad = Tensor::zeros(local, dtype_, device_);
   p.spec = std::move(spec);
   index_.emplace(p.spec.name, params_.size());
   params_.push_back(std::move(p));
@@ -175,7 +209,11 @@ void ParameterStore::initialize(uint64_t seed) {
     dispatch_float(host.dtype(), "ParameterStore::initialize", [&]<class T>() {
       T* v = host.data<T>();
       const int64_t n = host.numel();
-      for (int64_t i = 0; i < n; ++i) v[i] = static_cast<T>(initial_value(p.spec, seed, i));
+      const bool whole = host.shape() == p.spec.shape;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t g = whole ? i : global_element_index(p.spec.shape, p.offset, host.shape(), i);
+        v[i] = static_cast<T>(initial_value(p.spec, seed, g));
+      }
     });
     if (host.raw() != p.value.raw()) p.value.copy_from(host);
   }

@@ -58,9 +58,19 @@ struct ParamSpec {
 // The complete, ordered list of the model's parameters for a config (validated first).
 std::vector<ParamSpec> model_param_specs(const ModelConfig& config);
 
+// Which part of a tensor-parallel (ShardAxis::tensor) parameter a rank holds: part `rank` of
+// `size` equal parts along the spec's dim. Other parameters are held whole whatever it says.
+struct TensorShard {
+  int size = 1;
+  int rank = 0;
+};
+
 // One parameter: its spec, its value and its gradient (undefined when not trainable).
 struct Parameter {
   ParamSpec spec;
+  // value and grad hold the box [offset, offset + value.shape()) of the global tensor spec.shape:
+  // the whole tensor (offset all zeros) unless the parameter is split over tensor parallelism.
+  Shape offset;
   Tensor value;
   Tensor grad;
   LinearPrecision precision;  // how the owning module computes (trainer/model/precision.h); set by Model
@@ -81,17 +91,19 @@ class ParameterStore {
   ParameterStore(const ParameterStore&) = delete;
   ParameterStore& operator=(const ParameterStore&) = delete;
 
-  // Allocates the value (zeros until initialize) and, for a trainable parameter, a zero gradient.
-  Parameter& add(ParamSpec spec);
+  // Allocates the value (zeros until initialize) and, for a trainable parameter, a zero gradient:
+  // the whole tensor, or the shard's box of a ShardAxis::tensor parameter (its dim must divide
+  // evenly; throws std::invalid_argument otherwise).
+  Parameter& add(ParamSpec spec, TensorShard shard = {});
   Parameter& at(std::string_view name);
   const Parameter& at(std::string_view name) const;
   bool contains(std::string_view name) const;
 
   // Sets every value from its spec: normal(0, init_std) from Philox keyed by (seed, hash of
   // the name) and the global element index, ones or zeros. Independent of registration order
-  // and of how the tensor would be sharded. Every matrix, output projections included, uses the
-  // same init_std = initializer_range (Hugging Face DeepseekV3's _init_weights; no depth-scaled
-  // init for o_proj/down_proj), norms start at 1 and the router bias at 0.
+  // and of how the tensor is sharded (a shard draws the values of its box of the global tensor). Every matrix, output
+  // projections included, uses the same init_std = initializer_range (Hugging Face DeepseekV3's _init_weights; no
+  // depth-scaled init for o_proj/down_proj), norms start at 1 and the router bias at 0.
   void initialize(uint64_t seed);
   void zero_grad();
 
@@ -129,5 +141,8 @@ class GemmWeightCopies {
 
 // The value of element `index` (row-major, global) of a parameter initialised with `spec`.
 double initial_value(const ParamSpec& spec, uint64_t seed, int64_t index);
+
+// Row-major index in `global` of element `local_index` of the box [offset, offset + local).
+int64_t global_element_index(const Shape& global, const Shape& offset, const Shape& local, int64_t local_index);
 
 }  // namespace dsx

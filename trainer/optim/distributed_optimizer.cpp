@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cmath>
 #include <stdexcept>
+#include <string>
+#include <string_view>
 
 #include "kernels/error.h"
 #include "kernels/ops/adamw.h"
@@ -256,8 +258,16 @@ double DistributedAdamW::take_exposed_comm_s() {
 double DistributedAdamW::own_sum_of_squares(const Bucket& b) const {
   const int64_t n = b.own_end - b.own_begin;
   if (n == 0) return 0;
-  const int64_t first = b.own_begin - b.update_begin;  // position of the partition in update_grads
-  return ops::sum_of_squares(flat_view(b.update_grads, first, n));
+  if (options_.owns_replicated) {
+    const int64_t first = b.own_begin - b.update_begin;  // position of the partition in update_grads
+    return ops::sum_of_squares(flat_view(b.update_grads, first, n));
+  }
+  double sum = 0;  // piece by piece, leaving out the parameters another TP rank counts
+  for (const Piece& pc : b.own_pieces) {
+    if (slots_[pc.slot].param->spec.shard.axis == ShardAxis::none) continue;
+    sum += ops::sum_of_squares(flat_view(b.update_grads, pc.bucket_begin - b.update_begin, pc.length));
+  }
+  return sum;
 }
 
 void DistributedAdamW::update(Bucket& b, double lr) {
@@ -284,8 +294,8 @@ double DistributedAdamW::step(double lr) {
 
   // Each element is counted once: by the rank owning its partition in its group. Summing over
   // the world is then right when the DP/EDP groups' replicas of every pipeline stage together
-  // span the world: true for pp > 1 (stages hold disjoint parameters), not for tp > 1, where
-  // replicated (ShardAxis::none) parameters would be counted once per TP rank.
+  // span the world: true for pp > 1 (stages hold disjoint parameters); for tp > 1 the parameters
+  // replicated over TP (ShardAxis::none) are counted by TP rank 0 only (options_.owns_replicated).
   double sum_sq = 0;
   for (Bucket& b : buckets_) {
     wait(b.reduction);
@@ -329,17 +339,20 @@ double DistributedAdamW::step(double lr) {
   return norm;
 }
 
-// The moment boxes of the given pieces of every bucket, as 1-D ranges of the flattened tensors.
+// The moment boxes of the given pieces of every bucket (moment_boxes: in the parameters' global shapes).
 std::vector<ckpt::TensorSlice> DistributedAdamW::moment_boxes(bool own_only) {
   std::vector<ckpt::TensorSlice> out;
   for (Bucket& b : buckets_) {
     for (const Piece& pc : own_only ? b.own_pieces : b.update_pieces) {
-      const ParamSpec& spec = slots_[pc.slot].param->spec;
-      const Shape global = {spec.numel()};
-      const Shape offset = {pc.param_begin};
+      const Parameter& p = *slots_[pc.slot].param;
+      if (own_only && !options_.owns_replicated && p.spec.shard.axis == ShardAxis::none) continue;  // TP rank 0's
       const int64_t at = pc.bucket_begin - b.update_begin;
-      out.push_back({"optim.exp_avg." + spec.name, global, offset, flat_view(b.exp_avg, at, pc.length)});
-      out.push_back({"optim.exp_avg_sq." + spec.name, global, offset, flat_view(b.exp_avg_sq, at, pc.length)});
+      for (const char* moment : {"optim.exp_avg.", "optim.exp_avg_sq."}) {
+        const Tensor& flat = moment == std::string_view("optim.exp_avg.") ? b.exp_avg : b.exp_avg_sq;
+        for (ckpt::TensorSlice& box :
+             dsx::moment_boxes(moment + p.spec.name, p, pc.param_begin, flat_view(flat, at, pc.length)))
+          out.push_back(std::move(box));
+      }
     }
   }
   return out;

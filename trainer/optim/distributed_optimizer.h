@@ -53,6 +53,10 @@ namespace dsx {
 struct DistributedOptimizerOptions {
   bool zero1 = true;               // recipe parallel.zero == 1
   int64_t bucket_bytes = 8 << 20;  // gradient bucket size (bytes of gradient)
+  // This rank counts the parameters replicated over tensor parallelism (ShardAxis::none) in the
+  // global gradient norm and writes their optimizer state: true on TP rank 0 (and without TP),
+  // false on the other TP ranks, whose copies are the same.
+  bool owns_replicated = true;
 };
 
 class DistributedAdamW : public Optimizer {
@@ -81,9 +85,9 @@ class DistributedAdamW : public Optimizer {
   void set_steps_taken(int64_t step) override { step_ = step; }
   bool decays(const Parameter& p) const;
 
-  // Checkpoint state: "optim.exp_avg.<param>" and "optim.exp_avg_sq.<param>" as 1-D slices of the
-  // flattened tensors (global shape {numel}, offset {first element}), covering this rank's own
-  // partition of every bucket, so each element is written by exactly one rank of its group.
+  // Checkpoint state: "optim.exp_avg.<param>" and "optim.exp_avg_sq.<param>" as boxes of the
+  // parameters' global shapes (moment_boxes, optimizer.h), covering this rank's own partition of
+  // every bucket, so each element is written by exactly one rank of its group.
   std::vector<ckpt::TensorSlice> state_slices() override;
   // Requests filling every moment element this rank keeps (zero1: its shard; otherwise all).
   std::vector<ckpt::LoadRequest> state_requests() override;

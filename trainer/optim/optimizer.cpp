@@ -1,5 +1,8 @@
 #include "trainer/optim/optimizer.h"
 
+#include <algorithm>
+#include <stdexcept>
+
 #include "kernels/ops/grad_norm.h"
 
 namespace dsx {
@@ -38,17 +41,48 @@ double AdamW::step(double lr) {
 std::vector<AdamW::StateTensor> AdamW::state_tensors() {
   std::vector<StateTensor> out;
   for (Slot& s : slots_) {
-    out.push_back({"optim.exp_avg." + s.param->spec.name, &s.exp_avg});
-    out.push_back({"optim.exp_avg_sq." + s.param->spec.name, &s.exp_avg_sq});
+    out.push_back({"optim.exp_avg." + s.param->spec.name, s.param, &s.exp_avg});
+    out.push_back({"optim.exp_avg_sq." + s.param->spec.name, s.param, &s.exp_avg_sq});
   }
+  return out;
+}
+
+std::vector<ckpt::TensorSlice> moment_boxes(const std::string& name, const Parameter& p, int64_t first,
+                                            const Tensor& flat) {
+  const Shape& local = p.value.shape();
+  const int64_t length = flat.numel();
+  std::vector<ckpt::TensorSlice> out;
+  if (length == 0) return out;
+  if (local.size() == 1) {
+    out.push_back({name, p.spec.shape, {p.offset[0] + first}, flat});
+    return out;
+  }
+  if (local.size() != 2) {
+    throw std::logic_error("moment_boxes: " + p.spec.name + " has " + std::to_string(local.size()) +
+                           " dimensions; parameters have 1 or 2");
+  }
+  const int64_t cols = local[1];
+  int64_t at = first;  // local flat index of the next element to place
+  const int64_t end = first + length;
+  auto add = [&](int64_t rows, int64_t width) {
+    const int64_t row = at / cols, col = at % cols;
+    out.push_back({name,
+                   p.spec.shape,
+                   {p.offset[0] + row, p.offset[1] + col},
+                   flat.slice(at - first, at - first + rows * width).view({rows, width})});
+    at += rows * width;
+  };
+  if (at % cols != 0) add(1, std::min(cols - at % cols, end - at));  // the end of a first, partial row
+  if ((end - at) / cols > 0) add((end - at) / cols, cols);           // whole rows
+  if (at < end) add(1, end - at);                                    // the start of a last, partial row
   return out;
 }
 
 std::vector<ckpt::TensorSlice> AdamW::state_slices() {
   std::vector<ckpt::TensorSlice> out;
   for (const StateTensor& s : state_tensors()) {
-    const int64_t n = s.tensor->numel();
-    out.push_back({s.name, {n}, {0}, s.tensor->view({n})});
+    for (ckpt::TensorSlice& box : moment_boxes(s.name, *s.param, 0, s.tensor->view({s.tensor->numel()})))
+      out.push_back(std::move(box));
   }
   return out;
 }

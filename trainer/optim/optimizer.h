@@ -4,9 +4,10 @@
 // recipe's no_decay patterns allow it, global-norm clipping. The data-parallel version (gradient
 // buckets, ZeRO-1) is trainer/optim/distributed_optimizer.h.
 //
-// Checkpointed state: the moments as 1-D slices of the flattened tensors, named
-// "optim.exp_avg.<param>" / "optim.exp_avg_sq.<param>" with global shape {numel}, so a shard of
-// any layout (a ZeRO range of a flattened bucket) is a box and loads into any other layout.
+// Checkpointed state: the moments, named "optim.exp_avg.<param>" / "optim.exp_avg_sq.<param>",
+// with their parameter's global shape, written as boxes (moment_boxes below): a ZeRO range of a
+// flattened bucket, within a tensor-parallel shard or not, is at most three boxes, so the state of
+// any layout loads into any other.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -20,6 +21,12 @@
 
 namespace dsx {
 
+// The boxes of the global tensor p.spec.shape that hold elements [first, first + flat.numel()) of
+// p's own box (p.value flattened row-major), with flat's values: one box for a 1-D parameter or a
+// range of whole rows, up to three (a partial row, whole rows, a partial row) otherwise.
+std::vector<ckpt::TensorSlice> moment_boxes(const std::string& name, const Parameter& p, int64_t first,
+                                            const Tensor& flat);
+
 class Optimizer {
  public:
   virtual ~Optimizer() = default;
@@ -29,7 +36,7 @@ class Optimizer {
   virtual double step(double lr) = 0;
   virtual int64_t steps_taken() const = 0;
   virtual void set_steps_taken(int64_t step) = 0;
-  virtual std::vector<ckpt::TensorSlice> state_slices() = 0;   // what this rank writes
+  virtual std::vector<ckpt::TensorSlice> state_slices() = 0;    // what this rank writes
   virtual std::vector<ckpt::LoadRequest> state_requests() = 0;  // what this rank reads back
   // Seconds blocked on gradient/parameter communication since the last call.
   virtual double take_exposed_comm_s() { return 0; }
@@ -49,6 +56,7 @@ class AdamW : public Optimizer {
   // Optimizer state for checkpoints: names "optim.exp_avg.<param>" / "optim.exp_avg_sq.<param>".
   struct StateTensor {
     std::string name;
+    const Parameter* param;
     Tensor* tensor;
   };
   std::vector<StateTensor> state_tensors();

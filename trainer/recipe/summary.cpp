@@ -82,9 +82,11 @@ std::string run_line(const Recipe& r) {
 std::string layout_line(const Recipe& r) {
   const ParallelSection& p = r.parallel;
   const int64_t world = p.pp * p.dp * p.tp;
-  return fmt::format("{} rank{} = pp {} x dp {} x tp {}; ep {} inside dp (experts replicated {}x); ZeRO-{}; {}{}",
-                     world, world == 1 ? "" : "s", p.pp, p.dp, p.tp, p.ep, p.dp / p.ep, p.zero,
-                     enum_name(p.pp_schedule),
+  const std::string experts =
+      p.tp > 1 ? fmt::format("experts split over ep x tp = {} ranks, replicated {}x", p.ep * p.tp, p.dp / p.ep)
+               : fmt::format("experts replicated {}x", p.dp / p.ep);
+  return fmt::format("{} rank{} = pp {} x dp {} x tp {}; ep {} inside dp ({}); ZeRO-{}; {}{}", world,
+                     world == 1 ? "" : "s", p.pp, p.dp, p.tp, p.ep, experts, p.zero, enum_name(p.pp_schedule),
                      p.pp > 1 ? fmt::format(", {} split", enum_name(p.pp_split)) : std::string());
 }
 

@@ -219,14 +219,18 @@ void check_layout(const Recipe& r, const Reporter& report) {
                 fmt::format("`parallel.ep` ({}) must divide `parallel.dp` ({}): expert-parallel groups are carved "
                             "out of data parallelism",
                             p.ep, p.dp));
-  if (m.n_routed_experts > 0 && m.n_routed_experts % p.ep != 0)
-    report.fail({"parallel.ep", "model.n_routed_experts"},
-                fmt::format("`parallel.ep` ({}) must divide `model.n_routed_experts` ({})", p.ep, m.n_routed_experts));
-  for (const auto& [key, size] : {std::pair{"model.num_attention_heads", m.num_attention_heads},
-                                  std::pair{"model.intermediate_size", m.intermediate_size},
-                                  std::pair{"model.moe_intermediate_size", m.moe_intermediate_size}})
+  // what tensor parallelism splits: heads, the dense and shared-expert MLP widths, the vocabulary
+  for (const auto& [key, size] :
+       {std::pair{"model.num_attention_heads", m.num_attention_heads},
+        std::pair{"model.intermediate_size", m.intermediate_size},
+        std::pair{"model.moe_intermediate_size", m.moe_intermediate_size}, std::pair{"model.vocab_size", m.vocab_size}})
     if (size % p.tp != 0)
       report.fail({"parallel.tp", key}, fmt::format("`parallel.tp` ({}) must divide `{}` ({})", p.tp, key, size));
+  if (m.n_routed_experts > 0 && m.n_routed_experts % (p.ep * p.tp) != 0)
+    report.fail({"parallel.ep", "parallel.tp", "model.n_routed_experts"},
+                fmt::format("`parallel.ep` · `parallel.tp` ({}·{}) must divide `model.n_routed_experts` ({}): the "
+                            "routed experts are split over the EP × TP ranks",
+                            p.ep, p.tp, m.n_routed_experts));
   if (p.pp > m.num_hidden_layers)
     report.fail({"parallel.pp", "model.num_hidden_layers"},
                 fmt::format("`parallel.pp` ({}) exceeds `model.num_hidden_layers` ({}): every stage "

@@ -18,9 +18,11 @@ ModelParallel TrainParallel::model_parallel(const Recipe& recipe) {
   ModelParallel mp;
   // Token rows travel where the model lives (NCCL for device: cuda); the router loads are
   // host counters and stay on MPI.
-  if (p.ep > 1) mp.ep = tensor_comms().ep.get();
+  const bool experts_split = p.ep * p.tp > 1;  // the EP group spans EP × TP ranks (parallel/mesh.h)
+  if (experts_split) mp.ep = tensor_comms().ep.get();
+  if (p.tp > 1) mp.tp = tensor_comms().tp.get();
   if (p.dp > 1) mp.dp = comms.dp.get();
-  mp.overlap_a2a = p.overlap_a2a && p.ep > 1;
+  mp.overlap_a2a = p.overlap_a2a && experts_split;
   mp.dispatch = precision.dispatch == DispatchPrecision::fp8    ? WireFormat::fp8_e4m3
                 : precision.dispatch == DispatchPrecision::bf16 ? WireFormat::bf16
                                                                 : WireFormat::f32;
@@ -94,10 +96,10 @@ std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
                     " needs that many processes, but this one was started alone; launch it with mpirun -np " +
                     std::to_string(sizes.world()) + " (or srun -n " + std::to_string(sizes.world()) + ")");
   }
-  if (p.tp > 1) {
+  if (p.tp > 1 && recipe.model.device == Device::cuda) {
     throw UserError(
-        "parallel.tp: tensor-parallel layers are not built yet; train with pipeline, data and expert parallelism "
-        "(parallel.pp, parallel.dp, parallel.ep) and tp = 1");
+        "parallel.tp: tensor parallelism has run on CPU ranks (MPI) only so far; on GPUs train with pipeline, data "
+        "and expert parallelism (parallel.pp, parallel.dp, parallel.ep) and tp = 1, or use device: cpu");
   }
   if (p.pp > 1) stage_schedule(recipe, 2 * p.pp, 0);  // refuses a schedule that is not built, before any work
   if (p.pp > 2 && p.pp_schedule == PipelineSchedule::dualpipev && recipe.model.device == Device::cuda) {

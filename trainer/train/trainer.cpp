@@ -59,8 +59,10 @@ Trainer::Trainer(Recipe recipe, TrainerOptions options)
                                    recipe_.model.device);
   if (parallel_) {
     MeshComms& c = parallel_->tensor_comms();  // gradients and parameters: NCCL for a GPU model
-    optimizer_ = std::make_unique<DistributedAdamW>(model_->parameters(), recipe_.optim, *c.dp, *c.edp, *c.world,
-                                                    DistributedOptimizerOptions{.zero1 = recipe_.parallel.zero >= 1});
+    const DistributedOptimizerOptions options{.zero1 = recipe_.parallel.zero >= 1,
+                                              .owns_replicated = parallel_->mesh.coords.tp == 0};
+    optimizer_ =
+        std::make_unique<DistributedAdamW>(model_->parameters(), recipe_.optim, *c.dp, *c.edp, *c.world, options);
   } else {
     optimizer_ = std::make_unique<AdamW>(model_->parameters(), recipe_.optim);
   }
@@ -106,7 +108,7 @@ void Trainer::resume_if_requested() {
 
 void Trainer::restore_from(const std::filesystem::path& dir) {
   std::vector<ckpt::LoadRequest> requests;
-  for (Parameter& p : model_->parameters()) requests.push_back({p.spec.name, p.value.shape(), {}, p.value});
+  for (Parameter& p : model_->parameters()) requests.push_back({p.spec.name, p.spec.shape, p.offset, p.value});
   for (ckpt::LoadRequest& r : optimizer_->state_requests()) requests.push_back(std::move(r));
   const ckpt::CheckpointState state = ckpt::load(dir, requests);
   step_ = state.step;
@@ -118,18 +120,27 @@ void Trainer::restore_from(const std::filesystem::path& dir) {
   if (options_.console) fmt::print("resumed from {} at step {}\n", dir.string(), step_);
 }
 
-// Each tensor is written once: dense parameters by DP rank 0, an EP rank's experts by its EDP
-// rank 0; the optimizer decides which moment ranges each rank writes.
+// Each tensor element is written once: dense parameters by DP rank 0 (a tensor-parallel one's box
+// by each TP rank, a replicated one by TP rank 0), an EP rank's experts by its EDP rank 0; the
+// optimizer decides which moment ranges each rank writes.
 bool Trainer::writes_parameter(const Parameter& p) const {
   if (!parallel_) return true;
   const MeshCoords& c = parallel_->mesh.coords;
-  return p.spec.shard.axis == ShardAxis::expert ? c.edp == 0 : c.dp == 0;
+  switch (p.spec.shard.axis) {
+    case ShardAxis::expert:
+      return c.edp == 0;
+    case ShardAxis::tensor:
+      return c.dp == 0;
+    case ShardAxis::none:
+      return c.dp == 0 && c.tp == 0;
+  }
+  return false;
 }
 
 std::filesystem::path Trainer::save_checkpoint(int64_t step) {
   std::vector<ckpt::TensorSlice> slices;
   for (Parameter& p : model_->parameters()) {
-    if (writes_parameter(p)) slices.push_back({p.spec.name, p.value.shape(), {}, p.value});
+    if (writes_parameter(p)) slices.push_back({p.spec.name, p.spec.shape, p.offset, p.value});
   }
   for (ckpt::TensorSlice& s : optimizer_->state_slices()) slices.push_back(std::move(s));
   ckpt::CheckpointState state;
@@ -243,7 +254,7 @@ StepMetrics Trainer::train_step(int64_t step) {
 // Per MoE layer: tokens per expert over the global batch (the loads the bias update used) and,
 // with expert parallelism, how unevenly the EP ranks receive tokens.
 void Trainer::add_expert_load_metrics(StepMetrics& m) const {
-  const int64_t ep = recipe_.parallel.ep;
+  const int64_t ep = recipe_.parallel.ep * recipe_.parallel.tp;  // the ranks the experts are split over
   for (const ExpertLoad& l : all_expert_loads()) {
     LayerLoad load{l.layer, static_cast<double>(l.min_tokens), static_cast<double>(l.max_tokens), l.cv, l.bias_spread};
     if (ep > 1) {
