@@ -52,7 +52,11 @@ set(DSX_LAYOUTS
     "tp2_dp2_zero1|4|--set parallel.tp=2 --set parallel.dp=2 --set parallel.zero=1"
     "tp2_dp2_ep2|4|--set parallel.tp=2 --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=0"
     "pp2_tp2|4|--set parallel.pp=2 --set parallel.tp=2"
-    "tp2_recompute_no_overlap|2|--set parallel.tp=2 --set train.recompute=[full] --set parallel.overlap_a2a=false")
+    "tp2_recompute_no_overlap|2|--set parallel.tp=2 --set train.recompute=[full] --set parallel.overlap_a2a=false"
+    # Sequence parallelism: the residual stream and the norms on half of the tokens per rank.
+    "tp2_sp|2|--set parallel.tp=2 --set parallel.sequence_parallel=true"
+    "tp2_sp_dp2_ep2_zero1|4|--set parallel.tp=2 --set parallel.sequence_parallel=true --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1"
+    "tp2_sp_recompute|2|--set parallel.tp=2 --set parallel.sequence_parallel=true --set train.recompute=[rmsnorm,mla_up_proj,moe_act]")
 # "name|np|overrides" -> name, np and the override arguments, in the caller's scope.
 macro(dsx_split_layout entry)
   string(REPLACE "|" ";" fields "${entry}")

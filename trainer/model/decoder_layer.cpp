@@ -31,21 +31,21 @@ DecoderLayer::DecoderLayer(ParameterStore& params, int64_t layer, const ModelCon
 }
 
 Tensor DecoderLayer::ffn_forward(const Tensor& h, const SequenceInfo& seq, DecoderLayerContext& ctx, bool record_load) {
+  const Tensor h_all = gather_tokens(parallel_, h);  // sequence parallelism: every TP rank's tokens
   if (moe_) {
-    Tensor y = moe_->forward(h, seq, ctx.moe, record_load);
+    Tensor y = moe_->forward(h_all, seq, ctx.moe, record_load);
     ctx.balance_loss = ctx.moe.balance_loss;
     return y;
   }
-  Tensor y = empty_like(h, h.shape());
-  mlp_->forward(h, ctx.mlp, y);
-  all_reduce_over_tp(parallel_, y);  // down_proj is row-parallel
+  Tensor y = empty_like(h_all, h_all.shape());
+  mlp_->forward(h_all, ctx.mlp, y);
   ctx.balance_loss = 0;
-  return y;
+  return sum_over_tp(parallel_, y);  // down_proj is row-parallel
 }
 
 Tensor DecoderLayer::run_forward(const Tensor& x, const SequenceInfo& seq, DecoderLayerContext& ctx, bool record_load) {
   ctx.attn_in = input_norm_.forward(x, ctx.input_norm);
-  ctx.mid = attention_.forward(ctx.attn_in, seq, ctx.attn);
+  ctx.mid = attention_.forward(gather_tokens(parallel_, ctx.attn_in), seq, ctx.attn);
   ops::add_(ctx.mid, x);
   if (bf16_residual_) round_to_bf16_(ctx.mid);  // the residual stream is a stored activation too
   ctx.ffn_in = post_attention_norm_.forward(ctx.mid, ctx.post_attention_norm);
@@ -76,17 +76,20 @@ Tensor DecoderLayer::backward_input(const Tensor& x, const Tensor& dy, const Seq
     ctx.attn_in = input_norm_.forward(x, ctx.input_norm);
     ctx.ffn_in = post_attention_norm_.forward(ctx.mid, ctx.post_attention_norm);
   }
+  ctx.attn_in_all = gather_tokens(parallel_, ctx.attn_in);
+  ctx.ffn_in_all = gather_tokens(parallel_, ctx.ffn_in);
+  const Tensor dy_all = gather_tokens(parallel_, dy);
   Tensor d_ffn_in;
   if (moe_) {
-    d_ffn_in = moe_->backward_input(dy, seq, loss_scale, ctx.moe);
+    d_ffn_in = moe_->backward_input(dy_all, seq, loss_scale, ctx.moe);
   } else {
-    d_ffn_in = empty_like(dy, dy.shape());
-    mlp_->backward_input(dy, ctx.mlp, d_ffn_in);
-    all_reduce_over_tp(parallel_, d_ffn_in);  // gate_proj and up_proj are column-parallel
+    Tensor d_ffn_in_all = empty_like(dy_all, dy_all.shape());
+    mlp_->backward_input(dy_all, ctx.mlp, d_ffn_in_all);
+    d_ffn_in = sum_over_tp(parallel_, d_ffn_in_all);  // gate_proj and up_proj are column-parallel
   }
   Tensor d_mid = post_attention_norm_.backward_input(ctx.mid, d_ffn_in, ctx.post_attention_norm);
   ops::add_(d_mid, dy);  // residual
-  const Tensor d_attn_in = attention_.backward_input(ctx.attn_in, d_mid, seq, ctx.attn);
+  const Tensor d_attn_in = attention_.backward_input(ctx.attn_in_all, gather_tokens(parallel_, d_mid), seq, ctx.attn);
   Tensor dx = input_norm_.backward_input(x, d_attn_in, ctx.input_norm);
   ops::add_(dx, d_mid);  // residual
   return dx;
@@ -94,12 +97,12 @@ Tensor DecoderLayer::backward_input(const Tensor& x, const Tensor& dy, const Seq
 
 void DecoderLayer::backward_weight(const Tensor& x, DecoderLayerContext& ctx) const {
   if (moe_) {
-    moe_->backward_weight(ctx.ffn_in, ctx.moe);
+    moe_->backward_weight(ctx.ffn_in_all, ctx.moe);
   } else {
-    mlp_->backward_weight(ctx.ffn_in, ctx.mlp);
+    mlp_->backward_weight(ctx.ffn_in_all, ctx.mlp);
   }
   post_attention_norm_.backward_weight(ctx.mid, ctx.post_attention_norm);
-  attention_.backward_weight(ctx.attn_in, ctx.attn);
+  attention_.backward_weight(ctx.attn_in_all, ctx.attn);
   input_norm_.backward_weight(x, ctx.input_norm);
   ctx = {};
 }

@@ -16,6 +16,9 @@ struct DecoderLayerContext {
   Tensor attn_in;  // input_layernorm(x)           (dropped with recompute.rmsnorm)
   Tensor mid;      // x + attention
   Tensor ffn_in;   // post_attention_layernorm(mid) (dropped with recompute.rmsnorm)
+  // Sequence parallelism: attn_in and ffn_in of all the TP ranks' tokens (the blocks' inputs),
+  // gathered again by backward_input for backward_weight; without it the same tensors as above.
+  Tensor attn_in_all, ffn_in_all;
   MlaContext attn;
   MlpContext mlp;
   MoeContext moe;

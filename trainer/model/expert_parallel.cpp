@@ -20,6 +20,42 @@ void all_reduce_over_tp(const ModelParallel& parallel, Tensor& t) {
   timed_wait(h, parallel.timer);
 }
 
+namespace {
+bool sequence_parallel(const ModelParallel& parallel) {
+  return parallel.sequence_parallel && parallel.tp_size() > 1;
+}
+}  // namespace
+
+Tensor sum_over_tp(const ModelParallel& parallel, Tensor partial) {
+  if (!sequence_parallel(parallel)) {
+    all_reduce_over_tp(parallel, partial);
+    return partial;
+  }
+  const int64_t rows = partial.dim(0) / parallel.tp_size();
+  Shape shape = partial.shape();
+  shape[0] = rows;
+  Tensor out = Tensor::empty(shape, partial.dtype(), partial.device());
+  CommHandle h = parallel.tp->reduce_scatter(partial, out);
+  timed_wait(h, parallel.timer);
+  return out;
+}
+
+Tensor gather_tokens(const ModelParallel& parallel, const Tensor& t) {
+  if (!sequence_parallel(parallel)) return t;
+  Shape shape = t.shape();
+  shape[0] *= parallel.tp_size();
+  Tensor out = Tensor::empty(shape, t.dtype(), t.device());
+  CommHandle h = parallel.tp->all_gather(t, out);
+  timed_wait(h, parallel.timer);
+  return out;
+}
+
+Tensor own_tokens(const ModelParallel& parallel, const Tensor& t) {
+  if (!sequence_parallel(parallel)) return t;
+  const RowRange r = tp_rows(t.dim(0), parallel.tp_size(), parallel.tp_rank());
+  return t.slice(r.begin, r.end);
+}
+
 RowRange tp_rows(int64_t n, int size, int rank) {
   const int64_t base = n / size, extra = n % size;
   const int64_t begin = rank * base + std::min<int64_t>(rank, extra);

@@ -48,6 +48,10 @@ enum class WireFormat : uint8_t { f32, bf16, fp8_e4m3 };
 struct ModelParallel {
   Communicator* ep = nullptr;  // null: every expert is local (ep = 1); with tp > 1 it spans EP × TP
   Communicator* tp = nullptr;  // null: tp = 1
+  // Sequence parallelism (with tp > 1): between the tensor-parallel blocks each TP rank holds
+  // only its tp_rows of the micro-batch's tokens (the residual stream, the norms); a block
+  // all-gathers its input and reduce-scatters its output.
+  bool sequence_parallel = false;
   Communicator* dp = nullptr;  // null: a single replica
   // Each MoE layer runs its micro-batch as two chunks: one chunk's dispatch or combine is in
   // flight while the other chunk's experts compute (forward and backward).
@@ -72,6 +76,15 @@ struct ModelParallel {
 // t summed over the TP group, in place (nothing without tensor parallelism); the wait counts as
 // exposed communication.
 void all_reduce_over_tp(const ModelParallel& parallel, Tensor& t);
+
+// A tensor-parallel block's partial result over all the tokens (its output, or its input
+// gradient) summed over TP: the whole sum, or under sequence parallelism this rank's token rows
+// of it (a reduce-scatter).
+Tensor sum_over_tp(const ModelParallel& parallel, Tensor partial);
+// Under sequence parallelism, every TP rank's token rows in order (an all-gather); else t.
+Tensor gather_tokens(const ModelParallel& parallel, const Tensor& t);
+// Under sequence parallelism, this rank's token rows of t (a view); else t.
+Tensor own_tokens(const ModelParallel& parallel, const Tensor& t);
 
 // The rows [begin, end) of n that TP rank `rank` of `size` takes: equal contiguous parts, the
 // first n % size ranks one row more.

@@ -184,7 +184,8 @@ void Mlp::backward_weight(const Tensor& x, MlpContext& ctx) const {
 
 void OutputHead::forward(const Tensor& h, const Tensor& targets, HeadContext& ctx) const {
   ctx.normed = norm_.forward(h, ctx.norm);
-  ctx.logits = linear(ctx.normed, *head_);
+  ctx.normed_all = gather_tokens(parallel_, ctx.normed);
+  ctx.logits = linear(ctx.normed_all, *head_);
   ctx.targets = targets;
   if (parallel_.tp_size() > 1) {
     vocab_parallel_cross_entropy(ctx);
@@ -260,8 +261,8 @@ Tensor OutputHead::backward_input(const Tensor& h, double loss_grad, const Tenso
   } else {
     ops::cross_entropy_backward(ctx.logits, ctx.targets, ctx.lse, kIgnoreIndex, loss_grad, ctx.d_logits);
   }
-  Tensor d_normed = linear_input_grad(ctx.d_logits, *head_);
-  all_reduce_over_tp(parallel_, d_normed);  // each rank's vocabulary rows add their part
+  // each rank's vocabulary rows add their part (this rank's tokens of it under sequence parallelism)
+  Tensor d_normed = sum_over_tp(parallel_, linear_input_grad(ctx.d_logits, *head_));
   if (d_normed_extra.defined()) ops::add_(d_normed, d_normed_extra);
   ctx.logits = Tensor();  // the largest activation: not needed any more
   ctx.lse = Tensor();
@@ -269,7 +270,7 @@ Tensor OutputHead::backward_input(const Tensor& h, double loss_grad, const Tenso
 }
 
 void OutputHead::backward_weight(const Tensor& h, HeadContext& ctx) const {
-  linear_weight_grad(ctx.d_logits, ctx.normed, *head_);
+  linear_weight_grad(ctx.d_logits, ctx.normed_all, *head_);
   norm_.backward_weight(h, ctx.norm);
   ctx = {};
 }

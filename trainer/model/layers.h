@@ -95,6 +95,7 @@ class Mlp {
 struct HeadContext {
   RmsNormContext norm;
   Tensor normed;       // norm(h): the projection's input, and the next MTP module's h
+  Tensor normed_all;   // sequence parallelism: normed of every TP rank's tokens (else normed)
   Tensor logits, lse;  // [N, V], [N]
   Tensor targets;      // [N]
   ops::CrossEntropyResult ce;
@@ -109,6 +110,9 @@ struct HeadContext {
 // log-sum-exps (one all-gather of [N] per rank) and loss sums (one scalar), so ctx.ce and ctx.lse
 // are the whole vocabulary's; the backward's softmax uses that lse, and the input gradient sums
 // over TP. Megatron's vocab-parallel cross entropy; the [N, V] logits never exist on one rank.
+// Under sequence parallelism h is this rank's token rows: the norm runs on them, the projection
+// on every rank's (gathered), targets cover all the tokens, and the input gradient is this rank's
+// rows of the sum (a reduce-scatter).
 class OutputHead {
  public:
   static constexpr int64_t kIgnoreIndex = -100;

@@ -118,8 +118,9 @@ Tensor Mla::forward(const Tensor& x, const SequenceInfo& seq, MlaContext& ctx) c
   ops::attention_forward(
       attention_4d(ctx.q_states, seq, nope_dim_ + rope_dim_), attention_4d(ctx.k_states, seq, nope_dim_ + rope_dim_),
       attention_4d(ctx.v_states, seq, v_dim_), softmax_scale_, seq.segment_ids, ctx.attn_out, ctx.lse);
-  Tensor y = linear(in_dtype(ctx.attn_out, x.dtype()).view({T, heads_ * v_dim_}), *o_proj_);
-  all_reduce_over_tp(parallel_, y);  // o_proj is row-parallel: each TP rank's heads add their part
+  // o_proj is row-parallel: each TP rank's heads add their part (this rank's tokens of the sum
+  // under sequence parallelism)
+  Tensor y = sum_over_tp(parallel_, linear(in_dtype(ctx.attn_out, x.dtype()).view({T, heads_ * v_dim_}), *o_proj_));
   if (recompute_.rmsnorm) {
     ctx.q_latent_normed = Tensor();
     ctx.kv_latent_normed = Tensor();
@@ -202,7 +203,7 @@ Tensor Mla::backward_input(const Tensor& x, const Tensor& dy, const SequenceInfo
     all_reduce_over_tp(parallel_, dx_q);
     ops::add_(dx, dx_q);
   }
-  return dx;
+  return own_tokens(parallel_, dx);  // complete on every rank: under sequence parallelism, this rank's rows
 }
 
 void Mla::sum_latent_grads_over_tp(Tensor& d_kv_normed, Tensor& dk_pe_rotated, Tensor& d_q_normed) const {

@@ -11,7 +11,8 @@
 // q_proj and kv_b_proj, its columns of o_proj) and the whole down-projections and latent norms.
 // The forward sums the o_proj partial outputs over TP; the backward sums the gradients of the
 // latents and of the shared rope key (each rank's heads contribute a part), so the
-// down-projections get complete gradients on every rank.
+// down-projections get complete gradients on every rank. Under sequence parallelism x and dy
+// are all the tokens (the caller gathers them) and the output and dx this rank's token rows.
 //
 // Shapes: T tokens, H heads (per TP rank), dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim,
 // Dqk = dn + dr. q and k are assembled as [T·H, Dqk], v as [T·H, dv] ([B, S, H, ·] row-major).

@@ -44,7 +44,7 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
              const PrecisionPolicy& precision, const ModelParallel& parallel, Device device)
     : config_(config),
       dtype_(compute_dtype),
-      tp_size_(parallel.tp_size()),
+      parallel_(parallel),
       params_(compute_dtype, device),
       flops_per_token_(model_flops_per_token(config, 0)) {
   if (compute_dtype != DType::f32 && compute_dtype != DType::f64) {
@@ -71,6 +71,9 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
   }
   for (int c = 0; c < layout.chunks(); ++c)
     chunks_.push_back(pipeline_stage(split, layout.stage_of(parallel.pp_rank, c)));
+  if (layout.stages() > 1 && parallel.sequence_parallel && parallel.tp_size() > 1) {
+    throw std::invalid_argument("Model: sequence parallelism under pipeline stages is not built");
+  }
   if (layout.stages() > 1 && config_.tie_word_embeddings) {
     throw std::invalid_argument(
         "Model: pipeline parallelism needs an untied output head (tie_word_embeddings: false); the embedding "
@@ -96,6 +99,16 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
   params_.initialize(seed);
   // before the modules are built: they read their weights' precision
   for (Parameter& p : params_) p.precision = precision.for_parameter(p.spec.name);
+  if (parallel.sequence_parallel && parallel.tp_size() > 1) {
+    // the replicated weights applied to this rank's token rows only (attention and the MoE router
+    // run on every rank's tokens and get complete gradients)
+    for (Parameter& p : params_) {
+      for (const char* suffix : {"input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight",
+                                 ".enorm.weight", ".hnorm.weight", ".eh_proj.weight", "shared_head.norm.weight"}) {
+        if (p.spec.trainable && p.spec.name.ends_with(suffix)) p.grad_partial_over_tp = true;
+      }
+    }
+  }
 
   if (holds_first()) embedding_.emplace(params_.at("model.embed_tokens.weight"), parallel);
   size_t held = 0;
@@ -181,6 +194,11 @@ SequenceInfo Model::sequence_info(const Batch& batch) {
   SequenceInfo seq;
   seq.batch = batch.inputs.dim(0);
   seq.seq_len = batch.inputs.dim(1);
+  if (parallel_.sequence_parallel && seq.tokens() % parallel_.tp_size() != 0) {
+    throw std::invalid_argument("Model: sequence parallelism splits a batch's " + std::to_string(seq.tokens()) +
+                                " tokens evenly over " + std::to_string(parallel_.tp_size()) +
+                                " tensor-parallel ranks; they do not divide");
+  }
   seq.segment_ids = on_device(batch.segment_ids);
   Tensor positions = Tensor::empty({seq.tokens()}, DType::i32);
   int32_t* pos = positions.data<int32_t>();
@@ -275,7 +293,7 @@ double Model::forward_mtp(MicroBatch& mb, const Batch& batch, const Tensor& mtp_
     const auto at = static_cast<int64_t>(k) * T;
     MtpContext& ctx = mb.mtp[k];
     ctx.targets = targets.slice(at, at + T);
-    ctx.embedded = mtp_embedded.slice(at, at + T);
+    ctx.embedded = own_tokens(parallel_, mtp_embedded.slice(at, at + T));
     mtp_[k].forward(*h_prev, mb.seq, ctx);
     mtp_loss += mean_loss(ctx.head.ce) / static_cast<double>(mtp_.size());
     h_prev = &ctx.head.normed;
@@ -298,7 +316,7 @@ StageForward Model::forward_stage(int64_t id, const Batch& batch, const Tensor& 
   Tensor mtp_embedded;  // Emb(shifted tokens) of every MTP depth, [D·T, hidden]
   if (stage.is_first()) {
     mb.ids = on_device(batch.inputs.view({T}));
-    out.losses.balance = forward_layers(mb, embedding_->forward(mb.ids));
+    out.losses.balance = forward_layers(mb, own_tokens(parallel_, embedding_->forward(mb.ids)));
     if (D > 0) {
       mb.mtp_ids = on_device(shifted_tokens(batch, D).first);
       mtp_embedded = embedding_->forward(mb.mtp_ids);
@@ -447,7 +465,7 @@ void Model::mtp_weight_grads(MicroBatch& mb, size_t k) {
   const Tensor d_embedded = mtp_[k].backward_weight(h_prev, mb.mtp[k]);
   const auto at = static_cast<int64_t>(k) * T;
   if (chunks_[static_cast<size_t>(mb.chunk)].is_first()) {
-    embedding_->backward_weight(mb.mtp_ids.slice(at, at + T), d_embedded);
+    embedding_->backward_weight(mb.mtp_ids.slice(at, at + T), gather_tokens(parallel_, d_embedded));
   }
   grads_ready(layer_params_[static_cast<size_t>(config_.num_hidden_layers) + k]);
 }
@@ -490,7 +508,7 @@ void Model::backward_embedding(MicroBatch& mb, const Tensor& dh, const Tensor& d
       embedding_->backward_weight(mb.mtp_ids.slice(k * T, (k + 1) * T), d_mtp_embedded.slice(k * T, (k + 1) * T));
     }
   }
-  embedding_->backward_weight(mb.ids, dh);
+  embedding_->backward_weight(mb.ids, gather_tokens(parallel_, dh));
   grads_ready(embedding_params_);
 }
 

@@ -15,6 +15,8 @@
 // Tensor parallelism (ModelParallel::tp): the store holds this TP rank's boxes of the split
 // parameters (Parameter::offset); the modules sum over the TP group themselves (expert_parallel.h),
 // so forward, backward and the losses are the same calls, with the same values on every TP rank.
+// Under sequence parallelism the residual stream between the blocks (Model's hidden tensors,
+// StageBackward's gradients) holds this rank's tp_rows of the tokens.
 //
 // Pipeline parallelism (ModelParallel::pp_size > 1, trainer/model/pipeline_stage.h): the model
 // holds one stage's modules and parameters (two stages, its chunks, in a V-shaped layout), and the
@@ -209,7 +211,7 @@ class Model {
 
   ModelConfig config_;
   DType dtype_;
-  int tp_size_ = 1;
+  ModelParallel parallel_;  // the TP group and sequence parallelism (the rest is in the modules)
   std::vector<PipelineStage> chunks_;
   ParameterStore params_;
   std::optional<Embedding> embedding_;

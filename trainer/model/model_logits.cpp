@@ -31,7 +31,7 @@ Tensor Model::logits(const Batch& batch) {
   }
   const SequenceInfo seq = sequence_info(batch);
   const int64_t T = seq.tokens();
-  Tensor h = embedding_->forward(batch.inputs.view({T}));
+  Tensor h = own_tokens(parallel_, embedding_->forward(batch.inputs.view({T})));
   for (DecoderLayer& layer : layers_) {
     DecoderLayerContext ctx;
     h = layer.forward(h, seq, ctx, /*record_load=*/false);  // inference: the router loads stay untouched

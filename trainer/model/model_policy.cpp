@@ -17,9 +17,10 @@
 namespace dsx {
 Model::PolicyOutput Model::policy_forward(const Batch& batch) {
   require_whole_model("Model::policy_forward");
-  if (tp_size_ > 1) {  // token_logprobs would need the vocab-parallel log-sum-exp (the GRPO stage refuses tp)
+  if (parallel_.tp_size() >
+      1) {  // token_logprobs would need the vocab-parallel log-sum-exp (the GRPO stage refuses tp)
     throw std::invalid_argument(
-        "Model::policy_forward: not built for tensor parallelism (tp = " + std::to_string(tp_size_) + ")");
+        "Model::policy_forward: not built for tensor parallelism (tp = " + std::to_string(parallel_.tp_size()) + ")");
   }
   PolicyOutput out;
   MicroBatch& mb = start_micro_batch(0, 0, batch, "Model::policy_forward");

@@ -113,7 +113,7 @@ Tensor Moe::forward(const Tensor& x, const SequenceInfo& seq, MoeContext& ctx, b
     ops::moe_unpermute(c.permuted_y, ctx.weights.slice(c.begin, c.end), c.dispatch.plan, y_rows);
   }
   if (shared_) ops::add_(y, shared_y);
-  all_reduce_over_tp(parallel_, y);  // the shared experts' row-parallel parts and the routed rows
+  y = sum_over_tp(parallel_, y);  // the shared experts' row-parallel parts and the routed rows
 
   if (record_load) {
     Tensor counts = Tensor::empty({E}, DType::i64, x.device());
@@ -166,7 +166,7 @@ Tensor Moe::backward_input(const Tensor& dy, const SequenceInfo& seq, double bal
   // Under TP: the shared experts' column-parallel parts and each rank's routed rows sum to the
   // input gradient; the gate weights' gradients are summed too, so every rank runs the same
   // (replicated) router backward on complete gradients.
-  all_reduce_over_tp(parallel_, dx);
+  dx = sum_over_tp(parallel_, dx);  // this rank's token rows under sequence parallelism
   all_reduce_over_tp(parallel_, d_weights);
 
   // The router: gradient through the chosen experts' gate weights and the balance loss.
@@ -176,7 +176,7 @@ Tensor Moe::backward_input(const Tensor& dy, const SequenceInfo& seq, double bal
     ops::balance_loss_backward(router_, ctx.scores, ctx.expert_ids, seq.batch, balance_alpha_, balance_loss_grad,
                                ctx.d_logits);
   }
-  ops::add_(dx, linear_input_grad(ctx.d_logits, *gate_));
+  ops::add_(dx, own_tokens(parallel_, linear_input_grad(ctx.d_logits, *gate_)));
   return dx;
 }
 

@@ -15,6 +15,8 @@
 // same routing and loads); TP rank t sends only its share of the tokens (tp_rows) to the routed
 // experts, which the EP × TP group splits, and the shared experts are split by their width. The
 // output sums over TP; so do the input gradient and the gate weights' gradients in the backward.
+// Under sequence parallelism x and dy are all the tokens (the caller gathers them) and the output
+// and the input gradient this rank's token rows.
 //
 // Aux-loss-free balancing: each (non-recompute) forward adds the tokens each expert received to
 // the layer's load; update_bias(γ) moves the selection bias by ±γ from that load and resets it.

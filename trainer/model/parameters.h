@@ -74,6 +74,10 @@ struct Parameter {
   Tensor value;
   Tensor grad;
   LinearPrecision precision;  // how the owning module computes (trainer/model/precision.h); set by Model
+  // Under sequence parallelism a replicated weight of a module that runs on this rank's tokens
+  // only (a norm, MTP's eh_proj) gets this rank's part of its gradient: the trainer sums it over
+  // TP once per step, before the optimizer sees it. Set by Model.
+  bool grad_partial_over_tp = false;
   // value rounded to bf16 for its bf16 GEMMs, made once for the micro-batches of a step instead
   // of by every GEMM call; defined only while a GemmWeightCopies scope is open (below).
   Tensor gemm_copy;

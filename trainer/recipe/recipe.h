@@ -148,7 +148,8 @@ struct ParallelSection {
   int64_t pp = 1;
   int64_t dp = 1;
   int64_t tp = 1;
-  int64_t ep = 1;  // carved out of dp: divides dp and n_routed_experts
+  bool sequence_parallel = false;  // with tp > 1: norms and the residual stream on 1/tp of the tokens
+  int64_t ep = 1;                  // carved out of dp: divides dp and n_routed_experts
   int64_t zero = 1;
   bool overlap_a2a = true;
   double comm_timeout_s = 600.0;

@@ -381,7 +381,12 @@ Table<Recipe> parallel_keys() {
                   {non_negative()}),
       key<Recipe>(DSX_KEY(parallel.pp), "pipeline-parallel stages (contiguous runs of layers, 1F1B)", {positive()}),
       key<Recipe>(DSX_KEY(parallel.dp), "data-parallel ranks", {positive()}),
-      key<Recipe>(DSX_KEY(parallel.tp), "tensor-parallel ranks (divides heads, FFN widths and the vocabulary; CPU ranks only so far)", {positive()}),
+      key<Recipe>(DSX_KEY(parallel.tp),
+                  "tensor-parallel ranks (divides heads, FFN widths and the vocabulary; CPU ranks only so far)",
+                  {positive()}),
+      key<Recipe>(DSX_KEY(parallel.sequence_parallel),
+                  "with tp > 1, keep the residual stream and the norms on 1/tp of each micro-batch's tokens per "
+                  "rank (all-gather before, reduce-scatter after each tensor-parallel block; pp = 1 only so far)"),
       key<Recipe>(DSX_KEY(parallel.ep), "expert-parallel ranks, carved out of dp (divides dp and n_routed_experts)",
                   {positive()}),
       key<Recipe>(DSX_KEY(parallel.zero), "ZeRO stage: 0 = replicated optimizer state, 1 = sharded over dp",

@@ -231,6 +231,22 @@ void check_layout(const Recipe& r, const Reporter& report) {
                 fmt::format("`parallel.ep` · `parallel.tp` ({}·{}) must divide `model.n_routed_experts` ({}): the "
                             "routed experts are split over the EP × TP ranks",
                             p.ep, p.tp, m.n_routed_experts));
+  if (p.sequence_parallel) {
+    if (p.tp < 2)
+      report.fail(
+          {"parallel.sequence_parallel", "parallel.tp"},
+          "`parallel.sequence_parallel` splits tokens over the tensor-parallel ranks; it needs `parallel.tp` > 1");
+    if (p.pp > 1)
+      report.fail({"parallel.sequence_parallel", "parallel.pp"},
+                  fmt::format("`parallel.sequence_parallel` with `parallel.pp` ({}) > 1 is not built yet (stages would "
+                              "pass 1/tp of the tokens); set one of them off",
+                              p.pp));
+    if ((r.train.micro_batch * r.train.seq_len) % p.tp != 0)
+      report.fail({"parallel.sequence_parallel", "train.micro_batch", "train.seq_len", "parallel.tp"},
+                  fmt::format("`parallel.sequence_parallel` splits each micro-batch's {}·{} tokens evenly over "
+                              "`parallel.tp` ({}) ranks; it must divide them",
+                              r.train.micro_batch, r.train.seq_len, p.tp));
+  }
   if (p.pp > m.num_hidden_layers)
     report.fail({"parallel.pp", "model.num_hidden_layers"},
                 fmt::format("`parallel.pp` ({}) exceeds `model.num_hidden_layers` ({}): every stage "

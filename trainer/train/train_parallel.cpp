@@ -21,6 +21,7 @@ ModelParallel TrainParallel::model_parallel(const Recipe& recipe) {
   const bool experts_split = p.ep * p.tp > 1;  // the EP group spans EP × TP ranks (parallel/mesh.h)
   if (experts_split) mp.ep = tensor_comms().ep.get();
   if (p.tp > 1) mp.tp = tensor_comms().tp.get();
+  mp.sequence_parallel = p.sequence_parallel && p.tp > 1;
   if (p.dp > 1) mp.dp = comms.dp.get();
   mp.overlap_a2a = p.overlap_a2a && experts_split;
   mp.dispatch = precision.dispatch == DispatchPrecision::fp8    ? WireFormat::fp8_e4m3

@@ -70,7 +70,12 @@ Trainer::Trainer(Recipe recipe, TrainerOptions options)
       *model_, parallel_ && parallel_->mesh.sizes.pp > 1 ? parallel_->tensor_comms().pp.get() : nullptr,
       parallel_ ? &parallel_->timer : nullptr);
   model_->set_grad_ready_hook([this](Parameter& p) {
-    if (last_backward_) optimizer_->grad_ready(p);
+    if (!last_backward_) return;
+    if (p.grad_partial_over_tp) {  // sequence parallelism: each TP rank's tokens gave a part (parameters.h)
+      CommHandle h = parallel_->tensor_comms().tp->all_reduce(p.grad);
+      timed_wait(h, &parallel_->timer);
+    }
+    optimizer_->grad_ready(p);
   });
   data_ = make_data_feed(recipe_, parallel_ ? parallel_->mesh.coords.dp : 0, dp_size());
   if (recipe_.logging.jsonl && is_rank0()) {
