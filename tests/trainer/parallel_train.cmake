@@ -56,7 +56,12 @@ set(DSX_LAYOUTS
     # Sequence parallelism: the residual stream and the norms on half of the tokens per rank.
     "tp2_sp|2|--set parallel.tp=2 --set parallel.sequence_parallel=true"
     "tp2_sp_dp2_ep2_zero1|4|--set parallel.tp=2 --set parallel.sequence_parallel=true --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1"
-    "tp2_sp_recompute|2|--set parallel.tp=2 --set parallel.sequence_parallel=true --set train.recompute=[rmsnorm,mla_up_proj,moe_act]")
+    "tp2_sp_recompute|2|--set parallel.tp=2 --set parallel.sequence_parallel=true --set train.recompute=[rmsnorm,mla_up_proj,moe_act]"
+    # ... and under pipeline stages, which then pass each rank's half of the tokens (hidden states
+    # and MTP embeddings): 1F1B over 4 stages (the middle ones passing the MTP embeddings on) and
+    # DualPipeV (rank 0 keeping them).
+    "pp4_tp2_sp|8|--set parallel.pp=4 --set parallel.tp=2 --set parallel.sequence_parallel=true"
+    "pp2_tp2_sp_dualpipev|4|--set parallel.pp=2 --set parallel.tp=2 --set parallel.sequence_parallel=true --set parallel.pp_schedule=dualpipev")
 # "name|np|overrides" -> name, np and the override arguments, in the caller's scope.
 macro(dsx_split_layout entry)
   string(REPLACE "|" ";" fields "${entry}")

@@ -71,9 +71,6 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
   }
   for (int c = 0; c < layout.chunks(); ++c)
     chunks_.push_back(pipeline_stage(split, layout.stage_of(parallel.pp_rank, c)));
-  if (layout.stages() > 1 && parallel.sequence_parallel && parallel.tp_size() > 1) {
-    throw std::invalid_argument("Model: sequence parallelism under pipeline stages is not built");
-  }
   if (layout.stages() > 1 && config_.tie_word_embeddings) {
     throw std::invalid_argument(
         "Model: pipeline parallelism needs an untied output head (tie_word_embeddings: false); the embedding "
@@ -155,6 +152,20 @@ void Model::grads_ready(const std::vector<Parameter*>& params) const {
 
 Tensor Model::on_device(const Tensor& t) const {
   return !t.defined() || t.device() == params_.device() ? t : t.to(params_.device());
+}
+
+int64_t Model::stage_rows(int64_t tokens) const {
+  return parallel_.sequence_parallel ? tokens / parallel_.tp_size() : tokens;
+}
+
+// Under sequence parallelism: this rank's token rows of each depth's block of [D·T] rows, [D·T/tp].
+Tensor Model::own_mtp_rows(const Tensor& all, int64_t tokens) const {
+  if (!parallel_.sequence_parallel) return all;
+  const int64_t rows = stage_rows(tokens);
+  Tensor out = empty_stage_tensor(mtp_depth() * rows);
+  for (int64_t k = 0; k < mtp_depth(); ++k)
+    out.slice(k * rows, (k + 1) * rows).copy_from(own_tokens(parallel_, all.slice(k * tokens, (k + 1) * tokens)));
+  return out;
 }
 
 Tensor Model::empty_stage_tensor(int64_t rows) const {
@@ -293,7 +304,8 @@ double Model::forward_mtp(MicroBatch& mb, const Batch& batch, const Tensor& mtp_
     const auto at = static_cast<int64_t>(k) * T;
     MtpContext& ctx = mb.mtp[k];
     ctx.targets = targets.slice(at, at + T);
-    ctx.embedded = own_tokens(parallel_, mtp_embedded.slice(at, at + T));
+    const int64_t rows = stage_rows(T), own = static_cast<int64_t>(k) * rows;  // this rank's tokens of depth k
+    ctx.embedded = mtp_embedded.slice(own, own + rows);
     mtp_[k].forward(*h_prev, mb.seq, ctx);
     mtp_loss += mean_loss(ctx.head.ce) / static_cast<double>(mtp_.size());
     h_prev = &ctx.head.normed;
@@ -319,7 +331,7 @@ StageForward Model::forward_stage(int64_t id, const Batch& batch, const Tensor& 
     out.losses.balance = forward_layers(mb, own_tokens(parallel_, embedding_->forward(mb.ids)));
     if (D > 0) {
       mb.mtp_ids = on_device(shifted_tokens(batch, D).first);
-      mtp_embedded = embedding_->forward(mb.mtp_ids);
+      mtp_embedded = own_mtp_rows(embedding_->forward(mb.mtp_ids), T);
       if (mtp_inside()) {
         mb.mtp_embedded = mtp_embedded;
       } else if (!stage.is_last()) {
@@ -327,7 +339,7 @@ StageForward Model::forward_stage(int64_t id, const Batch& batch, const Tensor& 
       }
     }
   } else {
-    check_stage_tensor(hidden_in, T, op, "hidden_in (the previous stage's output)");
+    check_stage_tensor(hidden_in, stage_rows(T), op, "hidden_in (the previous stage's output)");
     out.losses.balance = forward_layers(mb, hidden_in);
     if (stage.is_last() && D > 0 && mtp_inside()) {
       MicroBatch& first = micro_batch(first_chunk(), id, op);
@@ -337,7 +349,7 @@ StageForward Model::forward_stage(int64_t id, const Batch& batch, const Tensor& 
                                " has no MTP embeddings from the first chunk's forward");
       }
     } else if (stage.is_last() && D > 0) {
-      check_stage_tensor(mtp_embedded_in, D * T, op, "mtp_embedded_in (the first stage's MTP embeddings)");
+      check_stage_tensor(mtp_embedded_in, D * stage_rows(T), op, "mtp_embedded_in (the first stage's MTP embeddings)");
       mtp_embedded = mtp_embedded_in;
     }
   }
@@ -395,7 +407,7 @@ StageBackward Model::backward_pass(int chunk, int64_t id, double loss_scale, con
     dh = head_->backward_input(mb.hidden.back(), mean_loss_grad(mb.head.ce, loss_scale), d_next, mb.head);
     if (with_weights) head_weight_grads(mb);
   } else {
-    check_stage_tensor(d_hidden_out, T, op, "d_hidden_out (the next stage's input gradient)");
+    check_stage_tensor(d_hidden_out, stage_rows(T), op, "d_hidden_out (the next stage's input gradient)");
     dh = d_hidden_out;
   }
   const size_t begin = chunk_begin_[static_cast<size_t>(chunk)];
@@ -405,10 +417,11 @@ StageBackward Model::backward_pass(int chunk, int64_t id, double loss_scale, con
   }
   if (stage.is_first()) {
     if (mtp_inside()) {
-      check_stage_tensor(mb.d_mtp_embedded, mtp_depth() * T, op,
+      check_stage_tensor(mb.d_mtp_embedded, mtp_depth() * stage_rows(T), op,
                          "the MTP gradients of the last chunk's backward (which comes first)");
     } else if (!stage.is_last() && mtp_depth() > 0) {
-      check_stage_tensor(d_mtp_embedded_in, mtp_depth() * T, op, "d_mtp_embedded_in (the last stage's MTP gradients)");
+      check_stage_tensor(d_mtp_embedded_in, mtp_depth() * stage_rows(T), op,
+                         "d_mtp_embedded_in (the last stage's MTP gradients)");
       mb.d_mtp_embedded = d_mtp_embedded_in;
     }
     mb.d_embedded = dh;
@@ -446,13 +459,14 @@ void Model::backward_mtp(MicroBatch& mb, double loss_scale, Tensor& d_next, Stag
   const double mtp_weight =
       mtp_.empty() ? 0.0 : loss_scale * config_.mtp_loss_weight / static_cast<double>(mtp_.size());
   const bool table_here = chunks_[static_cast<size_t>(mb.chunk)].is_first();  // one stage: the whole model
-  if (!mtp_.empty() && !table_here) out.d_mtp_embedded = empty_stage_tensor(mtp_depth() * T);
+  const int64_t rows = stage_rows(T);
+  if (!mtp_.empty() && !table_here) out.d_mtp_embedded = empty_stage_tensor(mtp_depth() * rows);
   for (size_t k = mtp_.size(); k-- > 0;) {
     const Tensor& h_prev = k == 0 ? mb.head.normed : mb.mtp[k - 1].head.normed;
     MtpContext& ctx = mb.mtp[k];
     d_next = mtp_[k].backward_input(h_prev, mean_loss_grad(ctx.head.ce, mtp_weight), d_next, mb.seq, loss_scale, ctx);
-    const auto at = static_cast<int64_t>(k) * T;
-    if (!table_here) out.d_mtp_embedded.slice(at, at + T).copy_from(ctx.d_embedded);
+    const auto own = static_cast<int64_t>(k) * rows;
+    if (!table_here) out.d_mtp_embedded.slice(own, own + rows).copy_from(ctx.d_embedded);
     if (with_weights) mtp_weight_grads(mb, k);  // clears module k's context, no longer read
   }
 }
@@ -505,7 +519,9 @@ void Model::backward_embedding(MicroBatch& mb, const Tensor& dh, const Tensor& d
   const int64_t T = mb.seq.tokens();
   if (!chunks_[static_cast<size_t>(mb.chunk)].is_last()) {  // the MTP rows came from another chunk
     for (int64_t k = mtp_depth(); k-- > 0;) {
-      embedding_->backward_weight(mb.mtp_ids.slice(k * T, (k + 1) * T), d_mtp_embedded.slice(k * T, (k + 1) * T));
+      const int64_t rows = stage_rows(T);
+      embedding_->backward_weight(mb.mtp_ids.slice(k * T, (k + 1) * T),
+                                  gather_tokens(parallel_, d_mtp_embedded.slice(k * rows, (k + 1) * rows)));
     }
   }
   embedding_->backward_weight(mb.ids, gather_tokens(parallel_, dh));

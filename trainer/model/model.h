@@ -129,6 +129,9 @@ class Model {
   void backward_stage_weight(int64_t micro_batch, int chunk = 0);
   // The [rows, hidden_size] tensor stages exchange (compute dtype, on the model's device).
   Tensor empty_stage_tensor(int64_t rows) const;
+  // The rows of a stage tensor for a micro-batch of `tokens` tokens (its MTP embeddings: D times
+  // as many): tokens, or this rank's tokens/tp under sequence parallelism.
+  int64_t stage_rows(int64_t tokens) const;
   // Called by backward for every trainable parameter as soon as its gradient for this backward
   // is complete (last module first; the shared embedding and head once nothing else adds to
   // them), so data parallelism can start reducing while the backward goes on. Empty = none.
@@ -189,6 +192,7 @@ class Model {
   // The model holds the first and the last stage in different chunks and has MTP modules (their
   // embeddings stay here).
   bool mtp_inside() const;
+  Tensor own_mtp_rows(const Tensor& all, int64_t tokens) const;
   int first_chunk() const { return 0; }  // a V's chunk 0 holds the first stage, its chunk 1 the last
   void require_whole_model(const char* op) const;
   void check_stage_tensor(const Tensor& t, int64_t rows, const char* op, const char* name) const;

@@ -386,7 +386,8 @@ Table<Recipe> parallel_keys() {
                   {positive()}),
       key<Recipe>(DSX_KEY(parallel.sequence_parallel),
                   "with tp > 1, keep the residual stream and the norms on 1/tp of each micro-batch's tokens per "
-                  "rank (all-gather before, reduce-scatter after each tensor-parallel block; pp = 1 only so far)"),
+                  "rank (all-gather before, reduce-scatter after each tensor-parallel block; pipeline stages pass 1/tp "
+                  "of the tokens)"),
       key<Recipe>(DSX_KEY(parallel.ep), "expert-parallel ranks, carved out of dp (divides dp and n_routed_experts)",
                   {positive()}),
       key<Recipe>(DSX_KEY(parallel.zero), "ZeRO stage: 0 = replicated optimizer state, 1 = sharded over dp",

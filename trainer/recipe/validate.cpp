@@ -236,11 +236,6 @@ void check_layout(const Recipe& r, const Reporter& report) {
       report.fail(
           {"parallel.sequence_parallel", "parallel.tp"},
           "`parallel.sequence_parallel` splits tokens over the tensor-parallel ranks; it needs `parallel.tp` > 1");
-    if (p.pp > 1)
-      report.fail({"parallel.sequence_parallel", "parallel.pp"},
-                  fmt::format("`parallel.sequence_parallel` with `parallel.pp` ({}) > 1 is not built yet (stages would "
-                              "pass 1/tp of the tokens); set one of them off",
-                              p.pp));
     if ((r.train.micro_batch * r.train.seq_len) % p.tp != 0)
       report.fail({"parallel.sequence_parallel", "train.micro_batch", "train.seq_len", "parallel.tp"},
                   fmt::format("`parallel.sequence_parallel` splits each micro-batch's {}·{} tokens evenly over "

@@ -161,7 +161,7 @@ void StageRunner::transfer(std::span<const Action> group, std::span<const Batch>
       sending_.push_back({std::exchange(t, Tensor()), std::move(h)});
       ++sends;
     } else {
-      const int64_t tokens = batches[static_cast<size_t>(a.micro_batch)].inputs.numel();
+      const int64_t tokens = model_.stage_rows(batches[static_cast<size_t>(a.micro_batch)].inputs.numel());
       const bool mtp = a.kind == Action::Kind::recv_mtp_embedding || a.kind == Action::Kind::recv_mtp_grad;
       Received& r = to_receive(a);
       if (r.tensor.defined()) throw std::logic_error("StageRunner: " + to_string(a) + " is already received");
