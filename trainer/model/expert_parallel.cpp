@@ -24,6 +24,13 @@ namespace {
 bool sequence_parallel(const ModelParallel& parallel) {
   return parallel.sequence_parallel && parallel.tp_size() > 1;
 }
+
+// An empty tensor like t with `rows` rows.
+Tensor with_rows(const Tensor& t, int64_t rows) {
+  Shape shape = t.shape();
+  shape[0] = rows;
+  return Tensor::empty(shape, t.dtype(), t.device());
+}
 }  // namespace
 
 Tensor sum_over_tp(const ModelParallel& parallel, Tensor partial) {
@@ -31,10 +38,7 @@ Tensor sum_over_tp(const ModelParallel& parallel, Tensor partial) {
     all_reduce_over_tp(parallel, partial);
     return partial;
   }
-  const int64_t rows = partial.dim(0) / parallel.tp_size();
-  Shape shape = partial.shape();
-  shape[0] = rows;
-  Tensor out = Tensor::empty(shape, partial.dtype(), partial.device());
+  Tensor out = with_rows(partial, partial.dim(0) / parallel.tp_size());
   CommHandle h = parallel.tp->reduce_scatter(partial, out);
   timed_wait(h, parallel.timer);
   return out;
@@ -42,9 +46,7 @@ Tensor sum_over_tp(const ModelParallel& parallel, Tensor partial) {
 
 Tensor gather_tokens(const ModelParallel& parallel, const Tensor& t) {
   if (!sequence_parallel(parallel)) return t;
-  Shape shape = t.shape();
-  shape[0] *= parallel.tp_size();
-  Tensor out = Tensor::empty(shape, t.dtype(), t.device());
+  Tensor out = with_rows(t, t.dim(0) * parallel.tp_size());
   CommHandle h = parallel.tp->all_gather(t, out);
   timed_wait(h, parallel.timer);
   return out;
