@@ -12,6 +12,7 @@
 #include "data/tokenizer.h"
 #include "kernels/error.h"
 #include "trainer/checkpoint/checkpoint.h"
+#include "trainer/cli/checkpoint_source.h"
 #include "trainer/cli/registry.h"
 #include "trainer/grpo/generate.h"
 #include "trainer/model/model.h"
@@ -32,38 +33,6 @@ struct GenerateArgs {
   uint64_t seed = 0;
   int64_t num_samples = 1;
 };
-
-// A checkpoint directory as given, or the newest complete one under a checkpoint root.
-std::filesystem::path resolve_checkpoint(const std::string& dir) {
-  if (!std::filesystem::is_directory(dir)) {
-    throw UserError(fmt::format("generate: --checkpoint `{}`: no such directory", dir));
-  }
-  if (ckpt::is_checkpoint_dir(dir)) return dir;
-  const auto latest = ckpt::latest(dir);
-  if (!latest) {
-    throw UserError(
-        fmt::format("generate: --checkpoint `{}` is not a checkpoint and holds no complete one "
-                    "(no step-* directory with a manifest.json)",
-                    dir));
-  }
-  return *latest;
-}
-
-// The model section of the checkpoint's recipe. Only `model` (and train.seq_len, which validation
-// compares with it) is kept: the other sections name files of the training run (datasets,
-// tokenizer, prompt sets) that need not exist where the checkpoint is used.
-ModelSection checkpoint_model(const std::string& recipe_yaml, const std::filesystem::path& dir) {
-  const std::string source = (dir / ckpt::kManifestFile).string();
-  if (recipe_yaml.empty()) {
-    throw UserError(
-        fmt::format("generate: checkpoint `{}` stores no recipe (it was not written by dsx train)", dir.string()));
-  }
-  const YAML::Node stored = YAML::Load(recipe_yaml);
-  YAML::Node kept(YAML::NodeType::Map);
-  kept["model"] = stored["model"];
-  if (stored["train"] && stored["train"]["seq_len"]) kept["train"]["seq_len"] = stored["train"]["seq_len"];
-  return parse_recipe(YAML::Dump(kept), source).model;
-}
 
 // data.tokenizer of the checkpoint's recipe, "" when it names none.
 std::string recipe_tokenizer(const std::string& recipe_yaml) {
@@ -116,9 +85,9 @@ std::string_view finish_name(grpo::FinishReason reason) {
 void run_generate(const GenerateArgs& args) {
   if (args.num_samples < 1)
     throw UserError(fmt::format("generate: --num-samples must be >= 1, got {}", args.num_samples));
-  const std::filesystem::path dir = resolve_checkpoint(args.checkpoint);
+  const std::filesystem::path dir = resolve_checkpoint(args.checkpoint, "generate: --checkpoint");
   const ckpt::Manifest manifest = ckpt::read_manifest(dir);
-  const ModelSection config = checkpoint_model(manifest.recipe_yaml, dir);
+  const ModelSection config = checkpoint_model(manifest.recipe_yaml, dir, "generate");
   const std::string tokenizer_path = args.tokenizer.empty() ? recipe_tokenizer(manifest.recipe_yaml) : args.tokenizer;
   if (tokenizer_path.empty()) {
     throw UserError("generate: no tokenizer: pass --tokenizer (the checkpoint's recipe names no data.tokenizer)");

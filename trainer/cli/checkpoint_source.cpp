@@ -1,0 +1,40 @@
+#include "trainer/cli/checkpoint_source.h"
+
+#include <fmt/core.h>
+#include <yaml-cpp/yaml.h>
+
+#include "kernels/error.h"
+#include "trainer/checkpoint/checkpoint.h"
+
+namespace dsx::cli {
+
+std::filesystem::path resolve_checkpoint(const std::string& dir, const std::string& what) {
+  if (!std::filesystem::is_directory(dir)) {
+    throw UserError(fmt::format("{} `{}`: no such directory", what, dir));
+  }
+  if (ckpt::is_checkpoint_dir(dir)) return dir;
+  const auto latest = ckpt::latest(dir);
+  if (!latest) {
+    throw UserError(
+        fmt::format("{} `{}` is not a checkpoint and holds no complete one (no step-* directory with a "
+                    "manifest.json)",
+                    what, dir));
+  }
+  return *latest;
+}
+
+ModelSection checkpoint_model(const std::string& recipe_yaml, const std::filesystem::path& dir,
+                              const std::string& command) {
+  const std::string source = (dir / ckpt::kManifestFile).string();
+  if (recipe_yaml.empty()) {
+    throw UserError(
+        fmt::format("{}: checkpoint `{}` stores no recipe (it was not written by dsx train)", command, dir.string()));
+  }
+  const YAML::Node stored = YAML::Load(recipe_yaml);
+  YAML::Node kept(YAML::NodeType::Map);
+  kept["model"] = stored["model"];
+  if (stored["train"] && stored["train"]["seq_len"]) kept["train"]["seq_len"] = stored["train"]["seq_len"];
+  return parse_recipe(YAML::Dump(kept), source).model;
+}
+
+}  // namespace dsx::cli
