@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates or updates the Python virtual environment used by reference checks and benchmarks
-# (never by dsx itself): <repo>/.venv with Hugging Face `tokenizers`.
+# (never by dsx itself): <repo>/.venv with Hugging Face `tokenizers`, `safetensors` and numpy.
 #   tools/python-env.sh            quiet; prints one line saying what it did
 #   tools/python-env.sh --help
 # Idempotent: when .venv already imports every package it returns at once. When the package
@@ -9,8 +9,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-PACKAGES=(tokenizers)
-MODULES=(tokenizers)
+PACKAGES=(tokenizers safetensors numpy)
+MODULES=(tokenizers safetensors numpy)
 
 case "${1:-}" in
   -h | --help)
@@ -34,7 +34,7 @@ imports_ok() {
 }
 
 if imports_ok; then
-  echo "python-env: $VENV ready ($("$PY" -c 'import tokenizers; print("tokenizers", tokenizers.__version__)'))"
+  echo "python-env: $VENV ready ($("$PY" -c 'import tokenizers, safetensors; print("tokenizers", tokenizers.__version__, "safetensors", safetensors.__version__)'))"
   exit 0
 fi
 

@@ -16,10 +16,12 @@ struct TrainArgs {
 
 void add_train(CLI::App& app) {
   auto args = std::make_shared<TrainArgs>();
-  CLI::App* cmd = app.add_subcommand("train",
-                                     "Train a model from a YAML recipe (resumes automatically from the "
-                                     "newest complete checkpoint unless checkpoint.resume says otherwise). Multi-rank: "
-                                     "mpirun -np N dsx train RECIPE with N = parallel.dp (data and expert parallel)");
+  CLI::App* cmd = app.add_subcommand(
+      "train",
+      "Train a model from a YAML recipe (resumes automatically from the "
+      "newest complete checkpoint unless checkpoint.resume says otherwise). Multi-rank: "
+      "mpirun -np N dsx train RECIPE with N = parallel.pp x parallel.dp x parallel.tp (pipeline, data, "
+      "tensor parallel; expert parallel inside data x tensor)");
   cmd->add_option("recipe", args->recipe, "Recipe file (YAML)")->required();
   cmd->add_option("--set", args->overrides, "Override a recipe key, e.g. --set train.steps=200 (repeatable)");
   cmd->add_option("--stop-after", args->stop_after,
