@@ -466,7 +466,7 @@ TEST_CASE("checkpoint: damaged files and mismatched requests give errors naming 
       m["version"] = kFormatVersion + 1;
       std::ofstream(dir / kManifestFile) << m.dump();
       REQUIRE_THAT(error_of([&] { CheckpointReader r(dir); }),
-                   Contains(dir.string()) && Contains("format version 2") && Contains("newer"));
+                   Contains(dir.string()) && Contains("format version 3") && Contains("newer"));
     }
     SECTION("overlapping slices") {
       m["tensors"][0]["slices"][1]["offset"][0] = 4;

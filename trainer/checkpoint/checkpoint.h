@@ -64,8 +64,10 @@ namespace detail {
 class SliceFileReader;
 }
 
-// The manifest format this build writes; it reads this version and older ones.
-inline constexpr int kFormatVersion = 1;
+// The manifest format this build writes; it reads this version and older ones. Version 2: a slice
+// may name its dataset (a writer's several boxes of one tensor), which version-1 readers would
+// misread.
+inline constexpr int kFormatVersion = 2;
 inline constexpr std::string_view kFormatName = "dsx-checkpoint";
 inline constexpr std::string_view kManifestFile = "manifest.json";
 

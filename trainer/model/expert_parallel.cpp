@@ -55,7 +55,9 @@ Tensor gather_tokens(const ModelParallel& parallel, const Tensor& t) {
 Tensor own_tokens(const ModelParallel& parallel, const Tensor& t) {
   if (!sequence_parallel(parallel)) return t;
   const RowRange r = tp_rows(t.dim(0), parallel.tp_size(), parallel.tp_rank());
-  return t.slice(r.begin, r.end);
+  Tensor out = with_rows(t, r.end - r.begin);
+  out.copy_from(t.slice(r.begin, r.end));
+  return out;
 }
 
 RowRange tp_rows(int64_t n, int size, int rank) {

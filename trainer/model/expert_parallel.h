@@ -83,7 +83,8 @@ void all_reduce_over_tp(const ModelParallel& parallel, Tensor& t);
 Tensor sum_over_tp(const ModelParallel& parallel, Tensor partial);
 // Under sequence parallelism, every TP rank's token rows in order (an all-gather); else t.
 Tensor gather_tokens(const ModelParallel& parallel, const Tensor& t);
-// Under sequence parallelism, this rank's token rows of t (a view); else t.
+// Under sequence parallelism, this rank's token rows of t (a copy: what is kept does not hold the
+// whole tensor alive); else t.
 Tensor own_tokens(const ModelParallel& parallel, const Tensor& t);
 
 // The rows [begin, end) of n that TP rank `rank` of `size` takes: equal contiguous parts, the
