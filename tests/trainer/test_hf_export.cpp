@@ -1,8 +1,9 @@
 // Hugging Face export: the safetensors files dsx writes and reads (round trips of every dtype,
 // damaged files refused with the file's name), and a checkpoint exported as a DeepseekV3
 // directory holding every parameter whole, rounded to bf16 exactly as Tensor::to rounds, with a
-// config.json that describes the model. (tests/trainer/convert_cli.cmake checks the files with the
-// reference `safetensors` Python package.)
+// config.json that describes the model; and back: an export imports to the same bits, FP8
+// weights with DeepSeek's 128x128 block scales are dequantized. (tests/trainer/convert_cli.cmake
+// checks the files with the reference `safetensors` Python package.)
 #include <catch2/catch.hpp>
 
 #include <cstring>
@@ -19,6 +20,7 @@
 #include "tests/trainer/test_model_fixtures.h"
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/checkpoint/hf_export.h"
+#include "trainer/checkpoint/hf_import.h"
 #include "trainer/checkpoint/safetensors.h"
 #include "trainer/model/model.h"
 
@@ -31,6 +33,13 @@ namespace {
 bool same_bytes(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.shape() == b.shape() &&
          (a.nbytes() == 0 || std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0);
+}
+
+// A checkpoint (step 4) of the model's parameters under root.
+fs::path save_model(Model& model, const fs::path& root) {
+  std::vector<ckpt::TensorSlice> slices;
+  for (Parameter& p : model.parameters()) slices.push_back({p.spec.name, p.spec.shape, {}, p.value});
+  return ckpt::save(root, {4, nlohmann::json::object(), ""}, slices);
 }
 
 std::string read_text(const fs::path& p) {
@@ -98,9 +107,7 @@ TEST_CASE("hf export: a checkpoint becomes a DeepseekV3 directory with every par
   test::TempDir tmp;
   const ModelConfig config = test::tiny_config();
   Model model(config, DType::f32, 11);
-  std::vector<ckpt::TensorSlice> slices;
-  for (Parameter& p : model.parameters()) slices.push_back({p.spec.name, p.spec.shape, {}, p.value});
-  const fs::path dir = ckpt::save(tmp.path() / "ckpt", {4, nlohmann::json::object(), ""}, slices);
+  const fs::path dir = save_model(model, tmp.path() / "ckpt");
 
   for (const int64_t shard_bytes : {int64_t{5'000'000'000}, int64_t{8000}}) {
     INFO("max shard bytes " << shard_bytes);
@@ -149,4 +156,58 @@ TEST_CASE("hf export: a checkpoint becomes a DeepseekV3 directory with every par
   other.hidden_size *= 2;
   REQUIRE_THROWS_WITH(ckpt::export_hugging_face(reader, other, tmp.path() / "other"),
                       Contains("model.embed_tokens.weight"));
+}
+
+TEST_CASE("hf import: an f32 export reads back bit-exactly, FP8 block-scaled weights dequantized", "[hf_export]") {
+  test::TempDir tmp;
+  const ModelConfig config = test::tiny_config();
+  Model model(config, DType::f32, 5);
+  const fs::path dir = save_model(model, tmp.path() / "ckpt");
+  ckpt::CheckpointReader reader(dir);
+  ckpt::export_hugging_face(reader, config, tmp.path() / "hf", {.dtype = DType::f32});
+
+  // The config round-trips.
+  const ModelConfig back = ckpt::config_from_hugging_face(ckpt::hugging_face_config(config, DType::f32), "test");
+  REQUIRE(ckpt::hugging_face_config(back, DType::f32) == ckpt::hugging_face_config(config, DType::f32));
+
+  const ckpt::HfImportResult r = ckpt::import_hugging_face(tmp.path() / "hf", tmp.path() / "imported");
+  REQUIRE(r.tensors == static_cast<int64_t>(model.parameters().size()));
+  REQUIRE(r.dequantized == 0);
+  ckpt::CheckpointReader imported(r.checkpoint);
+  REQUIRE(imported.step() == 0);
+  for (const Parameter& p : model.parameters()) {
+    INFO(p.spec.name);
+    REQUIRE(same_bytes(imported.read_whole(p.spec.name), p.value));
+  }
+  REQUIRE_THROWS_WITH(ckpt::import_hugging_face(tmp.path() / "hf", tmp.path() / "imported"),
+                      Contains("already holds a checkpoint"));
+
+  // DeepSeek's FP8 format for one weight: E4M3 values and an F32 scale per 128x128 block (here
+  // partial blocks only: the tiny matrices are smaller than a block).
+  const std::string name = "model.layers.1.mlp.experts.3.down_proj.weight";
+  const Tensor& w = model.parameters().at(name).value;
+  const Tensor fp8 = w.to(DType::fp8_e4m3);
+  const Tensor scale = Tensor::from<float>({0.5f}, {1, 1});
+  safetensors::Reader original(tmp.path() / "hf" / "model.safetensors");
+  std::vector<safetensors::NamedTensor> tensors;
+  for (const safetensors::Entry& e : original.entries()) {
+    tensors.push_back({e.name, e.name == name ? fp8 : original.read(e.name)});
+  }
+  tensors.push_back({name + "_scale_inv", scale});
+  fs::create_directories(tmp.path() / "hf-fp8");
+  fs::copy_file(tmp.path() / "hf" / "config.json", tmp.path() / "hf-fp8" / "config.json");
+  safetensors::write(tmp.path() / "hf-fp8" / "model.safetensors", tensors, {{"format", "pt"}});
+  const ckpt::HfImportResult q = ckpt::import_hugging_face(tmp.path() / "hf-fp8", tmp.path() / "imported-fp8");
+  REQUIRE(q.dequantized == 1);
+  const Tensor got = ckpt::CheckpointReader(q.checkpoint).read_whole(name);
+  const std::vector<double> want = fp8.to(DType::f32).to_vector(), v = got.to_vector();
+  for (size_t i = 0; i < v.size(); ++i) REQUIRE(v[i] == 0.5 * want[i]);  // exact: scaling by a power of two
+
+  // A directory missing a parameter names it.
+  std::vector<safetensors::NamedTensor> missing(tensors.begin() + 1, tensors.end());
+  fs::create_directories(tmp.path() / "hf-missing");
+  fs::copy_file(tmp.path() / "hf" / "config.json", tmp.path() / "hf-missing" / "config.json");
+  safetensors::write(tmp.path() / "hf-missing" / "model.safetensors", missing);
+  REQUIRE_THROWS_WITH(ckpt::import_hugging_face(tmp.path() / "hf-missing", tmp.path() / "imported-missing"),
+                      Contains("has no tensor " + tensors.front().name));
 }

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "trainer/model/parameters.h"
 #include "trainer/recipe/recipe.h"
 #include "trainer/train/trainer.h"
 
@@ -101,6 +102,31 @@ TEST_CASE("train: resume picks the newest complete checkpoint, ignoring broken o
   REQUIRE(resumed.result.last_step == 5);
   REQUIRE_FALSE(fs::exists(root / "step-000006.tmp-999"));  // stale temporaries are cleaned up
   fs::remove_all(dir);
+}
+
+TEST_CASE("train: checkpoint.init_from starts a fresh run from another run's weights", "[train]") {
+  const fs::path source_dir = fresh_dir("init-source");
+  const fs::path dir = fresh_dir("init");
+  const Run source = train(small_recipe(source_dir, 4));
+  // One step (of two) at the first warm-up step's learning rate, 0: AdamW leaves the weights as
+  // loaded; only the routers' bias moves (by ±γ from the step's loads).
+  const std::string from = "checkpoint.init_from=" + (source_dir / "checkpoints").string();
+  const Run fresh = train(small_recipe(dir, 2, {from}), /*stop_after=*/1);
+  REQUIRE(fresh.result.first_step == 0);
+  const std::vector<ParamSpec> specs = model_param_specs(small_recipe(dir, 2).model);  // the store's order
+  REQUIRE(specs.size() == fresh.params.size());
+  size_t compared = 0;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (specs[i].name.ends_with("e_score_correction_bias")) continue;
+    INFO(specs[i].name);
+    REQUIRE(fresh.params[i] == source.params[i]);
+    ++compared;
+  }
+  REQUIRE(compared > 100);
+  REQUIRE(fresh.params != train(small_recipe(fresh_dir("init-none"), 2), 1).params);  // random init differs
+  REQUIRE_THROWS_WITH(train(small_recipe(fresh_dir("init-bad"), 2, {"checkpoint.init_from=/no/such/dir"})),
+                      Catch::Contains("checkpoint.init_from: /no/such/dir"));
+  for (const fs::path& d : {source_dir, dir, fresh_dir("init-none"), fresh_dir("init-bad")}) fs::remove_all(d);
 }
 
 TEST_CASE("train: the loss falls on the synthetic chain", "[train]") {

@@ -1,5 +1,6 @@
 // `dsx convert to-hf CHECKPOINT OUT_DIR`: a trained checkpoint as a Hugging Face DeepseekV3 model
 // directory (config.json + safetensors; trainer/checkpoint/hf_export.h).
+// `dsx convert from-hf HF_DIR OUT_ROOT`: the reverse, a model-only checkpoint (hf_import.h).
 #include <fmt/core.h>
 
 #include <chrono>
@@ -9,6 +10,7 @@
 #include "kernels/error.h"
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/checkpoint/hf_export.h"
+#include "trainer/checkpoint/hf_import.h"
 #include "trainer/cli/checkpoint_source.h"
 #include "trainer/cli/registry.h"
 
@@ -49,8 +51,30 @@ void run_to_hf(const ToHfArgs& args) {
              r.tensors, r.parameters, static_cast<double>(r.bytes) / 1e9, r.shards, r.shards == 1 ? "" : "s", args.out);
 }
 
+struct FromHfArgs {
+  std::string hf_dir;
+  std::string out;
+};
+
+void run_from_hf(const FromHfArgs& args) {
+  fmt::print("convert: {} -> {}\n", args.hf_dir, args.out);
+  const auto start = std::chrono::steady_clock::now();
+  auto last = start;
+  const ckpt::HfImportResult r = ckpt::import_hugging_face(args.hf_dir, args.out, [&](int64_t done, int64_t total) {
+    const auto now = std::chrono::steady_clock::now();
+    if (done < total && now - last < std::chrono::seconds(2)) return;
+    last = now;
+    fmt::print("  {}/{} tensors, {:.1f}s elapsed\n", done, total, std::chrono::duration<double>(now - start).count());
+  });
+  fmt::print(
+      "done: {} tensors ({} parameters; {} FP8 weights dequantized, {} other tensors skipped) in {}\n"
+      "train from it with --set checkpoint.init_from={}\n",
+      r.tensors, r.parameters, r.dequantized, r.skipped, r.checkpoint.string(), r.checkpoint.string());
+}
+
 const Register kRegister("convert", 65, [](CLI::App& app) {
-  CLI::App* convert = app.add_subcommand("convert", "Convert checkpoints to other formats (Hugging Face)");
+  CLI::App* convert =
+      app.add_subcommand("convert", "Convert between dsx checkpoints and Hugging Face model directories");
   convert->require_subcommand(1);
   auto args = std::make_shared<ToHfArgs>();
   CLI::App* to_hf = convert->add_subcommand(
@@ -64,6 +88,16 @@ const Register kRegister("convert", 65, [](CLI::App& app) {
   to_hf->add_option("--max-shard-gb", args->max_shard_gb, "largest safetensors file, GB (1e9 bytes)")
       ->capture_default_str();
   to_hf->callback([args] { run_to_hf(*args); });
+
+  auto from_args = std::make_shared<FromHfArgs>();
+  CLI::App* from_hf = convert->add_subcommand(
+      "from-hf",
+      "Read a Hugging Face DeepseekV3 directory (config.json + safetensors, e.g. DeepSeek-V3's released FP8 "
+      "weights, whose 128x128 block scales are applied) into a dsx checkpoint of the model's tensors (f32, step "
+      "0) under OUT_ROOT, for dsx train --set checkpoint.init_from=... and dsx generate --checkpoint.");
+  from_hf->add_option("HF_DIR", from_args->hf_dir, "Hugging Face model directory")->required();
+  from_hf->add_option("OUT_ROOT", from_args->out, "checkpoint root to create (must hold no checkpoint)")->required();
+  from_hf->callback([from_args] { run_from_hf(*from_args); });
 });
 
 }  // namespace

@@ -26,6 +26,7 @@
 #include "trainer/optim/distributed_optimizer.h"
 #include "trainer/optim/lr_schedule.h"
 #include "trainer/optim/optimizer.h"
+#include "trainer/train/init_weights.h"
 #include "trainer/train/stop_signals.h"
 #include "trainer/train/train_parallel.h"
 
@@ -783,6 +784,10 @@ GrpoResult GrpoTrainer::run() {
     if (auto dir = s.latest_checkpoint()) result.sft_loss = s.restore(*dir);
   } else if (resume != "never") {
     result.sft_loss = s.restore(resume);
+  }
+  if (!s.resumed && !s.recipe.checkpoint.init_from.empty()) {  // e.g. released weights, converted
+    const std::filesystem::path from = load_model_weights(s.model->parameters(), s.recipe.checkpoint.init_from);
+    if (s.options.console) fmt::print("initialised the policy from {}\n", from.string());
   }
   if (s.options.console) {
     const ParameterCounts counts = count_parameters(s.recipe.model);

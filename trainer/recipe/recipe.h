@@ -234,6 +234,7 @@ struct CheckpointSection {
   int64_t interval = 1000;
   int64_t keep_last = 3;
   std::string resume = "auto";  // auto | never | path of a checkpoint directory
+  std::string init_from;        // "" = none; a checkpoint (or root) whose model tensors start a fresh run
 };
 
 struct LoggingSection {

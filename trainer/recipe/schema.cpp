@@ -473,6 +473,9 @@ Table<Recipe> checkpoint_keys() {
       key<Recipe>(DSX_KEY(checkpoint.resume),
                   "auto (newest complete checkpoint, if any), never, or a checkpoint "
                   "path"),
+      key<Recipe>(DSX_KEY(checkpoint.init_from),
+                  "a checkpoint (or a root: its newest) whose model weights start the run when it does not resume, "
+                  "e.g. from dsx convert from-hf; optimizer, step and data start fresh; \"\" = random init"),
   };
 }
 

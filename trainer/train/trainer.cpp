@@ -19,6 +19,7 @@
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/model/param_count.h"
 #include "trainer/optim/distributed_optimizer.h"
+#include "trainer/train/init_weights.h"
 #include "trainer/train/schedule.h"
 #include "trainer/train/stage_runner.h"
 #include "trainer/train/stop_signals.h"
@@ -100,15 +101,25 @@ std::optional<std::filesystem::path> Trainer::find_resume_checkpoint() {
 
 void Trainer::resume_if_requested() {
   const std::string& resume = recipe_.checkpoint.resume;
-  if (resume == "never") return;
   if (resume == "auto") {
-    if (auto dir = find_resume_checkpoint()) restore_from(*dir);
+    if (auto dir = find_resume_checkpoint()) {
+      restore_from(*dir);
+      return;
+    }
+  } else if (resume != "never") {
+    if (!ckpt::is_checkpoint_dir(resume)) {
+      throw UserError("checkpoint.resume: " + resume + " is not a checkpoint directory (no manifest.json)");
+    }
+    restore_from(resume);
     return;
   }
-  if (!ckpt::is_checkpoint_dir(resume)) {
-    throw UserError("checkpoint.resume: " + resume + " is not a checkpoint directory (no manifest.json)");
-  }
-  restore_from(resume);
+  if (!recipe_.checkpoint.init_from.empty()) load_initial_weights(recipe_.checkpoint.init_from);
+}
+
+// checkpoint.init_from: the model tensors only (each rank its own shards); the run starts at step 0.
+void Trainer::load_initial_weights(const std::string& from) {
+  const std::filesystem::path dir = load_model_weights(model_->parameters(), from);
+  if (options_.console) fmt::print("initialised the model from {}\n", dir.string());
 }
 
 void Trainer::restore_from(const std::filesystem::path& dir) {

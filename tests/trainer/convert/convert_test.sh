@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# dsx convert to-hf end to end: train the tiny recipe for 2 steps, export its checkpoint in bf16
-# (one file) and in f32 (sharded, with an index), and check both directories with the reference
-# `safetensors` package (check_hf_dir.py; skipped, exit 77, without it). A second export into
-# the same directory is refused.
+# dsx convert end to end: train the tiny recipe for 2 steps, export its checkpoint in bf16 (one
+# file) and in f32 (sharded, with an index), and check both directories with the reference
+# `safetensors` package (check_hf_dir.py; skipped, exit 77, without it); a second export into the
+# same directory is refused; the f32 export imports (from-hf) into a checkpoint a new run starts
+# from (checkpoint.init_from).
 #   convert_test.sh DSX SOURCE_DIR WORK_DIR
 set -uo pipefail
 dsx="$1" src="$2" work="$3"
@@ -31,4 +32,13 @@ if out="$("$dsx" convert to-hf "$work/run/checkpoints" "$work/hf-bf16" 2>&1)"; t
   echo "FAIL: a second export into a full directory was accepted"; exit 1
 fi
 grep -q "exists and is not an empty directory" <<<"$out" || { echo "$out"; echo "FAIL: message"; exit 1; }
+# and back: the f32 export imported as a checkpoint that a new run starts from
+log="$("$dsx" convert from-hf "$work/hf-f32" "$work/imported" 2>&1)" || { echo "$log"; echo "FAIL: from-hf"; exit 1; }
+echo "$log"
+grep -q "^done: 171 tensors (1409280 parameters; 0 FP8 weights dequantized, 0 other tensors skipped)" <<<"$log" ||
+  { echo "FAIL: from-hf should read every tensor of the tiny model's export"; exit 1; }
+log="$("$dsx" train "$src/recipes/tiny.yaml" --set train.steps=2 --set optim.schedule.warmup=1 \
+  --set checkpoint.init_from="$work/imported" --set logging.run_dir="$work/run-from-import" 2>&1)" ||
+  { echo "$log"; echo "FAIL: training from the import"; exit 1; }
+grep -q "initialised the model from $work/imported/step-000000" <<<"$log" || { echo "$log"; echo "FAIL: init line"; exit 1; }
 echo "convert_test: passed"
