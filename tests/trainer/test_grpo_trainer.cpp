@@ -16,6 +16,7 @@
 #include "support/temp_dir.h"
 #include "support/user_error.h"
 #include "tests/trainer/test_model_fixtures.h"
+#include "trainer/checkpoint/checkpoint.h"
 #include "trainer/grpo/addition_task.h"
 #include "trainer/grpo/grpo_trainer.h"
 #include "trainer/grpo/policy_update.h"
@@ -269,6 +270,27 @@ TEST_CASE("GrpoTrainer: zero advantages leave the policy unchanged, shuffled one
       CHECK_FALSE(unchanged);
     }
   }
+}
+
+TEST_CASE("GrpoTrainer: checkpoint.init_from starts the policy from a checkpoint's weights", "[grpo]") {
+  const test::TempDir dir("dsx-test-grpo-init");
+  // Another model of the same shape (another seed), saved as a model-only checkpoint.
+  const std::vector<std::string> run =
+      short_run(dir / "run", {"grpo.sft_steps=0", "train.steps=1", "grpo.debug_advantages=zero",
+                              "grpo.rewards=[{name: overlong_penalty}]", "grpo.overlong_cache=32", "grpo.eval.count=0",
+                              "model.bias_update_rate=0", "checkpoint.init_from=" + (dir / "source")});
+  const Recipe recipe = load_recipe(tiny_grpo_recipe(), run);
+  Model source(recipe.model, recipe.model.dtype, static_cast<uint64_t>(recipe.train.seed) + 1);
+  std::vector<ckpt::TensorSlice> slices;
+  for (Parameter& p : source.parameters()) slices.push_back({p.spec.name, p.spec.shape, {}, p.value});
+  ckpt::save(dir / "source", {0, nlohmann::json::object(), ""}, slices);
+
+  GrpoOptions options;
+  options.console = false;
+  GrpoTrainer trainer(recipe, options);
+  REQUIRE(parameter_values(trainer.model()) != parameter_values(source));  // its own initialisation first
+  trainer.run();  // loads the checkpoint, then one step with zero advantages: nothing moves
+  REQUIRE(parameter_values(trainer.model()) == parameter_values(source));
 }
 
 TEST_CASE("GrpoTrainer: a reference model, μ = 2 and ratios away from 1 on the second update", "[grpo]") {
