@@ -55,10 +55,8 @@ overrides() {
   esac
 }
 
-# median of the numbers on stdin
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-# a numeric field of every metrics.jsonl line after the first `skip` ones
-field() { awk -v key="\"$2\":" -v skip="$3" 'NR > skip { i = index($0, key); if (i) { s = substr($0, i + length(key)); sub(/[,}].*/, "", s); print s } }' "$1"; }
+# median, field (metrics.jsonl)
+. "$(dirname "$0")/metrics_lib.sh"
 
 round=1
 while [ "$round" -le "$rounds" ]; do

@@ -42,10 +42,8 @@ recipe="$(dirname "$0")/../../recipes/tiny.yaml"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mkdir -p "$work"
 
-# median of the numbers on stdin
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-# a numeric field of every metrics.jsonl line after the first `skip` ones
-field() { awk -v key="\"$2\":" -v skip="$3" 'NR > skip { i = index($0, key); if (i) { s = substr($0, i + length(key)); sub(/[,}].*/, "", s); print s } }' "$1"; }
+# median, field (metrics.jsonl)
+. "$(dirname "$0")/metrics_lib.sh"
 
 round=1
 while [ "$round" -le "$rounds" ]; do

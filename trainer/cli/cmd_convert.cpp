@@ -4,6 +4,7 @@
 #include <fmt/core.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -24,6 +25,19 @@ struct ToHfArgs {
   double max_shard_gb = 5.0;
 };
 
+// Prints "done/total tensors, elapsed, ETA" at most every 2 s, and at the end.
+std::function<void(int64_t, int64_t)> tensor_progress() {
+  const auto start = std::chrono::steady_clock::now();
+  return [start, last = start](int64_t done, int64_t total) mutable {
+    const auto now = std::chrono::steady_clock::now();
+    if (done < total && now - last < std::chrono::seconds(2)) return;
+    last = now;
+    const double s = std::chrono::duration<double>(now - start).count();
+    fmt::print("  {}/{} tensors, {:.1f}s elapsed, ETA {:.1f}s\n", done, total, s,
+               done > 0 ? s * static_cast<double>(total - done) / static_cast<double>(done) : 0.0);
+  };
+}
+
 void run_to_hf(const ToHfArgs& args) {
   const std::filesystem::path dir = resolve_checkpoint(args.checkpoint, "convert to-hf: CHECKPOINT");
   ckpt::CheckpointReader reader(dir);
@@ -36,17 +50,7 @@ void run_to_hf(const ToHfArgs& args) {
   options.dtype = args.dtype == "bf16" ? DType::bf16 : DType::f32;
   options.max_shard_bytes = static_cast<int64_t>(args.max_shard_gb * 1e9);
   fmt::print("convert: {} (step {}) -> {} ({})\n", dir.string(), reader.step(), args.out, args.dtype);
-  const auto start = std::chrono::steady_clock::now();
-  auto last = start;
-  const ckpt::HfExportResult r =
-      ckpt::export_hugging_face(reader, model, args.out, options, [&](int64_t done, int64_t total) {
-        const auto now = std::chrono::steady_clock::now();
-        if (done < total && now - last < std::chrono::seconds(2)) return;
-        last = now;
-        const double s = std::chrono::duration<double>(now - start).count();
-        fmt::print("  {}/{} tensors, {:.1f}s elapsed, ETA {:.1f}s\n", done, total, s,
-                   done > 0 ? s * static_cast<double>(total - done) / static_cast<double>(done) : 0.0);
-      });
+  const ckpt::HfExportResult r = ckpt::export_hugging_face(reader, model, args.out, options, tensor_progress());
   fmt::print("done: {} tensors ({} parameters), {:.3f} GB in {} safetensors file{} and config.json under {}\n",
              r.tensors, r.parameters, static_cast<double>(r.bytes) / 1e9, r.shards, r.shards == 1 ? "" : "s", args.out);
 }
@@ -58,14 +62,7 @@ struct FromHfArgs {
 
 void run_from_hf(const FromHfArgs& args) {
   fmt::print("convert: {} -> {}\n", args.hf_dir, args.out);
-  const auto start = std::chrono::steady_clock::now();
-  auto last = start;
-  const ckpt::HfImportResult r = ckpt::import_hugging_face(args.hf_dir, args.out, [&](int64_t done, int64_t total) {
-    const auto now = std::chrono::steady_clock::now();
-    if (done < total && now - last < std::chrono::seconds(2)) return;
-    last = now;
-    fmt::print("  {}/{} tensors, {:.1f}s elapsed\n", done, total, std::chrono::duration<double>(now - start).count());
-  });
+  const ckpt::HfImportResult r = ckpt::import_hugging_face(args.hf_dir, args.out, tensor_progress());
   fmt::print(
       "done: {} tensors ({} parameters; {} FP8 weights dequantized, {} other tensors skipped) in {}\n"
       "train from it with --set checkpoint.init_from={}\n",

@@ -17,6 +17,7 @@
 #include "trainer/grpo/generate.h"
 #include "trainer/model/model.h"
 #include "trainer/recipe/recipe.h"
+#include "trainer/train/model_weights.h"
 
 namespace dsx::cli {
 namespace {
@@ -96,7 +97,7 @@ void run_generate(const GenerateArgs& args) {
 
   Model model(config, config.dtype, /*seed=*/0);
   std::vector<ckpt::LoadRequest> requests;
-  for (Parameter& p : model.parameters()) requests.push_back({p.spec.name, p.value.shape(), {}, p.value});
+  for (Parameter& p : model.parameters()) requests.push_back(parameter_request(p));
   ckpt::load(dir, requests);
   fmt::print("checkpoint {} (step {})\n", dir.string(), manifest.step);
 

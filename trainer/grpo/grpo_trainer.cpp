@@ -26,7 +26,7 @@
 #include "trainer/optim/distributed_optimizer.h"
 #include "trainer/optim/lr_schedule.h"
 #include "trainer/optim/optimizer.h"
-#include "trainer/train/init_weights.h"
+#include "trainer/train/model_weights.h"
 #include "trainer/train/stop_signals.h"
 #include "trainer/train/train_parallel.h"
 
@@ -341,10 +341,9 @@ struct GrpoTrainer::State {
   std::vector<ckpt::TensorSlice> save_slices() {
     std::vector<ckpt::TensorSlice> out;
     if (is_rank0()) {
-      for (Parameter& p : model->parameters()) out.push_back({p.spec.name, p.value.shape(), {}, p.value});
+      for (Parameter& p : model->parameters()) out.push_back(parameter_slice(p));
       if (reference) {
-        for (Parameter& p : reference->parameters())
-          out.push_back({"reference." + p.spec.name, p.value.shape(), {}, p.value});
+        for (Parameter& p : reference->parameters()) out.push_back(parameter_slice(p, "reference."));
       }
     }
     for (ckpt::TensorSlice& sl : optimizer->state_slices()) out.push_back(std::move(sl));
@@ -354,10 +353,9 @@ struct GrpoTrainer::State {
   // What this rank reads back: the whole policy and reference, its own moments.
   std::vector<ckpt::LoadRequest> load_requests() {
     std::vector<ckpt::LoadRequest> out;
-    for (Parameter& p : model->parameters()) out.push_back({p.spec.name, p.value.shape(), {}, p.value});
+    for (Parameter& p : model->parameters()) out.push_back(parameter_request(p));
     if (reference) {
-      for (Parameter& p : reference->parameters())
-        out.push_back({"reference." + p.spec.name, p.value.shape(), {}, p.value});
+      for (Parameter& p : reference->parameters()) out.push_back(parameter_request(p, "reference."));
     }
     for (ckpt::LoadRequest& r : optimizer->state_requests()) out.push_back(std::move(r));
     return out;
@@ -407,16 +405,6 @@ struct GrpoTrainer::State {
     last_saved_step = step;
     resumed = true;
     return state.metadata.value("sft_loss", 0.0);
-  }
-
-  void load_initial_parameters(const std::string& dir) {
-    std::vector<ckpt::LoadRequest> requests;
-    for (Parameter& p : model->parameters()) requests.push_back({p.spec.name, p.value.shape(), {}, p.value});
-    try {
-      ckpt::load(dir, requests);
-    } catch (const UserError& e) {
-      throw UserError(fmt::format("grpo.init_checkpoint: {}", e.what()));
-    }
   }
 
   void copy_policy_into_reference() {
@@ -472,7 +460,7 @@ GrpoTrainer::GrpoTrainer(Recipe recipe, GrpoOptions options) : s_(std::make_uniq
   s.model = std::make_unique<Model>(r.model, r.model.dtype, static_cast<uint64_t>(r.train.seed),
                                     recompute_policy(r.train), precision_policy(r.precision), model_parallel);
   model_ = s.model.get();
-  if (!g.init_checkpoint.empty()) s.load_initial_parameters(g.init_checkpoint);
+  if (!g.init_checkpoint.empty()) load_model_weights(s.model->parameters(), g.init_checkpoint, "grpo.init_checkpoint");
   s.rewards = build_rewards(g);
   s.lr_schedule = std::make_unique<LrSchedule>(r);
   if (r.logging.jsonl && s.is_rank0())
@@ -786,7 +774,8 @@ GrpoResult GrpoTrainer::run() {
     result.sft_loss = s.restore(resume);
   }
   if (!s.resumed && !s.recipe.checkpoint.init_from.empty()) {  // e.g. released weights, converted
-    const std::filesystem::path from = load_model_weights(s.model->parameters(), s.recipe.checkpoint.init_from);
+    const std::filesystem::path from =
+        load_model_weights(s.model->parameters(), s.recipe.checkpoint.init_from, "checkpoint.init_from");
     if (s.options.console) fmt::print("initialised the policy from {}\n", from.string());
   }
   if (s.options.console) {

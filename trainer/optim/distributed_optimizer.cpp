@@ -5,7 +5,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
-#include <string_view>
+#include <utility>
 
 #include "kernels/error.h"
 #include "kernels/ops/adamw.h"
@@ -347,10 +347,10 @@ std::vector<ckpt::TensorSlice> DistributedAdamW::moment_boxes(bool own_only) {
       const Parameter& p = *slots_[pc.slot].param;
       if (own_only && !options_.owns_replicated && p.spec.shard.axis == ShardAxis::none) continue;  // TP rank 0's
       const int64_t at = pc.bucket_begin - b.update_begin;
-      for (const char* moment : {"optim.exp_avg.", "optim.exp_avg_sq."}) {
-        const Tensor& flat = moment == std::string_view("optim.exp_avg.") ? b.exp_avg : b.exp_avg_sq;
+      for (const auto& [prefix, flat] : {std::pair<const char*, const Tensor&>{"optim.exp_avg.", b.exp_avg},
+                                         std::pair<const char*, const Tensor&>{"optim.exp_avg_sq.", b.exp_avg_sq}}) {
         for (ckpt::TensorSlice& box :
-             dsx::moment_boxes(moment + p.spec.name, p, pc.param_begin, flat_view(flat, at, pc.length)))
+             dsx::moment_boxes(prefix + p.spec.name, p, pc.param_begin, flat_view(flat, at, pc.length)))
           out.push_back(std::move(box));
       }
     }

@@ -19,7 +19,7 @@
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/model/param_count.h"
 #include "trainer/optim/distributed_optimizer.h"
-#include "trainer/train/init_weights.h"
+#include "trainer/train/model_weights.h"
 #include "trainer/train/schedule.h"
 #include "trainer/train/stage_runner.h"
 #include "trainer/train/stop_signals.h"
@@ -113,18 +113,15 @@ void Trainer::resume_if_requested() {
     restore_from(resume);
     return;
   }
-  if (!recipe_.checkpoint.init_from.empty()) load_initial_weights(recipe_.checkpoint.init_from);
-}
-
-// checkpoint.init_from: the model tensors only (each rank its own shards); the run starts at step 0.
-void Trainer::load_initial_weights(const std::string& from) {
-  const std::filesystem::path dir = load_model_weights(model_->parameters(), from);
-  if (options_.console) fmt::print("initialised the model from {}\n", dir.string());
+  if (!recipe_.checkpoint.init_from.empty()) {  // the model tensors only (each rank its own shards), step 0
+    const auto dir = load_model_weights(model_->parameters(), recipe_.checkpoint.init_from, "checkpoint.init_from");
+    if (options_.console) fmt::print("initialised the model from {}\n", dir.string());
+  }
 }
 
 void Trainer::restore_from(const std::filesystem::path& dir) {
   std::vector<ckpt::LoadRequest> requests;
-  for (Parameter& p : model_->parameters()) requests.push_back({p.spec.name, p.spec.shape, p.offset, p.value});
+  for (Parameter& p : model_->parameters()) requests.push_back(parameter_request(p));
   for (ckpt::LoadRequest& r : optimizer_->state_requests()) requests.push_back(std::move(r));
   const ckpt::CheckpointState state = ckpt::load(dir, requests);
   step_ = state.step;
@@ -156,7 +153,7 @@ bool Trainer::writes_parameter(const Parameter& p) const {
 std::filesystem::path Trainer::save_checkpoint(int64_t step) {
   std::vector<ckpt::TensorSlice> slices;
   for (Parameter& p : model_->parameters()) {
-    if (writes_parameter(p)) slices.push_back({p.spec.name, p.spec.shape, p.offset, p.value});
+    if (writes_parameter(p)) slices.push_back(parameter_slice(p));
   }
   for (ckpt::TensorSlice& s : optimizer_->state_slices()) slices.push_back(std::move(s));
   ckpt::CheckpointState state;

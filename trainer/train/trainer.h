@@ -65,7 +65,6 @@ class Trainer {
   void resume_if_requested();
   std::filesystem::path save_checkpoint(int64_t step);
   void restore_from(const std::filesystem::path& dir);
-  void load_initial_weights(const std::string& from);
   StepMetrics train_step(int64_t step);
   std::optional<std::filesystem::path> find_resume_checkpoint();
   bool writes_parameter(const Parameter& p) const;
