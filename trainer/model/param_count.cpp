@@ -65,11 +65,14 @@ ModuleFlops module_flops_per_token(const ModelConfig& config, int64_t seq_len) {
   return out;
 }
 
+double ModuleFlops::total() const {
+  double sum = head + mtp;
+  for (double layer : layers) sum += layer;
+  return sum;
+}
+
 double model_flops_per_token(const ModelConfig& config, int64_t seq_len) {
-  const ModuleFlops m = module_flops_per_token(config, seq_len);
-  double total = m.head + m.mtp;
-  for (double layer : m.layers) total += layer;
-  return total;
+  return module_flops_per_token(config, seq_len).total();
 }
 
 }  // namespace dsx

@@ -35,6 +35,8 @@ struct ModuleFlops {
   std::vector<double> layers;  // [num_hidden_layers]
   double head = 0;
   double mtp = 0;  // all MTP modules together
+
+  double total() const;  // = model_flops_per_token
 };
 ModuleFlops module_flops_per_token(const ModelConfig& config, int64_t seq_len);
 

@@ -50,7 +50,10 @@ PipelineStage pipeline_stage(int64_t num_layers, int count, int index) {
 
 std::vector<double> stage_flops_per_token(const ModelConfig& config, const std::vector<int64_t>& split,
                                           int64_t seq_len) {
-  const ModuleFlops m = module_flops_per_token(config, seq_len);
+  return stage_flops_per_token(module_flops_per_token(config, seq_len), split);
+}
+
+std::vector<double> stage_flops_per_token(const ModuleFlops& m, const std::vector<int64_t>& split) {
   std::vector<double> out;
   size_t layer = 0;
   for (int64_t n : split) {
@@ -66,9 +69,12 @@ std::vector<double> stage_flops_per_token(const ModelConfig& config, const std::
 // most expensive stage when layers [i, L) form the last k stages. Then, stage by stage from the
 // first, the longest run that keeps the rest within that optimum.
 std::vector<int64_t> balanced_split(const ModelConfig& config, int stages, int64_t seq_len) {
-  const int64_t L = config.num_hidden_layers;
+  return balanced_split(module_flops_per_token(config, seq_len), stages);
+}
+
+std::vector<int64_t> balanced_split(const ModuleFlops& m, int stages) {
+  const auto L = static_cast<int64_t>(m.layers.size());
   check_stages(L, stages);
-  const ModuleFlops m = module_flops_per_token(config, seq_len);
   std::vector<double> prefix(static_cast<size_t>(L) + 1, 0.0);
   for (int64_t i = 0; i < L; ++i)
     prefix[static_cast<size_t>(i) + 1] = prefix[static_cast<size_t>(i)] + m.layers[static_cast<size_t>(i)];
@@ -122,7 +128,12 @@ std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, int count) 
 
 std::vector<double> rank_flops_per_token(const ModelConfig& config, const std::vector<int64_t>& split,
                                          const PipelineLayout& layout, int64_t seq_len) {
-  const std::vector<double> stages = stage_flops_per_token(config, split, seq_len);
+  return rank_flops_per_token(module_flops_per_token(config, seq_len), split, layout);
+}
+
+std::vector<double> rank_flops_per_token(const ModuleFlops& m, const std::vector<int64_t>& split,
+                                         const PipelineLayout& layout) {
+  const std::vector<double> stages = stage_flops_per_token(m, split);
   std::vector<double> ranks(static_cast<size_t>(layout.ranks), 0.0);
   for (int s = 0; s < layout.stages(); ++s)
     ranks[static_cast<size_t>(layout.rank_of(s))] += stages.at(static_cast<size_t>(s));
@@ -138,9 +149,8 @@ std::pair<double, double> split_badness(const std::vector<double>& ranks) {
   return {most, squares};
 }
 
-std::vector<int64_t> improve_v_split(const ModelConfig& config, std::vector<int64_t> split,
-                                     const PipelineLayout& layout, int64_t seq_len) {
-  auto badness = split_badness(rank_flops_per_token(config, split, layout, seq_len));
+std::vector<int64_t> improve_v_split(const ModuleFlops& m, std::vector<int64_t> split, const PipelineLayout& layout) {
+  auto badness = split_badness(rank_flops_per_token(m, split, layout));
   for (bool moved = true; moved;) {
     moved = false;
     for (size_t b = 0; b + 1 < split.size(); ++b) {  // the boundary between stage b and b + 1
@@ -149,7 +159,7 @@ std::vector<int64_t> improve_v_split(const ModelConfig& config, std::vector<int6
         trial[b] += step;
         trial[b + 1] -= step;
         if (trial[b] < 1 || trial[b + 1] < 1) continue;
-        const auto trial_badness = split_badness(rank_flops_per_token(config, trial, layout, seq_len));
+        const auto trial_badness = split_badness(rank_flops_per_token(m, trial, layout));
         const double tolerance = badness.first * 1e-12;
         if (trial_badness.first < badness.first - tolerance ||
             (trial_badness.first <= badness.first + tolerance && trial_badness.second < badness.second * (1 - 1e-12))) {
@@ -166,13 +176,17 @@ std::vector<int64_t> improve_v_split(const ModelConfig& config, std::vector<int6
 }  // namespace
 
 std::vector<int64_t> balanced_split(const ModelConfig& config, const PipelineLayout& layout, int64_t seq_len) {
-  if (!layout.v_shape) return balanced_split(config, layout.stages(), seq_len);
+  return balanced_split(module_flops_per_token(config, seq_len), layout);
+}
+
+std::vector<int64_t> balanced_split(const ModuleFlops& m, const PipelineLayout& layout) {
+  if (!layout.v_shape) return balanced_split(m, layout.stages());
   std::vector<int64_t> best;
   std::pair<double, double> best_badness;
   for (std::vector<int64_t> start :
-       {balanced_split(config, layout.stages(), seq_len), even_split(config.num_hidden_layers, layout.stages())}) {
-    std::vector<int64_t> split = improve_v_split(config, std::move(start), layout, seq_len);
-    const auto badness = split_badness(rank_flops_per_token(config, split, layout, seq_len));
+       {balanced_split(m, layout.stages()), even_split(static_cast<int64_t>(m.layers.size()), layout.stages())}) {
+    std::vector<int64_t> split = improve_v_split(m, std::move(start), layout);
+    const auto badness = split_badness(rank_flops_per_token(m, split, layout));
     if (best.empty() || badness < best_badness) best = std::move(split), best_badness = badness;
   }
   return best;

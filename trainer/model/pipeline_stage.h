@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "trainer/model/config.h"
+#include "trainer/model/param_count.h"
 
 namespace dsx {
 
@@ -45,6 +46,10 @@ std::vector<int64_t> balanced_split(const ModelConfig& config, int stages, int64
 // The cost the balanced split minimises, per stage (FLOPs per token).
 std::vector<double> stage_flops_per_token(const ModelConfig& config, const std::vector<int64_t>& split,
                                           int64_t seq_len);
+// The same from module_flops_per_token computed once (building the costs walks every parameter
+// spec: ~47K for DeepSeek-V3, too many to repeat for each candidate split).
+std::vector<int64_t> balanced_split(const ModuleFlops& flops, int stages);
+std::vector<double> stage_flops_per_token(const ModuleFlops& flops, const std::vector<int64_t>& split);
 // Stage `index` of a split.
 PipelineStage pipeline_stage(const std::vector<int64_t>& split, int index);
 
@@ -75,9 +80,12 @@ struct PipelineLayout {
 // by local search from the stage-balanced and the even splits — one layer across one boundary at
 // a time while that lowers the costliest rank, or at equal cost the sum of squared rank costs.
 std::vector<int64_t> balanced_split(const ModelConfig& config, const PipelineLayout& layout, int64_t seq_len);
+std::vector<int64_t> balanced_split(const ModuleFlops& flops, const PipelineLayout& layout);
 // FLOPs per token of each rank's stages under a split (stage_flops_per_token summed per rank).
 std::vector<double> rank_flops_per_token(const ModelConfig& config, const std::vector<int64_t>& split,
                                          const PipelineLayout& layout, int64_t seq_len);
+std::vector<double> rank_flops_per_token(const ModuleFlops& flops, const std::vector<int64_t>& split,
+                                         const PipelineLayout& layout);
 
 // Each rank's stages of a split (layout.stages() entries), "rank 0: stage 0/4: embedding, layers
 // 0-0 + stage 3/4: layers 3-3, head | rank 1: ..." (as describe_pipeline for a sequential layout).

@@ -9,6 +9,7 @@
 #include <functional>
 #include <optional>
 #include <stdexcept>
+#include <unordered_map>
 
 namespace dsx {
 
@@ -342,13 +343,24 @@ PipelineLayout pipeline_layout(const Recipe& r) {
 }
 
 std::vector<int64_t> pipeline_split(const Recipe& r) {
-  const int stages = pipeline_layout(r).stages();
-  return r.parallel.pp_split == PipelineSplit::balanced ? balanced_split(r.model, pipeline_layout(r), r.train.seq_len)
-                                                        : even_split(r.model.num_hidden_layers, stages);
+  if (r.parallel.pp_split == PipelineSplit::even)
+    return even_split(r.model.num_hidden_layers, pipeline_layout(r).stages());
+  return pipeline_split(r, module_flops_per_token(r.model, r.train.seq_len));
+}
+
+std::vector<int64_t> pipeline_split(const Recipe& r, const ModuleFlops& flops) {
+  const PipelineLayout layout = pipeline_layout(r);
+  return r.parallel.pp_split == PipelineSplit::balanced ? balanced_split(flops, layout)
+                                                        : even_split(r.model.num_hidden_layers, layout.stages());
 }
 
 std::vector<double> relative_stage_flops(const Recipe& r) {
-  std::vector<double> flops = stage_flops_per_token(r.model, pipeline_split(r), r.train.seq_len);
+  const ModuleFlops module_flops = module_flops_per_token(r.model, r.train.seq_len);
+  return relative_stage_flops(module_flops, pipeline_split(r, module_flops));
+}
+
+std::vector<double> relative_stage_flops(const ModuleFlops& module_flops, const std::vector<int64_t>& split) {
+  std::vector<double> flops = stage_flops_per_token(module_flops, split);
   double mean = 0;
   for (double f : flops) mean += f / static_cast<double>(flops.size());
   for (double& f : flops) f /= mean;
@@ -445,6 +457,7 @@ class ClockedRun {
         i = g.end;
       }
     }
+    index_actions();
   }
 
   PipelineRun run() {
@@ -480,17 +493,15 @@ class ClockedRun {
           }
           // A compute waits for the receives it consumes; the optimizer step for everything.
           std::optional<double> ready = clock[s];
-          for (size_t g = 0; g < groups_[s].size() && ready; ++g) {
-            const Group& group = groups_[s][g];
-            if (a.kind == Action::Kind::optimizer_step && group.begin < at[s]) {
+          if (a.kind == Action::Kind::optimizer_step) {
+            for (size_t g = 0; g < groups_[s].size() && ready && groups_[s][g].begin < at[s]; ++g)
               ready = max_of(ready, completion(s, g));
-              continue;
-            }
-            for (size_t i = group.begin; i < group.end && ready; ++i) {
-              if (!consumes(a, actions[i])) continue;
-              // in order, the group completes as a whole; independent, each transfer by itself
-              ready = max_of(ready, rule_ == TransferRule::in_order ? completion(s, g) : transfer_done(s, i));
-            }
+          }
+          for (const size_t i : receives_consumed(s, a)) {
+            if (!ready) break;
+            // in order, the group completes as a whole; independent, each transfer by itself
+            ready = max_of(ready, rule_ == TransferRule::in_order ? completion(s, static_cast<size_t>(group_of_[s][i]))
+                                                                  : transfer_done(s, i));
           }
           if (!ready) break;
           clock[s] = *ready;
@@ -568,13 +579,47 @@ class ClockedRun {
   // Transfer i of stage s meets its counterpart once both their groups have started.
   std::optional<double> transfer_done(int s, size_t i) {
     const Action& a = schedules_[s][i];
-    const Action wanted{counterpart(a.kind), a.micro_batch, a.peer, s, a.chunk};
-    const std::vector<Action>& peer = schedules_[a.peer];
-    const auto it = std::find(peer.begin(), peer.end(), wanted);
-    if (it == peer.end()) return std::nullopt;  // never posted: stuck
-    const auto j = static_cast<size_t>(it - peer.begin());
+    const auto it = transfer_index_[a.peer].find(transfer_key(counterpart(a.kind), a.micro_batch, s, a.chunk));
+    if (it == transfer_index_[a.peer].end()) return std::nullopt;  // never posted: stuck
     return max_of(start(s, static_cast<size_t>(group_of_[s][i])),
-                  start(a.peer, static_cast<size_t>(group_of_[a.peer][j])));
+                  start(a.peer, static_cast<size_t>(group_of_[a.peer][it->second])));
+  }
+
+  // Lookups the run repeats, made once (a step of 240 micro-batches on 32 stages has ~10^5
+  // actions; scanning for them made `dsx plan` quadratic): each stage's transfers by what they
+  // are (the first of equal ones, as a scan finds it), and its receives by the micro-batch, chunk
+  // and direction of the compute that consumes them, in posting order.
+  static uint64_t transfer_key(Action::Kind kind, int64_t micro_batch, int peer, int chunk) {
+    return (static_cast<uint64_t>(micro_batch + 1) << 24) | (static_cast<uint64_t>(peer) << 8) |
+           (static_cast<uint64_t>(chunk) << 5) | static_cast<uint64_t>(kind);
+  }
+  static uint64_t consumer_key(int64_t micro_batch, int chunk, bool gradient) {
+    return (static_cast<uint64_t>(micro_batch + 1) << 8) | (static_cast<uint64_t>(chunk) << 1) | (gradient ? 1 : 0);
+  }
+  void index_actions() {
+    transfer_index_.resize(schedules_.size());
+    receives_by_consumer_.resize(schedules_.size());
+    for (size_t s = 0; s < schedules_.size(); ++s) {
+      for (size_t i = 0; i < schedules_[s].size(); ++i) {
+        const Action& a = schedules_[s][i];
+        if (!a.is_transfer()) continue;
+        transfer_index_[s].emplace(transfer_key(a.kind, a.micro_batch, a.peer, a.chunk), i);
+        for (const bool gradient : {false, true}) {
+          const Action consumer{gradient ? Action::Kind::backward : Action::Kind::forward, a.micro_batch, a.stage, -1,
+                                a.chunk};
+          if (consumes(consumer, a))
+            receives_by_consumer_[s][consumer_key(a.micro_batch, a.chunk, gradient)].push_back(i);
+        }
+      }
+    }
+  }
+  const std::vector<size_t>& receives_consumed(int s, const Action& compute) const {
+    static const std::vector<size_t> none;
+    const bool forward = compute.kind == Action::Kind::forward;
+    if (!forward && compute.kind != Action::Kind::backward && compute.kind != Action::Kind::backward_input) return none;
+    const auto& index = receives_by_consumer_[static_cast<size_t>(s)];
+    const auto it = index.find(consumer_key(compute.micro_batch, compute.chunk, !forward));
+    return it == index.end() ? none : it->second;
   }
 
   // A group completes when each of its transfers met its counterpart, which happens once both
@@ -596,6 +641,8 @@ class ClockedRun {
   TransferRule rule_;
   std::vector<std::vector<int>> group_of_;  // per stage and action: its group, -1 for compute
   std::vector<std::vector<Group>> groups_;
+  std::vector<std::unordered_map<uint64_t, size_t>> transfer_index_;  // per stage: transfer_key -> action
+  std::vector<std::unordered_map<uint64_t, std::vector<size_t>>> receives_by_consumer_;  // consumer_key -> receives
 };
 
 }  // namespace
@@ -637,6 +684,11 @@ std::string draw_timeline(const PipelineRun& run, double unit) {
 }
 
 RecipeStep run_recipe_step(const Recipe& recipe, int64_t n, const ActionCosts& stage_costs, bool by_flops) {
+  return run_recipe_step(recipe, n, stage_costs, by_flops ? relative_stage_flops(recipe) : std::vector<double>{});
+}
+
+RecipeStep run_recipe_step(const Recipe& recipe, int64_t n, const ActionCosts& stage_costs,
+                           const std::vector<double>& relative) {
   const PipelineLayout layout = pipeline_layout(recipe);
   RecipeStep out;
   for (int r = 0; r < layout.ranks; ++r) out.schedules.push_back(stage_schedule(recipe, n, r));
@@ -644,8 +696,7 @@ RecipeStep run_recipe_step(const Recipe& recipe, int64_t n, const ActionCosts& s
   ActionCosts costs{.forward = stage_costs.forward * share,
                     .backward_input = stage_costs.backward_input * share,
                     .backward_weight = stage_costs.backward_weight * share};
-  if (by_flops) {
-    const std::vector<double> relative = relative_stage_flops(recipe);
+  if (!relative.empty()) {
     costs.scale.assign(static_cast<size_t>(layout.ranks), std::vector<double>(static_cast<size_t>(layout.chunks())));
     for (int r = 0; r < layout.ranks; ++r) {
       for (int c = 0; c < layout.chunks(); ++c) {

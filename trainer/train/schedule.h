@@ -96,8 +96,11 @@ std::vector<Action> dualpipev_schedule(int64_t n_micro_batches, int ranks, int r
 PipelineLayout pipeline_layout(const Recipe& recipe);
 // Decoder layers per stage of that layout (parallel.pp_split at train.seq_len).
 std::vector<int64_t> pipeline_split(const Recipe& recipe);
+// The same from the model's module FLOPs computed once (module_flops_per_token at train.seq_len).
+std::vector<int64_t> pipeline_split(const Recipe& recipe, const ModuleFlops& flops);
 // Each stage's model FLOPs per token under that split, relative to the mean stage's.
 std::vector<double> relative_stage_flops(const Recipe& recipe);
+std::vector<double> relative_stage_flops(const ModuleFlops& flops, const std::vector<int64_t>& split);
 
 // Stage `stage`'s actions for n micro-batches under the recipe's parallel.pp and
 // parallel.pp_schedule (1f1b, zero_bubble, dualpipev); gradient accumulation for one stage;
@@ -165,5 +168,8 @@ struct RecipeStep {
 };
 RecipeStep run_recipe_step(const Recipe& recipe, int64_t n_micro_batches, const ActionCosts& stage_costs,
                            bool by_flops = false);
+// The same with each stage's cost factor given (relative_stage_flops; empty: every stage 1).
+RecipeStep run_recipe_step(const Recipe& recipe, int64_t n_micro_batches, const ActionCosts& stage_costs,
+                           const std::vector<double>& relative_stage_costs);
 
 }  // namespace dsx
