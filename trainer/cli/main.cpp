@@ -31,7 +31,9 @@ Register::Register(std::string name, int order, AddCommands add) {
   entries().push_back({std::move(name), order, std::move(add)});
 }
 
-void set_exit_code(int code) { g_exit_code = code; }
+void set_exit_code(int code) {
+  g_exit_code = code;
+}
 
 }  // namespace dsx::cli
 
@@ -74,6 +76,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
   } catch (const dsx::UserError& e) {
+    std::fflush(stdout);  // what the command printed before the error comes first
     fmt::print(stderr, "dsx: error: {}\n", e.what());
     return 2;
   } catch (const std::exception& e) {

@@ -80,6 +80,24 @@ void TrainParallel::barrier() {
   comms.world->barrier().wait();
 }
 
+void check_layout_is_built(const Recipe& recipe) {
+  if (recipe.parallel.tp > 1 && recipe.model.device == Device::cuda) {
+    throw UserError(
+        "parallel.tp: tensor parallelism has run on CPU ranks (MPI) only so far; on GPUs train with pipeline, data "
+        "and expert parallelism (parallel.pp, parallel.dp, parallel.ep) and tp = 1, or use device: cpu");
+  }
+  if (recipe.parallel.pp > 1)
+    stage_schedule(recipe, 2 * recipe.parallel.pp, 0);  // refuses a schedule that is not built, before any work
+  if (recipe.parallel.pp > 2 && recipe.parallel.pp_schedule == PipelineSchedule::dualpipev &&
+      recipe.model.device == Device::cuda) {
+    throw UserError(
+        "parallel.pp_schedule: dualpipev on GPUs (NCCL) runs with parallel.pp = 2 only so far. From three ranks its "
+        "two chunks per rank talk to both neighbours in an order the NCCL communicator's single stream cannot keep: "
+        "a receive waiting for one neighbour holds back the sends to the other (use 1f1b or zero_bubble, or "
+        "device: cpu)");
+  }
+}
+
 std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
   const ParallelSection& p = recipe.parallel;
   const MeshSizes sizes{.pp = static_cast<int>(p.pp),
@@ -97,19 +115,7 @@ std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe) {
                     " needs that many processes, but this one was started alone; launch it with mpirun -np " +
                     std::to_string(sizes.world()) + " (or srun -n " + std::to_string(sizes.world()) + ")");
   }
-  if (p.tp > 1 && recipe.model.device == Device::cuda) {
-    throw UserError(
-        "parallel.tp: tensor parallelism has run on CPU ranks (MPI) only so far; on GPUs train with pipeline, data "
-        "and expert parallelism (parallel.pp, parallel.dp, parallel.ep) and tp = 1, or use device: cpu");
-  }
-  if (p.pp > 1) stage_schedule(recipe, 2 * p.pp, 0);  // refuses a schedule that is not built, before any work
-  if (p.pp > 2 && p.pp_schedule == PipelineSchedule::dualpipev && recipe.model.device == Device::cuda) {
-    throw UserError(
-        "parallel.pp_schedule: dualpipev on GPUs (NCCL) runs with parallel.pp = 2 only so far. From three ranks its "
-        "two chunks per rank talk to both neighbours in an order the NCCL communicator's single stream cannot keep: "
-        "a receive waiting for one neighbour holds back the sends to the other (use 1f1b or zero_bubble, or "
-        "device: cpu)");
-  }
+  check_layout_is_built(recipe);
   auto tp = std::make_unique<TrainParallel>();
   tp->launch = launch;
   tp->mpi = std::make_unique<MpiSession>();

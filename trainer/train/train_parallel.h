@@ -61,7 +61,11 @@ std::optional<std::filesystem::path> newest_checkpoint_on_every_rank(const std::
 // Null for a single process (except model.device: cuda under mpirun/srun, see the .cpp); otherwise initialises MPI,
 // checks the world size against the recipe's layout (dsx::UserError on every rank when they differ), builds the mesh
 // and its communicators (plus NCCL ones for model.device: cuda — select the GPU first). Throws dsx::UserError for
-// layouts this build cannot train yet (tp > 1, a pipeline schedule other than 1f1b).
+// layouts this build cannot train yet (check_layout_is_built).
 std::unique_ptr<TrainParallel> start_train_parallel(const Recipe& recipe);
+
+// Throws dsx::UserError for a layout this build cannot train on the recipe's device yet (tp > 1
+// on GPUs, a pipeline schedule not built, dualpipev from 3 ranks on GPUs); `dsx plan` asks too.
+void check_layout_is_built(const Recipe& recipe);
 
 }  // namespace dsx
