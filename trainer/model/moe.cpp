@@ -102,7 +102,8 @@ Tensor Moe::forward(const Tensor& x, const SequenceInfo& seq, MoeContext& ctx, b
   }
   for (MoeChunk& c : ctx.chunks) {
     c.expert_x = routes_.finish_to_experts(c.dispatch, c.in_flight);
-    run_experts(c, ctx);  // starts the combine
+    c.permuted_x = Tensor();  // sent: the backward needs only the rows the experts received
+    run_experts(c, ctx);      // starts the combine
   }
   // rows another TP rank routes stay zero here: the sum over TP fills them
   Tensor y = parallel_.tp_size() > 1 ? Tensor::zeros(x.shape(), x.dtype(), x.device()) : empty_like(x, x.shape());

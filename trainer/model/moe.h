@@ -43,7 +43,7 @@ namespace dsx {
 struct MoeChunk {
   int64_t begin = 0, end = 0;  // token rows [begin, end) of the micro-batch
   Dispatch dispatch;
-  Tensor permuted_x;                // [Tc·K, D] this rank's (token, choice) rows sorted by expert
+  Tensor permuted_x;                // [Tc·K, D] this rank's (token, choice) rows sorted by expert, until sent
   Tensor in_flight;                 // receive buffer of the transfer under way
   Tensor expert_x;                  // [R, D] rows this rank's experts compute, expert-major
   Tensor permuted_y;                // [Tc·K, D] expert outputs back in permuted_x's order

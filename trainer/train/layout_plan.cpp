@@ -142,11 +142,10 @@ double layer_activation_bytes(const Recipe& r, bool moe) {
     const double swiglu = recomputes(r, RecomputeKind::moe_act) ? 2 : 3;
     const double router = (E + K) * b.stored + K * 4;  // scores, weights, expert ids
     const double shared = swiglu * as_double(m.n_shared_experts) * F / tp * b.stored;
-    // Each TP rank routes 1/tp of the tokens; each of their K choices keeps its permuted row, the
-    // row an expert receives (the same tensor when nothing is exchanged), the expert's SwiGLU
-    // projections and its output row.
-    const bool exchanged = p.ep * p.tp > 1;
-    const double rows = K / tp * ((exchanged ? 3 : 2) * D + swiglu * F) * b.stored;
+    // Each TP rank routes 1/tp of the tokens; each of their K choices keeps the row an expert
+    // received (the permuted row itself when nothing is exchanged; the sent copy is dropped), the
+    // expert's SwiGLU projections and its output row.
+    const double rows = K / tp * (2 * D + swiglu * F) * b.stored;
     ffn = router + shared + rows;
   }
   return residual + norms + attention + ffn;
@@ -286,7 +285,7 @@ RankMemory rank_memory(const Recipe& r, const std::vector<ParamGroup>& groups, c
     if (!g.trainable) continue;
     // ZeRO-1 splits the optimizer state of dense weights over dp, of routed experts over dp / ep
     const double group = !zero1 ? 1 : as_double(g.axis == ShardAxis::expert ? p.dp / p.ep : p.dp);
-    mem.gradients += n * b.stored * (zero1 ? 1 + 1 / group : 1);  // + the reduced shard
+    mem.gradients += n * b.stored * (group > 1 ? 1 + 1 / group : 1);  // + the reduced shard (none for a group of 1)
     mem.optimizer += n * 2 * moment_bytes / group;
     if (g.gemm_copy) mem.gemm_copies += n * 2;
   }
