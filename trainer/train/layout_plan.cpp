@@ -245,6 +245,24 @@ double transfer_s(double bytes, int64_t size, int64_t stride, const PlanHardware
   return bytes * ((1 - off_share) / hw.intra_node_bytes_per_s + off_share / hw.inter_node_bytes_per_s);
 }
 
+// The FLOPs recomputation adds per token (hardware FLOPs beyond the model's): full recompute runs
+// every decoder layer's forward again (a third of its forward + backward); recomputing the MLA
+// up-projections reruns q_b_proj (or q_proj) and kv_b_proj; norms and SwiGLU are elementwise.
+double recompute_flops_per_token(const Recipe& r, const ModuleFlops& flops) {
+  if (recomputes(r, RecomputeKind::full)) {
+    double layers = 0;
+    for (double layer : flops.layers) layers += layer;
+    return layers / 3;
+  }
+  if (!recomputes(r, RecomputeKind::mla_up_proj)) return 0;
+  const ModelSection& m = r.model;
+  const double heads = as_double(m.num_attention_heads);
+  const double q_in = as_double(m.q_lora_rank > 0 ? m.q_lora_rank : m.hidden_size);
+  const double up = q_in * heads * as_double(m.qk_head_dim()) +
+                    as_double(m.kv_lora_rank) * heads * as_double(m.qk_nope_head_dim + m.v_head_dim);
+  return 2 * up * as_double(m.num_hidden_layers);
+}
+
 double ring_factor(int64_t n) {
   return n > 1 ? 2.0 * as_double(n - 1) / as_double(n) : 0.0;
 }
@@ -336,8 +354,9 @@ LayoutPlan plan_with(const Recipe& r, const ModelFacts& facts, const PlanHardwar
   const int64_t n = micro_batches_per_step(r);
   const double step_tokens = as_double(r.train.global_batch * r.train.seq_len);
   const double devices = as_double(p.pp * p.dp * p.tp);
-  const double flops = facts.flops.total() * step_tokens;
-  const double ideal_s = flops / (devices * hw.peak_flops * hw.mfu);
+  const double flops = facts.flops.total() * step_tokens;  // model FLOPs: what MFU counts
+  const double ideal_s =
+      (flops + recompute_flops_per_token(r, facts.flops) * step_tokens) / (devices * hw.peak_flops * hw.mfu);
   if (p.pp > 1) {
     const RecipeStep step = run_recipe_step(r, n, {.forward = 1, .backward_input = 1, .backward_weight = 1},
                                             relative_stage_flops(facts.flops, split));

@@ -19,8 +19,8 @@
 // (tests/trainer/test_layout_plan.cpp).
 //
 // Time of a step (seconds), a model with its parts visible:
-//   compute  model FLOPs of the step / (devices · peak FLOP/s · assumed MFU), stretched by the
-//            pipeline bubble of the recipe's schedule run on a clock (stages weighted by FLOPs)
+//   compute  model FLOPs of the step, plus the forward work recomputation repeats, / (devices ·
+//            peak FLOP/s · assumed MFU), stretched by the pipeline bubble of the recipe's schedule run on a clock (stages weighted by FLOPs)
 //   tp       the tensor-parallel all-reduces (not overlapped)
 //   ep       the MoE all-to-alls; with parallel.overlap_a2a half of them run under compute
 //   dp       the gradient reduction (and ZeRO-1's parameter all-gather) beyond what hides under
