@@ -107,6 +107,24 @@ set_tests_properties(parallel_train.pp2_fp8_recompute parallel_train.tp2_fp8_rec
                      ENVIRONMENT "${DSX_LAYOUT_ENV};DSX_LAYOUT_REFERENCE=reference_fp8" TIMEOUT 300 LABELS parallel
                      RESOURCE_LOCK mpi_cores)
 
+# The weight EMA (optim.ema_decay): each rank averages what it writes to checkpoints, so layouts
+# that split tensors over TP, layers over PP and experts over EP, with DP replicas keeping none,
+# together store the same ema.* tensors as one process (compared like the weights, 1e-5).
+set(DSX_LAYOUT_EMA --set optim.ema_decay=0.9)
+add_test(NAME parallel_train.reference_ema COMMAND ${DSX_LAYOUT_RUN} reference_ema 0 0 ${DSX_LAYOUT_EMA})
+add_test(NAME parallel_train.tp2_dp2_zero1_ema
+         COMMAND ${DSX_LAYOUT_RUN} tp2_dp2_zero1_ema 4 ${DSX_LAYOUT_RTOL} --set parallel.tp=2 --set parallel.dp=2
+                 --set parallel.zero=1 ${DSX_LAYOUT_EMA})
+add_test(NAME parallel_train.pp2_dp2_ep2_zero1_ema
+         COMMAND ${DSX_LAYOUT_RUN} pp2_dp2_ep2_zero1_ema 4 ${DSX_LAYOUT_RTOL} --set parallel.pp=2 --set parallel.dp=2
+                 --set parallel.ep=2 --set parallel.zero=1 ${DSX_LAYOUT_EMA})
+set_tests_properties(parallel_train.reference_ema PROPERTIES FIXTURES_SETUP layout_reference_ema
+                     ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300 LABELS parallel RESOURCE_LOCK mpi_cores)
+set_tests_properties(parallel_train.tp2_dp2_zero1_ema parallel_train.pp2_dp2_ep2_zero1_ema PROPERTIES
+                     FIXTURES_REQUIRED layout_reference_ema
+                     ENVIRONMENT "${DSX_LAYOUT_ENV};DSX_LAYOUT_REFERENCE=reference_ema" TIMEOUT 300 LABELS parallel
+                     RESOURCE_LOCK mpi_cores)
+
 # DualPipeV on three ranks (six stages of one layer, so a six-layer model with its own reference):
 # the layout whose transfers would deadlock on one in-order stream, here on non-blocking MPI.
 add_test(NAME parallel_train.reference_6_layers

@@ -113,8 +113,8 @@ TEST_CASE("hf export: a checkpoint becomes a DeepseekV3 directory with every par
     INFO("max shard bytes " << shard_bytes);
     const fs::path out = tmp.path() / ("hf-" + std::to_string(shard_bytes));
     ckpt::CheckpointReader reader(dir);
-    const ckpt::HfExportResult r =
-        ckpt::export_hugging_face(reader, config, out, {.dtype = DType::bf16, .max_shard_bytes = shard_bytes});
+    const ckpt::HfExportResult r = ckpt::export_hugging_face(
+        reader, config, out, {.dtype = DType::bf16, .max_shard_bytes = shard_bytes, .source_prefix = ""});
     REQUIRE(r.tensors == static_cast<int64_t>(model.parameters().size()));
     REQUIRE(r.parameters == model.parameters().numel());
     std::map<std::string, fs::path> file_of;
@@ -164,7 +164,9 @@ TEST_CASE("hf import: an f32 export reads back bit-exactly, FP8 block-scaled wei
   Model model(config, DType::f32, 5);
   const fs::path dir = save_model(model, tmp.path() / "ckpt");
   ckpt::CheckpointReader reader(dir);
-  ckpt::export_hugging_face(reader, config, tmp.path() / "hf", {.dtype = DType::f32});
+  ckpt::HfExportOptions f32;
+  f32.dtype = DType::f32;
+  ckpt::export_hugging_face(reader, config, tmp.path() / "hf", f32);
 
   // The config round-trips.
   const ModelConfig back = ckpt::config_from_hugging_face(ckpt::hugging_face_config(config, DType::f32), "test");
@@ -210,4 +212,31 @@ TEST_CASE("hf import: an f32 export reads back bit-exactly, FP8 block-scaled wei
   safetensors::write(tmp.path() / "hf-missing" / "model.safetensors", missing);
   REQUIRE_THROWS_WITH(ckpt::import_hugging_face(tmp.path() / "hf-missing", tmp.path() / "imported-missing"),
                       Contains("has no tensor " + tensors.front().name));
+}
+
+// `dsx convert to-hf --ema` reads the checkpoint's "ema." tensors (HfExportOptions::source_prefix):
+// a checkpoint holding two models, the trained weights under their names and other values under
+// "ema." + the names, exports each one exactly (f32, imported back).
+TEST_CASE("hf export: source_prefix exports the weight EMA instead of the weights", "[hf_export][ema]") {
+  test::TempDir tmp;
+  const ModelConfig config = test::tiny_config();
+  Model trained(config, DType::f32, 5), averaged(config, DType::f32, 6);
+  std::vector<ckpt::TensorSlice> slices;
+  for (Parameter& p : trained.parameters()) slices.push_back({p.spec.name, p.spec.shape, {}, p.value});
+  for (Parameter& p : averaged.parameters()) slices.push_back({"ema." + p.spec.name, p.spec.shape, {}, p.value});
+  const fs::path dir = ckpt::save(tmp.path() / "ckpt", {4, nlohmann::json::object(), ""}, slices);
+  ckpt::CheckpointReader reader(dir);
+  for (const auto& [prefix, model] : {std::pair<std::string, Model*>{"", &trained}, {"ema.", &averaged}}) {
+    ckpt::HfExportOptions options;
+    options.dtype = DType::f32;
+    options.source_prefix = prefix;
+    const fs::path hf = tmp.path() / ("hf" + prefix);
+    ckpt::export_hugging_face(reader, config, hf, options);
+    const ckpt::HfImportResult r = ckpt::import_hugging_face(hf, tmp.path() / ("imported" + prefix));
+    ckpt::CheckpointReader imported(r.checkpoint);
+    for (const Parameter& p : model->parameters()) {
+      INFO(prefix << p.spec.name);
+      REQUIRE(same_bytes(imported.read_whole(p.spec.name), p.value));
+    }
+  }
 }

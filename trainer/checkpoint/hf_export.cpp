@@ -148,7 +148,7 @@ HfExportResult write_model_directory(CheckpointReader& reader, const ModelConfig
   for (size_t k = 0; k < shards.size(); ++k) {
     std::vector<safetensors::NamedTensor> tensors;
     for (const ParamSpec* spec : shards[k]) {
-      const Tensor stored = reader.read_whole(spec->name);
+      const Tensor stored = reader.read_whole(options.source_prefix + spec->name);
       if (stored.shape() != spec->shape) {
         throw UserError(fmt::format("convert: checkpoint tensor {} is {}, the model's config says {}", spec->name,
                                     stored.describe(), shape_str(spec->shape)));

@@ -23,6 +23,7 @@ namespace dsx::ckpt {
 struct HfExportOptions {
   DType dtype = DType::bf16;                // bf16 or f32
   int64_t max_shard_bytes = 5'000'000'000;  // transformers' default max_shard_size ("5GB")
+  std::string source_prefix;                // read the checkpoint tensors prefix + name ("ema.": the weight EMA)
 };
 
 struct HfExportResult {

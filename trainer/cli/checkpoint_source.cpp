@@ -5,6 +5,7 @@
 
 #include "kernels/error.h"
 #include "trainer/checkpoint/checkpoint.h"
+#include "trainer/optim/weight_ema.h"
 
 namespace dsx::cli {
 
@@ -35,6 +36,16 @@ ModelSection checkpoint_model(const std::string& recipe_yaml, const std::filesys
   kept["model"] = stored["model"];
   if (stored["train"] && stored["train"]["seq_len"]) kept["train"]["seq_len"] = stored["train"]["seq_len"];
   return parse_recipe(YAML::Dump(kept), source).model;
+}
+
+std::string weights_prefix(const ckpt::CheckpointReader& reader, bool ema, const std::string& command) {
+  if (!ema) return "";
+  const std::string probe = std::string(WeightEma::kPrefix) + "model.embed_tokens.weight";
+  if (reader.find(probe) == nullptr) {
+    throw UserError(command + ": --ema: " + reader.dir().string() +
+                    " holds no weight EMA (it was trained with optim.ema_decay 0)");
+  }
+  return WeightEma::kPrefix;
 }
 
 }  // namespace dsx::cli

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <string>
 
+#include "trainer/checkpoint/checkpoint.h"
 #include "trainer/recipe/recipe.h"
 
 namespace dsx::cli {
@@ -18,5 +19,9 @@ std::filesystem::path resolve_checkpoint(const std::string& dir, const std::stri
 // the error messages.
 ModelSection checkpoint_model(const std::string& recipe_yaml, const std::filesystem::path& dir,
                               const std::string& command);
+
+// The prefix of the model tensors to read: "" for the trained weights, or with `ema` the weight
+// EMA's "ema." (trainer/optim/weight_ema.h), after checking the checkpoint holds one.
+std::string weights_prefix(const ckpt::CheckpointReader& reader, bool ema, const std::string& command);
 
 }  // namespace dsx::cli

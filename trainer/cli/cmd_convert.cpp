@@ -23,6 +23,7 @@ struct ToHfArgs {
   std::string out;
   std::string dtype = "bf16";
   double max_shard_gb = 5.0;
+  bool ema = false;
 };
 
 // Prints "done/total tensors, elapsed, ETA" at most every 2 s, and at the end.
@@ -49,7 +50,9 @@ void run_to_hf(const ToHfArgs& args) {
   ckpt::HfExportOptions options;
   options.dtype = args.dtype == "bf16" ? DType::bf16 : DType::f32;
   options.max_shard_bytes = static_cast<int64_t>(args.max_shard_gb * 1e9);
-  fmt::print("convert: {} (step {}) -> {} ({})\n", dir.string(), reader.step(), args.out, args.dtype);
+  options.source_prefix = weights_prefix(reader, args.ema, "convert to-hf");
+  fmt::print("convert: {} (step {}{}) -> {} ({})\n", dir.string(), reader.step(), args.ema ? ", weight EMA" : "",
+             args.out, args.dtype);
   const ckpt::HfExportResult r = ckpt::export_hugging_face(reader, model, args.out, options, tensor_progress());
   fmt::print("done: {} tensors ({} parameters), {:.3f} GB in {} safetensors file{} and config.json under {}\n",
              r.tensors, r.parameters, static_cast<double>(r.bytes) / 1e9, r.shards, r.shards == 1 ? "" : "s", args.out);
@@ -82,6 +85,7 @@ const Register kRegister("convert", 65, [](CLI::App& app) {
   to_hf->add_option("CHECKPOINT", args->checkpoint, "checkpoint directory or checkpoint root")->required();
   to_hf->add_option("OUT_DIR", args->out, "output directory (must not exist, or be empty)")->required();
   to_hf->add_option("--dtype", args->dtype, "weights' dtype: bf16 (default) or f32")->capture_default_str();
+  to_hf->add_flag("--ema", args->ema, "export the weight EMA (optim.ema_decay) instead of the trained weights");
   to_hf->add_option("--max-shard-gb", args->max_shard_gb, "largest safetensors file, GB (1e9 bytes)")
       ->capture_default_str();
   to_hf->callback([args] { run_to_hf(*args); });

@@ -33,6 +33,7 @@ struct GenerateArgs {
   int64_t max_new_tokens = 64;
   uint64_t seed = 0;
   int64_t num_samples = 1;
+  bool ema = false;
 };
 
 // data.tokenizer of the checkpoint's recipe, "" when it names none.
@@ -89,6 +90,7 @@ void run_generate(const GenerateArgs& args) {
   const std::filesystem::path dir = resolve_checkpoint(args.checkpoint, "generate: --checkpoint");
   const ckpt::Manifest manifest = ckpt::read_manifest(dir);
   const ModelSection config = checkpoint_model(manifest.recipe_yaml, dir, "generate");
+  const std::string prefix = weights_prefix(ckpt::CheckpointReader(dir), args.ema, "generate");
   const std::string tokenizer_path = args.tokenizer.empty() ? recipe_tokenizer(manifest.recipe_yaml) : args.tokenizer;
   if (tokenizer_path.empty()) {
     throw UserError("generate: no tokenizer: pass --tokenizer (the checkpoint's recipe names no data.tokenizer)");
@@ -97,9 +99,9 @@ void run_generate(const GenerateArgs& args) {
 
   Model model(config, config.dtype, /*seed=*/0);
   std::vector<ckpt::LoadRequest> requests;
-  for (Parameter& p : model.parameters()) requests.push_back(parameter_request(p));
+  for (Parameter& p : model.parameters()) requests.push_back(parameter_request(p, prefix));
   ckpt::load(dir, requests);
-  fmt::print("checkpoint {} (step {})\n", dir.string(), manifest.step);
+  fmt::print("checkpoint {} (step {}){}\n", dir.string(), manifest.step, args.ema ? ", weight EMA" : "");
 
   // Training documents follow one another separated by EOS, so a prompt starts after one too.
   std::vector<grpo::GenerationRequest> batch;
@@ -154,6 +156,7 @@ const Register kRegister("generate", 30, [](CLI::App& app) {
   cmd->add_option("--checkpoint", args->checkpoint,
                   "checkpoint directory (step-NNNNNN) or a checkpoint root, whose newest complete checkpoint is used")
       ->required();
+  cmd->add_flag("--ema", args->ema, "Sample from the weight EMA (optim.ema_decay) instead of the trained weights");
   cmd->add_option("--tokenizer", args->tokenizer,
                   "tokenizer.json (default: data.tokenizer of the checkpoint's recipe)");
   cmd->add_option("--prompt", args->prompts, "prompt text (repeatable)")->required();

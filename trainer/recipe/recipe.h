@@ -206,6 +206,7 @@ struct OptimSection {
   double eps = 1e-8;
   double weight_decay = 0.1;
   double grad_clip = 1.0;  // global-norm clip; 0 = off
+  double ema_decay = 0;    // weight EMA in host memory (trainer/optim/weight_ema.h); 0 = off
   MomentPrecision moments = MomentPrecision::fp32;
   std::vector<std::string> no_decay = {"*norm.weight", "*.bias"};  // fnmatch patterns on HF names
   LrScheduleSection schedule;

@@ -437,6 +437,11 @@ Table<Recipe> optim_keys() {
       key<Recipe>(DSX_KEY(optim.eps), "AdamW ε", {positive()}),
       key<Recipe>(DSX_KEY(optim.weight_decay), "decoupled weight decay", {non_negative()}),
       key<Recipe>(DSX_KEY(optim.grad_clip), "clip the global gradient norm to this; 0 = off", {non_negative()}),
+      key<Recipe>(DSX_KEY(optim.ema_decay),
+                  "keep an exponential moving average of the weights in host memory, ema = decay·ema + (1 − "
+                  "decay)·weights after each step (DeepSeek-V3's EMA in CPU; checkpoints hold it as ema.*, "
+                  "`dsx generate --ema` and `dsx convert to-hf --ema` read it); 0 = off",
+                  {in_half_open(0, 1)}),
       key<Recipe>(DSX_KEY(optim.moments), "AdamW moment storage (DeepSeek-V3: bf16)"),
       key<Recipe>(DSX_KEY(optim.no_decay), "parameters (HF names, fnmatch patterns) without weight decay"),
       key<Recipe>(DSX_KEY(optim.schedule.kind), "LR schedule: constant, warmup_cosine, wsd or piecewise"),

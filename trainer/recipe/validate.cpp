@@ -483,6 +483,8 @@ void check_grpo(const Recipe& r, const Reporter& report) {
     report.fail({"grpo.resample_rounds", "grpo.dynamic_sampling"},
                 "`grpo.resample_rounds` refills the groups dynamic sampling drops; set `grpo.dynamic_sampling: "
                 "true`");
+  if (r.optim.ema_decay > 0)
+    report.fail("optim.ema_decay", "`optim.ema_decay`: the GRPO stage keeps no weight EMA; set it to 0");
   if (g.ref_refresh_interval > 0 && g.beta == 0)
     report.fail({"grpo.ref_refresh_interval", "grpo.beta"},
                 "`grpo.ref_refresh_interval` is set but `grpo.beta` is 0, so there is no reference model to refresh");

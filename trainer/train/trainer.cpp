@@ -67,6 +67,10 @@ Trainer::Trainer(Recipe recipe, TrainerOptions options)
   } else {
     optimizer_ = std::make_unique<AdamW>(model_->parameters(), recipe_.optim);
   }
+  if (recipe_.optim.ema_decay > 0) {
+    ema_ = std::make_unique<WeightEma>(model_->parameters(), recipe_.optim.ema_decay,
+                                       [this](const Parameter& p) { return writes_parameter(p); });
+  }
   stage_runner_ = std::make_unique<StageRunner>(
       *model_, parallel_ && parallel_->mesh.sizes.pp > 1 ? parallel_->tensor_comms().pp.get() : nullptr,
       parallel_ ? &parallel_->timer : nullptr);
@@ -115,6 +119,7 @@ void Trainer::resume_if_requested() {
   }
   if (!recipe_.checkpoint.init_from.empty()) {  // the model tensors only (each rank its own shards), step 0
     const auto dir = load_model_weights(model_->parameters(), recipe_.checkpoint.init_from, "checkpoint.init_from");
+    if (ema_) ema_->reset_to_current();  // the average starts from the weights the run starts from
     if (options_.console) fmt::print("initialised the model from {}\n", dir.string());
   }
 }
@@ -123,7 +128,18 @@ void Trainer::restore_from(const std::filesystem::path& dir) {
   std::vector<ckpt::LoadRequest> requests;
   for (Parameter& p : model_->parameters()) requests.push_back(parameter_request(p));
   for (ckpt::LoadRequest& r : optimizer_->state_requests()) requests.push_back(std::move(r));
+  // The EMA resumes from the checkpoint's; a checkpoint without one (the EMA turned on since)
+  // starts it from the restored weights.
+  const bool ema_stored = ema_ && !ema_->empty() && ckpt::CheckpointReader(dir).find(ema_->first_name()) != nullptr;
+  if (ema_stored) {
+    for (ckpt::LoadRequest& r : ema_->requests()) requests.push_back(std::move(r));
+  }
   const ckpt::CheckpointState state = ckpt::load(dir, requests);
+  if (ema_ && !ema_stored) {
+    ema_->reset_to_current();
+    if (options_.console && !ema_->empty())
+      fmt::print("{} holds no weight EMA: it starts from its weights\n", dir.string());
+  }
   step_ = state.step;
   tokens_ = state.metadata.at("tokens").get<int64_t>();
   optimizer_->set_steps_taken(state.metadata.at("optimizer_steps").get<int64_t>());
@@ -156,6 +172,9 @@ std::filesystem::path Trainer::save_checkpoint(int64_t step) {
     if (writes_parameter(p)) slices.push_back(parameter_slice(p));
   }
   for (ckpt::TensorSlice& s : optimizer_->state_slices()) slices.push_back(std::move(s));
+  if (ema_) {
+    for (ckpt::TensorSlice& s : ema_->slices()) slices.push_back(std::move(s));
+  }
   ckpt::CheckpointState state;
   state.step = step;
   state.metadata = {{"tokens", tokens_},
@@ -242,6 +261,7 @@ StepMetrics Trainer::train_step(int64_t step) {
     std::tie(m.loss, m.lm_loss, m.mtp_loss, m.balance_loss) = std::tuple(losses[0], losses[1], losses[2], losses[3]);
   }
   model_->update_router_biases(recipe_.model.bias_update_rate);
+  if (ema_) ema_->update();  // after everything that changes the weights this step
   add_expert_load_metrics(m);
   synchronize_device(recipe_.model.device);  // the step's time includes its queued device work
   m.step_s = seconds_since(step_start);

@@ -29,6 +29,7 @@
 #include "trainer/model/model.h"
 #include "trainer/optim/lr_schedule.h"
 #include "trainer/optim/optimizer.h"
+#include "trainer/optim/weight_ema.h"
 #include "trainer/recipe/recipe.h"
 #include "trainer/train/data_feed.h"
 #include "trainer/train/metrics.h"
@@ -85,6 +86,7 @@ class Trainer {
   std::filesystem::path checkpoint_root_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<Optimizer> optimizer_;
+  std::unique_ptr<WeightEma> ema_;             // optim.ema_decay > 0: the average of the weights this rank writes
   std::unique_ptr<StageRunner> stage_runner_;  // runs the schedule's actions on the model
   bool last_backward_ = false;                 // the step's last micro-batch backward is running
   std::unique_ptr<DataFeed> data_;
