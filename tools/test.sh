@@ -10,7 +10,10 @@ tools/setup.sh
 # turns those tests into visible skips.
 [[ -x tools/python-env.sh ]] && { tools/python-env.sh || echo "test: python env unavailable; parity tests will skip"; }
 
-# Several test processes share 2 cores: one OpenMP/BLAS thread each, unless the caller says otherwise.
+# One test process per core. Counted before OMP_NUM_THREADS is set below: GNU nproc honours it,
+# so counting after would always give 1 (ctest ran one test at a time until this was noticed).
+jobs=$(OMP_NUM_THREADS= OMP_THREAD_LIMIT= nproc)
+# Several test processes share the cores: one OpenMP/BLAS thread each, unless the caller says otherwise.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-$OMP_NUM_THREADS}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"  # spinning workers collapse under shared cores
@@ -19,7 +22,7 @@ if [[ $(id -u) -eq 0 ]]; then
 fi
 time_start=$(date +%s)
 set +e
-ctest --test-dir build/release --output-on-failure -j "$(nproc)" "$@"
+ctest --test-dir build/release --output-on-failure -j "$jobs" "$@"
 rc=$?
 set -e
 echo "test: ctest finished in $(( $(date +%s) - time_start )) s (exit $rc)"

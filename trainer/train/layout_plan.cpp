@@ -21,10 +21,6 @@ double as_double(int64_t v) {
   return static_cast<double>(v);
 }
 
-bool recomputes(const Recipe& r, RecomputeKind kind) {
-  return std::find(r.train.recompute.begin(), r.train.recompute.end(), kind) != r.train.recompute.end();
-}
-
 // Bytes of the element types the model keeps: `stored` for activations and weights
 // (model.dtype: stored activations are compute-dtype tensors even when their values are rounded
 // to bf16), `core` for the attention core's inputs and output (bf16 with bf16 activations).
@@ -119,9 +115,9 @@ double layer_activation_bytes(const Recipe& r, bool moe) {
   const double tp = as_double(p.tp);
   const double local = p.sequence_parallel ? 1.0 / tp : 1.0;  // share of the tokens a rank keeps
   const double D = as_double(m.hidden_size);
-  const double residual = (2 * D + 2) * local * b.stored;               // layer input, x + attention; norms' rstd
-  if (recomputes(r, RecomputeKind::full)) return D * local * b.stored;  // the input only
-  const bool norm_recompute = recomputes(r, RecomputeKind::rmsnorm);
+  const double residual = (2 * D + 2) * local * b.stored;                    // layer input, x + attention; norms' rstd
+  if (r.train.recomputes(RecomputeKind::full)) return D * local * b.stored;  // the input only
+  const bool norm_recompute = r.train.recomputes(RecomputeKind::rmsnorm);
   const double norms = norm_recompute ? 0 : 2 * D * local * b.stored;  // attn_in, ffn_in
 
   // MLA: latents on every token (replicated over TP), heads split over TP
@@ -130,7 +126,7 @@ double layer_activation_bytes(const Recipe& r, bool moe) {
       (q_lora + kv_lora + as_double(m.qk_rope_head_dim) + 2 + (norm_recompute ? 0 : q_lora + kv_lora)) * b.stored;
   const double heads = as_double(m.num_attention_heads) / tp;
   const double qk = as_double(m.qk_head_dim()), dv = as_double(m.v_head_dim);
-  const double states = recomputes(r, RecomputeKind::mla_up_proj) ? 0 : heads * (2 * qk + dv) * b.core;
+  const double states = r.train.recomputes(RecomputeKind::mla_up_proj) ? 0 : heads * (2 * qk + dv) * b.core;
   const double attention = latents + states + heads * dv * b.core + heads * b.lse;
 
   double ffn = 0;
@@ -139,7 +135,7 @@ double layer_activation_bytes(const Recipe& r, bool moe) {
   } else {
     const double K = as_double(m.num_experts_per_tok), E = as_double(m.n_routed_experts);
     const double F = as_double(m.moe_intermediate_size);
-    const double swiglu = recomputes(r, RecomputeKind::moe_act) ? 2 : 3;
+    const double swiglu = r.train.recomputes(RecomputeKind::moe_act) ? 2 : 3;
     const double router = (E + K) * b.stored + K * 4;  // scores, weights, expert ids
     const double shared = swiglu * as_double(m.n_shared_experts) * F / tp * b.stored;
     // Each TP rank routes 1/tp of the tokens; each of their K choices keeps the row an expert
@@ -249,12 +245,12 @@ double transfer_s(double bytes, int64_t size, int64_t stride, const PlanHardware
 // every decoder layer's forward again (a third of its forward + backward); recomputing the MLA
 // up-projections reruns q_b_proj (or q_proj) and kv_b_proj; norms and SwiGLU are elementwise.
 double recompute_flops_per_token(const Recipe& r, const ModuleFlops& flops) {
-  if (recomputes(r, RecomputeKind::full)) {
+  if (r.train.recomputes(RecomputeKind::full)) {
     double layers = 0;
     for (double layer : flops.layers) layers += layer;
     return layers / 3;
   }
-  if (!recomputes(r, RecomputeKind::mla_up_proj)) return 0;
+  if (!r.train.recomputes(RecomputeKind::mla_up_proj)) return 0;
   const ModelSection& m = r.model;
   const double heads = as_double(m.num_attention_heads);
   const double q_in = as_double(m.q_lora_rank > 0 ? m.q_lora_rank : m.hidden_size);
