@@ -240,3 +240,35 @@ TEST_CASE("hf export: source_prefix exports the weight EMA instead of the weight
     }
   }
 }
+
+// from-hf streams: each safetensors file of a sharded export becomes one file of the checkpoint,
+// written before the next is read, so the import's peak of live tensor memory is about one shard
+// (here ~1/8 of the model plus the largest tensor), not the model; the values are the same bits.
+TEST_CASE("hf import: a sharded directory imports one file at a time", "[hf_export]") {
+  test::TempDir tmp;
+  const ModelConfig config = test::tiny_config();
+  Model model(config, DType::f32, 5);
+  const fs::path dir = save_model(model, tmp.path() / "ckpt");
+  int64_t model_bytes = 0;
+  for (const Parameter& p : model.parameters()) model_bytes += static_cast<int64_t>(p.value.nbytes());
+  ckpt::CheckpointReader reader(dir);
+  ckpt::HfExportOptions sharded;
+  sharded.dtype = DType::f32;
+  sharded.max_shard_bytes = model_bytes / 8;
+  const ckpt::HfExportResult exported = ckpt::export_hugging_face(reader, config, tmp.path() / "hf", sharded);
+  REQUIRE(exported.shards >= 8);
+
+  const int64_t before = host_tensor_memory().used_bytes;
+  reset_host_tensor_peak();
+  const ckpt::HfImportResult r = ckpt::import_hugging_face(tmp.path() / "hf", tmp.path() / "imported");
+  const int64_t peak = host_tensor_memory().peak_bytes - before;
+  INFO("import peak " << peak << " B of a " << model_bytes << " B model in " << exported.shards << " shards");
+  REQUIRE(peak < model_bytes / 3);
+
+  ckpt::CheckpointReader imported(r.checkpoint);
+  REQUIRE(static_cast<int>(imported.manifest().files.size()) == exported.shards);
+  for (const Parameter& p : model.parameters()) {
+    INFO(p.spec.name);
+    REQUIRE(same_bytes(imported.read_whole(p.spec.name), p.value));
+  }
+}

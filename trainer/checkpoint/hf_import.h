@@ -33,7 +33,9 @@ struct HfImportResult {
   std::filesystem::path checkpoint;
 };
 
-// Reads hf_dir and writes checkpoint_root/step-000000 (checkpoint_root must hold no checkpoint).
+// Reads hf_dir and writes checkpoint_root/step-000000 (checkpoint_root must hold no checkpoint),
+// one safetensors file at a time: each file's parameters become one file of the checkpoint, so
+// memory holds one file's tensors (in f32), not the model.
 HfImportResult import_hugging_face(const std::filesystem::path& hf_dir, const std::filesystem::path& checkpoint_root,
                                    const std::function<void(int64_t, int64_t)>& progress = {});
 
