@@ -51,3 +51,14 @@ add_test(NAME plan_cli.missing_run
                  $<TARGET_FILE:dsx> plan ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --measured ${DSX_LAYOUT_WORK}/no-such-run)
 set_tests_properties(plan_cli.tiny_8_ranks plan_cli.deepseek_v3_does_not_fit plan_cli.deepseek_v3_full_recompute
                      plan_cli.grpo_refused plan_cli.missing_run PROPERTIES LABELS trainer)
+
+# --json: the same ranking as data (tests/trainer/plan/check_plan_json.py checks every layout's
+# device count, its memory and time parts adding up, and the order).
+find_package(Python3 COMPONENTS Interpreter QUIET)
+if(Python3_Interpreter_FOUND)
+  add_test(NAME plan_cli.json
+           COMMAND sh -c "\"$1\" plan \"$2\" --gpus 8 --json | \"$3\" \"$4\" 8" plan_json $<TARGET_FILE:dsx>
+                   ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml ${Python3_EXECUTABLE}
+                   ${CMAKE_CURRENT_LIST_DIR}/plan/check_plan_json.py)
+  set_tests_properties(plan_cli.json PROPERTIES LABELS trainer)
+endif()

@@ -38,6 +38,7 @@ struct PlanArgs {
   bool show_refused = false;
   std::string measured_run;
   double tolerance = 0.15;
+  bool json = false;
 };
 
 constexpr double kGiB = 1LL << 30;
@@ -95,6 +96,55 @@ void print_table(const std::vector<LayoutPlan>& plans, int top) {
         unit(m.total()), plan.fits ? " " : "!", m.micro_batches_held, plan.time.total(), plan.time.tp, plan.time.ep,
         plan.time.dp, plan.time.pp, 100 * plan.time.bubble, human_count(plan.tokens_per_s), 100 * plan.mfu);
   }
+}
+
+nlohmann::json to_json(const LayoutPlan& plan) {
+  const ParallelSection& p = plan.parallel;
+  const RankMemory& m = plan.memory;
+  nlohmann::json j = {{"parallel",
+                       {{"pp", p.pp},
+                        {"dp", p.dp},
+                        {"tp", p.tp},
+                        {"ep", p.ep},
+                        {"sequence_parallel", p.sequence_parallel},
+                        {"pp_schedule", enum_name(p.pp_schedule)},
+                        {"pp_split", enum_name(p.pp_split)}}},
+                      {"runs", plan.refused.empty()}};
+  if (!plan.refused.empty()) {
+    j["refused"] = plan.refused;
+    return j;
+  }
+  j["fits"] = plan.fits;
+  j["busiest_rank"] = plan.busiest_rank;
+  j["memory_bytes"] = {{"total", m.total()},           {"weights", m.weights},     {"gradients", m.gradients},
+                       {"gemm_copies", m.gemm_copies}, {"optimizer", m.optimizer}, {"activations", m.activations},
+                       {"transient", m.transient}};
+  j["parameters"] = m.parameters;
+  j["micro_batches_held"] = m.micro_batches_held;
+  j["comm_bytes_per_step"] = {{"tp", plan.comm.tp}, {"ep", plan.comm.ep}, {"dp", plan.comm.dp}, {"pp", plan.comm.pp}};
+  j["step_s"] = {{"total", plan.time.total()}, {"compute", plan.time.compute}, {"tp", plan.time.tp},
+                 {"ep", plan.time.ep},         {"dp", plan.time.dp},           {"pp", plan.time.pp}};
+  j["bubble"] = plan.time.bubble;
+  j["tokens_per_s"] = plan.tokens_per_s;
+  j["mfu"] = plan.mfu;
+  return j;
+}
+
+// --json: the hardware assumed and every layout, ranked as the table ranks them.
+void print_json(const PlanHardware& hw, const std::vector<LayoutPlan>& plans) {
+  nlohmann::json layouts = nlohmann::json::array();
+  for (const LayoutPlan& plan : plans) layouts.push_back(to_json(plan));
+  const nlohmann::json out = {{"hardware",
+                               {{"devices", hw.devices},
+                                {"devices_per_node", hw.devices_per_node},
+                                {"memory_bytes", hw.memory_bytes},
+                                {"usable_fraction", hw.usable_fraction},
+                                {"peak_flops", hw.peak_flops},
+                                {"mfu", hw.mfu},
+                                {"intra_node_bytes_per_s", hw.intra_node_bytes_per_s},
+                                {"inter_node_bytes_per_s", hw.inter_node_bytes_per_s}}},
+                              {"layouts", layouts}};
+  fmt::print("{}\n", out.dump(1));
 }
 
 void print_refusals(const std::vector<LayoutPlan>& plans, bool every_one) {
@@ -162,6 +212,12 @@ void run_plan(const PlanArgs& args) {
   hw.intra_node_bytes_per_s = args.nvlink_gbps * 1e9;
   hw.inter_node_bytes_per_s = args.network_gbps * 1e9;
 
+  if (args.json) {
+    const std::vector<LayoutPlan> plans = plan_layouts(recipe, hw);
+    print_json(hw, plans);
+    if (std::none_of(plans.begin(), plans.end(), [](const auto& p) { return p.fits; })) set_exit_code(2);
+    return;
+  }
   const ParameterCounts counts = count_parameters(recipe.model);
   fmt::print(
       "{}: {} devices, {} per node, {} GiB each ({:.0f}% usable), {:g} TFLOP/s at {:.0f}% MFU, {:g} GB/s "
@@ -233,6 +289,9 @@ void add_plan(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--top", args->top, "Rows of the table")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_flag("--show-refused", args->show_refused, "List every layout that cannot run, with its reason");
+  cmd->add_flag("--json", args->json,
+                "Print the assumptions and every layout (memory, communication, time; refused ones with their "
+                "reason) as JSON, ranked as the table is; exit code 2 when none fits");
   cmd->add_option("--measured", args->measured_run,
                   "Instead of planning, compare the estimated memory of rank 0 of the recipe's own layout with the "
                   "peak a run measured (RUN_DIR/metrics.jsonl, last step); exit code 1 when further apart than "

@@ -13,6 +13,7 @@
 #include "trainer/recipe/recipe.h"
 #include "trainer/recipe/schema.h"
 #include "trainer/recipe/summary.h"
+#include "trainer/train/layout_plan.h"
 #include "trainer/train/schedule.h"
 
 namespace dsx::cli {
@@ -31,6 +32,16 @@ void run_check(const CheckArgs& args) {
     return;
   }
   fmt::print("{}: valid\n{}", args.recipe, summarize(recipe));
+  if (recipe.grpo.enabled()) return;  // the estimate is a pre-training step's
+  const LayoutPlan plan = plan_layout(recipe, PlanHardware{});
+  if (!plan.refused.empty()) return;
+  const RankMemory& m = plan.memory;
+  constexpr double kGiB = 1LL << 30;
+  fmt::print(
+      "{:<11} ~{:.2f} GiB on the busiest rank (pipeline rank {}): model state {:.2f}, activations {:.2f} of {} "
+      "micro-batch{}, transient {:.2f} (estimate; dsx plan ranks other layouts)\n",
+      "memory", m.total() / kGiB, plan.busiest_rank, m.model_state() / kGiB, m.activations / kGiB, m.micro_batches_held,
+      m.micro_batches_held == 1 ? "" : "es", m.transient / kGiB);
 }
 
 struct ScheduleArgs {
