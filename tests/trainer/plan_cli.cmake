@@ -31,13 +31,15 @@ endforeach()
 
 # Planning: the tiny recipe on 8 CPU ranks lists its layouts and names the best; DeepSeek-V3 on
 # its 2048 GPUs with its own recompute list fits nowhere (dsx keeps activations as f32 tensors;
-# the table still shows why), with full recompute it fits; a GRPO recipe is refused.
+# the table still shows why, and the plan says what full recompute would give), with full
+# recompute it fits; a GRPO recipe is refused.
 add_test(NAME plan_cli.tiny_8_ranks
          COMMAND ${_dsx_plan_expect} 0 "recipes/tiny.yaml: 8 devices" "pp 2 x dp 2 x tp 2, ep 2, sp, 1f1b even"
                  "best: --set parallel.pp=" --
                  $<TARGET_FILE:dsx> plan ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --gpus 8 --top 100)
 add_test(NAME plan_cli.deepseek_v3_does_not_fit
-         COMMAND ${_dsx_plan_expect} 2 "0 fit" "no layout of" "fits in 79.6 GiB per device" --
+         COMMAND ${_dsx_plan_expect} 2 "0 fit" "no layout of" "fits in 79.6 GiB per device"
+                 "nothing fits; with less activation memory" "--set 'train.recompute=[full]': " --
                  $<TARGET_FILE:dsx> plan ${PROJECT_SOURCE_DIR}/recipes/deepseek-v3-671b.yaml --gpus 2048)
 add_test(NAME plan_cli.deepseek_v3_full_recompute
          COMMAND ${_dsx_plan_expect} 0 "best: --set parallel.pp=" "parallel.tp: tensor parallelism has run on CPU" --

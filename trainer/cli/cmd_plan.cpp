@@ -32,6 +32,7 @@ struct PlanArgs {
   double memory_gib = 79.6;
   double peak_tflops = 0;
   double mfu = 0.4;
+  double fp8_speedup = 2.0;
   double nvlink_gbps = 450;
   double network_gbps = 50;
   int top = 12;
@@ -190,6 +191,35 @@ void compare_with_run(const Recipe& recipe, const PlanArgs& args) {
   }
 }
 
+// When nothing fits: what the usual memory levers would give (full recompute, one sequence per
+// micro-batch, both), each planned like the recipe.
+void suggest_less_memory(const Recipe& recipe, const PlanHardware& hw) {
+  std::vector<std::pair<std::string, Recipe>> variants;
+  const bool full = recipe.train.recomputes(RecomputeKind::full);
+  Recipe recompute = recipe;
+  recompute.train.recompute = {RecomputeKind::full};
+  Recipe one_sequence = recipe;
+  one_sequence.train.micro_batch = 1;
+  Recipe both = recompute;
+  both.train.micro_batch = 1;
+  if (!full) variants.emplace_back("--set 'train.recompute=[full]'", recompute);
+  if (recipe.train.micro_batch > 1) variants.emplace_back("--set train.micro_batch=1", one_sequence);
+  if (!full && recipe.train.micro_batch > 1) variants.emplace_back("both", both);
+  if (variants.empty()) return;
+  fmt::print("\nnothing fits; with less activation memory:\n");
+  for (const auto& [flags, variant] : variants) {
+    const std::vector<LayoutPlan> plans = plan_layouts(variant, hw);
+    const auto fit = std::count_if(plans.begin(), plans.end(), [](const auto& p) { return p.fits; });
+    if (fit == 0) {
+      fmt::print("  {}: none fits either\n", flags);
+      continue;
+    }
+    const LayoutPlan& best = plans.front();
+    fmt::print("  {}: {} fit, the best {} at {:.1f} GiB, ~{:.3f} s per step\n", flags, fit, layout_name(best.parallel),
+               best.memory.total() / kGiB, best.time.total());
+  }
+}
+
 void run_plan(const PlanArgs& args) {
   const Recipe recipe = load_recipe(args.recipe, args.overrides);
   if (!args.measured_run.empty()) {
@@ -209,6 +239,7 @@ void run_plan(const PlanArgs& args) {
                   : recipe.logging.peak_flops > 0 ? recipe.logging.peak_flops
                                                   : hw.peak_flops;
   hw.mfu = args.mfu;
+  hw.fp8_speedup = args.fp8_speedup;
   hw.intra_node_bytes_per_s = args.nvlink_gbps * 1e9;
   hw.inter_node_bytes_per_s = args.network_gbps * 1e9;
 
@@ -253,6 +284,7 @@ void run_plan(const PlanArgs& args) {
     print_refusals(plans, args.show_refused);
   }
   if (fitting == 0) {
+    suggest_less_memory(recipe, hw);
     throw UserError(fmt::format("no layout of {} on {} devices fits in {} GiB per device", args.recipe, hw.devices,
                                 args.memory_gib));
   }
@@ -280,6 +312,10 @@ void add_plan(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--mfu", args->mfu, "Share of the peak the compute reaches")
       ->check(CLI::Range(0.01, 1.0))
+      ->capture_default_str();
+  cmd->add_option("--fp8-speedup", args->fp8_speedup,
+                  "FP8 GEMMs' dense peak over bf16's (precision.gemm: fp8_blockwise; H100: 2)")
+      ->check(CLI::Range(1.0, 8.0))
       ->capture_default_str();
   cmd->add_option("--nvlink-gbps", args->nvlink_gbps, "GB/s per device inside a node, one direction")
       ->check(CLI::PositiveNumber)

@@ -271,14 +271,29 @@ std::vector<std::pair<PipelineSchedule, PipelineSplit>> pairs(const std::vector<
   return out;
 }
 
+// Model FLOPs per token of the GEMMs that run in FP8 (precision.gemm and its exceptions): 6 per
+// weight element a token passes, routed experts by top_k / n_routed_experts.
+double fp8_flops_per_token(const Recipe& r) {
+  const PrecisionPolicy precision = precision_policy(r.precision);
+  const ModelSection& m = r.model;
+  const double routed = m.n_routed_experts > 0 ? as_double(m.num_experts_per_tok) / as_double(m.n_routed_experts) : 0;
+  double flops = 0;
+  for (const ParamSpec& spec : model_param_specs(m)) {
+    if (spec.shape.size() != 2 || precision.for_parameter(spec.name).gemm != GemmKind::fp8_blockwise) continue;
+    flops += 6 * as_double(spec.numel()) * (spec.routed_expert ? routed : 1.0);
+  }
+  return flops;
+}
+
 // What the planner computes once per recipe: the parameters by group and the modules' FLOPs.
 struct ModelFacts {
   std::vector<ParamGroup> groups;
   ModuleFlops flops;
+  double fp8_flops = 0;  // the part of flops.total() in FP8 GEMMs
 };
 
 ModelFacts model_facts(const Recipe& r) {
-  return {param_groups(r), module_flops_per_token(r.model, r.train.seq_len)};
+  return {param_groups(r), module_flops_per_token(r.model, r.train.seq_len), fp8_flops_per_token(r)};
 }
 
 RankMemory rank_memory(const Recipe& r, const std::vector<ParamGroup>& groups, const std::vector<int64_t>& split,
@@ -351,8 +366,10 @@ LayoutPlan plan_with(const Recipe& r, const ModelFacts& facts, const PlanHardwar
   const double step_tokens = as_double(r.train.global_batch * r.train.seq_len);
   const double devices = as_double(p.pp * p.dp * p.tp);
   const double flops = facts.flops.total() * step_tokens;  // model FLOPs: what MFU counts
-  const double ideal_s =
-      (flops + recompute_flops_per_token(r, facts.flops) * step_tokens) / (devices * hw.peak_flops * hw.mfu);
+  // FP8 GEMMs at hw.fp8_speedup times the bf16 rate; recomputation counted at the bf16 rate
+  const double fp8_saved = facts.fp8_flops * step_tokens * (1 - 1 / hw.fp8_speedup);
+  const double recomputed = recompute_flops_per_token(r, facts.flops) * step_tokens;
+  const double ideal_s = (flops - fp8_saved + recomputed) / (devices * hw.peak_flops * hw.mfu);
   if (p.pp > 1) {
     const RecipeStep step = run_recipe_step(r, n, {.forward = 1, .backward_input = 1, .backward_weight = 1},
                                             relative_stage_flops(facts.flops, split));

@@ -19,8 +19,10 @@
 // (tests/trainer/test_layout_plan.cpp).
 //
 // Time of a step (seconds), a model with its parts visible:
-//   compute  model FLOPs of the step, plus the forward work recomputation repeats, / (devices ·
-//            peak FLOP/s · assumed MFU), stretched by the pipeline bubble of the recipe's schedule run on a clock (stages weighted by FLOPs)
+//   compute  model FLOPs of the step (those of FP8 GEMMs at fp8_speedup times the rate) plus the
+//            forward work recomputation repeats, / (devices · peak FLOP/s · assumed MFU),
+//            stretched by the pipeline bubble of the recipe's schedule run on a clock (stages
+//            weighted by FLOPs)
 //   tp       the tensor-parallel all-reduces (not overlapped)
 //   ep       the MoE all-to-alls; with parallel.overlap_a2a half of them run under compute
 //   dp       the gradient reduction (and ZeRO-1's parameter all-gather) beyond what hides under
@@ -43,6 +45,7 @@ struct PlanHardware {
   double usable_fraction = 0.9;              // the rest for allocator fragmentation, CUDA/NCCL workspaces
   double peak_flops = 989e12;                // per device, dense bf16 (H100 SXM)
   double mfu = 0.4;                          // share of the peak the step's compute reaches
+  double fp8_speedup = 2.0;                  // FP8 GEMMs' dense peak over bf16's (H100: 1979 / 989)
   double intra_node_bytes_per_s = 450e9;     // per device, one direction (NVLink 4)
   double inter_node_bytes_per_s = 50e9;      // per device (400 Gb/s InfiniBand)
 };
