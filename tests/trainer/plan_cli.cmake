@@ -21,6 +21,13 @@ foreach(layout ${DSX_LAYOUTS})
   list(APPEND _dsx_plan_checked ${name})
 endforeach()
 set_tests_properties(parallel_train.reference PROPERTIES FIXTURES_SETUP "layout_reference;layout_run_reference")
+# the weight-EMA runs too (the EMA is host memory, part of a CPU rank's peak)
+set_tests_properties(parallel_train.reference_ema PROPERTIES
+                     FIXTURES_SETUP "layout_reference_ema;layout_run_reference_ema")
+foreach(name tp2_dp2_zero1_ema pp2_dp2_ep2_zero1_ema)
+  set_tests_properties(parallel_train.${name} PROPERTIES FIXTURES_SETUP layout_run_${name})
+endforeach()
+list(APPEND _dsx_plan_checked reference_ema tp2_dp2_zero1_ema pp2_dp2_ep2_zero1_ema)
 foreach(name ${_dsx_plan_checked})
   add_test(NAME plan_cli.memory_${name}
            COMMAND ${_dsx_plan_expect} 0 "pipeline rank 0: estimated" "ratio" --

@@ -75,6 +75,7 @@ TEST_CASE("plan: the estimated peak memory of a step is the measured one", "[pla
       {"recompute", {"train.recompute=[rmsnorm, mla_up_proj, moe_act]"}},
       {"full", {"train.recompute=[full]"}},
       {"bf16", {"precision.activations=bf16", "precision.gemm=bf16", "optim.moments=bf16"}},
+      {"ema", {"optim.ema_decay=0.9"}},
   };
   for (const Variant& v : variants) {
     std::vector<std::string> overrides = {"train.steps=2", "optim.schedule.warmup=1"};

@@ -77,7 +77,8 @@ std::string set_flags(const ParallelSection& p) {
 void print_table(const std::vector<LayoutPlan>& plans, int top) {
   const MemoryUnit unit = memory_unit(plans);
   fmt::print(
-      "memory in {} on the busiest rank (! = does not fit), mb = micro-batches whose activations it keeps; "
+      "memory in {} on the busiest rank (! = does not fit; optim = AdamW moments + a CPU model's weight EMA), mb = "
+      "micro-batches whose activations it keeps; "
       "step s = compute stretched by the bubble + exposed tp, ep, dp, pp communication\n",
       unit.name);
   fmt::print(
@@ -93,7 +94,7 @@ void print_table(const std::vector<LayoutPlan>& plans, int top) {
         "{:>3}  {:<50} {:>8}  {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7}{} {:>4}  {:>8.3f} {:>6.3f} {:>6.3f} "
         "{:>6.3f} {:>6.3f}  {:>5.1f}%  {:>10} {:>4.1f}%\n",
         ++shown, layout_name(plan.parallel), human_count(static_cast<double>(m.parameters)), unit(m.weights),
-        unit(m.gradients), unit(m.gemm_copies), unit(m.optimizer), unit(m.activations), unit(m.transient),
+        unit(m.gradients), unit(m.gemm_copies), unit(m.optimizer + m.ema), unit(m.activations), unit(m.transient),
         unit(m.total()), plan.fits ? " " : "!", m.micro_batches_held, plan.time.total(), plan.time.tp, plan.time.ep,
         plan.time.dp, plan.time.pp, 100 * plan.time.bubble, human_count(plan.tokens_per_s), 100 * plan.mfu);
   }
@@ -117,9 +118,9 @@ nlohmann::json to_json(const LayoutPlan& plan) {
   }
   j["fits"] = plan.fits;
   j["busiest_rank"] = plan.busiest_rank;
-  j["memory_bytes"] = {{"total", m.total()},           {"weights", m.weights},     {"gradients", m.gradients},
-                       {"gemm_copies", m.gemm_copies}, {"optimizer", m.optimizer}, {"activations", m.activations},
-                       {"transient", m.transient}};
+  j["memory_bytes"] = {{"total", m.total()},           {"weights", m.weights},         {"gradients", m.gradients},
+                       {"gemm_copies", m.gemm_copies}, {"optimizer", m.optimizer},     {"ema", m.ema},
+                       {"host_ema", m.host_ema},       {"activations", m.activations}, {"transient", m.transient}};
   j["parameters"] = m.parameters;
   j["micro_batches_held"] = m.micro_batches_held;
   j["comm_bytes_per_step"] = {{"tp", plan.comm.tp}, {"ep", plan.comm.ep}, {"dp", plan.comm.dp}, {"pp", plan.comm.pp}};

@@ -319,6 +319,7 @@ RankMemory rank_memory(const Recipe& r, const std::vector<ParamGroup>& groups, c
     if (g.gemm_copy) mem.gemm_copies += n * 2;
   }
   mem.parameters = static_cast<int64_t>(std::llround(held));
+  if (r.optim.ema_decay > 0) (r.model.device == Device::cpu ? mem.ema : mem.host_ema) = mem.weights;
 
   const double tokens = as_double(r.train.micro_batch * r.train.seq_len);
   std::vector<double> chunk_bytes;

@@ -9,7 +9,8 @@
 //   gradients    one per trainable weight, in model.dtype; with ZeRO-1 also the reduced shard
 //   gemm copies  bf16 copies of the weights whose GEMMs run in bf16 (GemmWeightCopies)
 //   optimizer    AdamW's two moments (optim.moments), sharded over dp (experts over dp / ep)
-//                with ZeRO-1
+//                with ZeRO-1; the weight EMA (optim.ema_decay) of a rank that writes its
+//                weights (host memory: counted only when the model lives there too)
 //   activations  what its stages keep per micro-batch (per token: the residual stream, norms,
 //                MLA latents, the attention core's inputs and output, SwiGLU projections, the
 //                MoE's permuted rows, logits) times the micro-batches its schedule holds at once
@@ -53,9 +54,12 @@ struct PlanHardware {
 struct RankMemory {
   int64_t parameters = 0;  // elements held
   double weights = 0, gradients = 0, gemm_copies = 0, optimizer = 0, activations = 0, transient = 0;
+  // optim.ema_decay: the weight EMA of what the rank writes, in host memory: part of the model's
+  // memory on a CPU device (ema), beside it on a GPU (host_ema, not in total())
+  double ema = 0, host_ema = 0;
   int64_t micro_batches_held = 0;  // most micro-batches whose activations are kept at once
 
-  double model_state() const { return weights + gradients + gemm_copies + optimizer; }
+  double model_state() const { return weights + gradients + gemm_copies + optimizer + ema; }
   double total() const { return model_state() + activations + transient; }
 };
 

@@ -18,7 +18,7 @@ for l in layouts:
         assert l["refused"], l
     else:
         m = l["memory_bytes"]
-        parts = sum(m[k] for k in ("weights", "gradients", "gemm_copies", "optimizer", "activations", "transient"))
+        parts = sum(m[k] for k in ("weights", "gradients", "gemm_copies", "optimizer", "ema", "activations", "transient"))
         assert abs(parts - m["total"]) <= 1e-6 * m["total"], m
         s = l["step_s"]
         assert abs(sum(s[k] for k in ("compute", "tp", "ep", "dp", "pp")) - s["total"]) <= 1e-9 * s["total"], s
