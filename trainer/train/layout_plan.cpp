@@ -108,16 +108,18 @@ double held_fraction(ShardAxis axis, const ParallelSection& p) {
 
 // Bytes one decoder layer keeps per token of a micro-batch from its forward to its backward
 // (trainer/model/decoder_layer.h, mla.h, layers.h, moe.h contexts).
-double layer_activation_bytes(const Recipe& r, bool moe) {
+// recompute false: as if train.recompute were empty (what a recomputed layer rebuilds).
+double layer_activation_bytes(const Recipe& r, bool moe, bool recompute = true) {
+  const auto recomputes = [&](RecomputeKind kind) { return recompute && r.train.recomputes(kind); };
   const ModelSection& m = r.model;
   const ParallelSection& p = r.parallel;
   const ElementBytes b = element_bytes(r);
   const double tp = as_double(p.tp);
   const double local = p.sequence_parallel ? 1.0 / tp : 1.0;  // share of the tokens a rank keeps
   const double D = as_double(m.hidden_size);
-  const double residual = (2 * D + 2) * local * b.stored;                    // layer input, x + attention; norms' rstd
-  if (r.train.recomputes(RecomputeKind::full)) return D * local * b.stored;  // the input only
-  const bool norm_recompute = r.train.recomputes(RecomputeKind::rmsnorm);
+  const double residual = (2 * D + 2) * local * b.stored;            // layer input, x + attention; norms' rstd
+  if (recomputes(RecomputeKind::full)) return D * local * b.stored;  // the input only
+  const bool norm_recompute = recomputes(RecomputeKind::rmsnorm);
   const double norms = norm_recompute ? 0 : 2 * D * local * b.stored;  // attn_in, ffn_in
 
   // MLA: latents on every token (replicated over TP), heads split over TP
@@ -126,7 +128,7 @@ double layer_activation_bytes(const Recipe& r, bool moe) {
       (q_lora + kv_lora + as_double(m.qk_rope_head_dim) + 2 + (norm_recompute ? 0 : q_lora + kv_lora)) * b.stored;
   const double heads = as_double(m.num_attention_heads) / tp;
   const double qk = as_double(m.qk_head_dim()), dv = as_double(m.v_head_dim);
-  const double states = r.train.recomputes(RecomputeKind::mla_up_proj) ? 0 : heads * (2 * qk + dv) * b.core;
+  const double states = recomputes(RecomputeKind::mla_up_proj) ? 0 : heads * (2 * qk + dv) * b.core;
   const double attention = latents + states + heads * dv * b.core + heads * b.lse;
 
   double ffn = 0;
@@ -135,7 +137,7 @@ double layer_activation_bytes(const Recipe& r, bool moe) {
   } else {
     const double K = as_double(m.num_experts_per_tok), E = as_double(m.n_routed_experts);
     const double F = as_double(m.moe_intermediate_size);
-    const double swiglu = r.train.recomputes(RecomputeKind::moe_act) ? 2 : 3;
+    const double swiglu = recomputes(RecomputeKind::moe_act) ? 2 : 3;
     const double router = (E + K) * b.stored + K * 4;  // scores, weights, expert ids
     const double shared = swiglu * as_double(m.n_shared_experts) * F / tp * b.stored;
     // Each TP rank routes 1/tp of the tokens; each of their K choices keeps the row an expert
@@ -184,43 +186,16 @@ double stage_activation_bytes(const Recipe& r, const PipelineStage& stage) {
 double stage_transient_bytes(const Recipe& r, const PipelineStage& stage) {
   const ModelSection& m = r.model;
   const double stored = element_bytes(r).stored, tp = as_double(r.parallel.tp);
-  Recipe kept_all = r;
-  kept_all.train.recompute.clear();
   double most = 0;
   for (int64_t l = stage.first_layer; l < stage.end_layer; ++l) {
     const bool moe = m.is_moe_layer(l);
-    const double rebuilt = layer_activation_bytes(kept_all, moe) - layer_activation_bytes(r, moe);
+    const double rebuilt = layer_activation_bytes(r, moe, /*recompute=*/false) - layer_activation_bytes(r, moe);
     const double K = as_double(m.num_experts_per_tok);
     const double routed_grads =
         moe ? K / tp * (2 * as_double(m.hidden_size) + 3 * as_double(m.moe_intermediate_size)) * stored : 0;
     most = std::max(most, rebuilt + routed_grads);
   }
   if (stage.is_last()) most = std::max(most, as_double(m.vocab_size) / tp * stored);
-  return most;
-}
-
-// The most activation bytes a rank keeps at once: its schedule replayed, each forward adding its
-// chunk's micro-batch, each (weight-)backward freeing it.
-struct HeldActivations {
-  double bytes = 0;
-  int64_t micro_batches = 0;
-};
-HeldActivations held_activations(const std::vector<Action>& schedule, const std::vector<double>& chunk_bytes) {
-  HeldActivations most;
-  double now = 0;
-  int64_t count = 0;
-  for (const Action& a : schedule) {
-    const double bytes = chunk_bytes[static_cast<size_t>(a.chunk)];
-    if (a.kind == Action::Kind::forward) {
-      now += bytes;
-      ++count;
-      most.bytes = std::max(most.bytes, now);
-      most.micro_batches = std::max(most.micro_batches, count);
-    } else if (a.kind == Action::Kind::backward || a.kind == Action::Kind::backward_weight) {
-      now -= bytes;
-      --count;
-    }
-  }
   return most;
 }
 
@@ -329,10 +304,10 @@ RankMemory rank_memory(const Recipe& r, const std::vector<ParamGroup>& groups, c
     chunk_bytes.push_back(stage_activation_bytes(r, stage) * tokens);
     transient = std::max(transient, stage_transient_bytes(r, stage) * tokens);
   }
-  const HeldActivations kept =
-      held_activations(stage_schedule(r, micro_batches_per_step(r), pipeline_rank), chunk_bytes);
-  mem.activations = kept.bytes;
-  mem.micro_batches_held = kept.micro_batches;
+  // the rank's schedule replayed: each forward keeps its chunk's bytes until its (weight) backward
+  const std::vector<Action> schedule = stage_schedule(r, micro_batches_per_step(r), pipeline_rank);
+  mem.activations = max_held(schedule, chunk_bytes);
+  mem.micro_batches_held = max_in_flight(schedule);
   mem.transient = transient;
   return mem;
 }

@@ -652,13 +652,18 @@ PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, cons
   return ClockedRun(schedules, costs, rule).run();
 }
 
-int64_t max_in_flight(const std::vector<Action>& actions) {
-  int64_t now = 0, most = 0;
+double max_held(const std::vector<Action>& actions, const std::vector<double>& chunk_weights) {
+  double now = 0, most = 0;
   for (const Action& a : actions) {
-    if (a.kind == Action::Kind::forward) most = std::max(most, ++now);
-    if (a.kind == Action::Kind::backward || a.kind == Action::Kind::backward_weight) --now;
+    const double w = chunk_weights.at(static_cast<size_t>(a.chunk));
+    if (a.kind == Action::Kind::forward) most = std::max(most, now += w);
+    if (a.kind == Action::Kind::backward || a.kind == Action::Kind::backward_weight) now -= w;
   }
   return most;
+}
+
+int64_t max_in_flight(const std::vector<Action>& actions) {
+  return std::llround(max_held(actions, {1.0, 1.0}));
 }
 
 std::string draw_timeline(const PipelineRun& run, double unit) {

@@ -138,6 +138,9 @@ struct PipelineRun {
 // The most micro-batches a schedule holds between their forward and the end of their backward
 // (what bounds a stage's stored activations).
 int64_t max_in_flight(const std::vector<Action>& actions);
+// The same with each micro-batch weighted by its chunk's chunk_weights[chunk] (e.g. the bytes a
+// chunk's forward keeps until its backward): the most held at once.
+double max_held(const std::vector<Action>& actions, const std::vector<double>& chunk_weights);
 
 // One line per stage, one character per `unit` of time: the micro-batch's last digit while a
 // forward runs, a letter for a backward (a = 0, b = 1, ..., wrapping after z; upper case for a
