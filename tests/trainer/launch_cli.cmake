@@ -62,3 +62,13 @@ add_test(NAME launch.layout_not_built
                  -- $<TARGET_FILE:dsx> launch ${PROJECT_SOURCE_DIR}/recipes/deepseek-v3-671b.yaml --launcher slurm
                  --nodes 256 --ranks-per-node 8 --dry-run --set logging.run_dir=${_dsx_launch_work}/layout_not_built)
 set_tests_properties(launch.layout_not_built PROPERTIES LABELS trainer)
+# A layout whose pipeline transfers one in-order NCCL stream per rank cannot keep (DualPipeV on
+# three GPUs) is refused before anything starts, saying why.
+add_test(NAME launch.pipeline_stuck_on_nccl
+         COMMAND ${_dsx_launch_expect} 2
+                 "parallel.pp_schedule: dualpipev with parallel.pp = 3 cannot run on GPUs (NCCL, one in-order stream per rank)"
+                 "or device: cpu"
+                 -- $<TARGET_FILE:dsx> launch ${_dsx_launch_recipe} --set parallel.pp=3
+                 --set parallel.pp_schedule=dualpipev --set model.num_hidden_layers=6 --set model.device=cuda
+                 --set train.micro_batch=1 --dry-run --set logging.run_dir=${_dsx_launch_work}/pipeline_stuck_on_nccl)
+set_tests_properties(launch.pipeline_stuck_on_nccl PROPERTIES LABELS trainer)

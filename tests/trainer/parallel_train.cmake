@@ -45,6 +45,13 @@ set(DSX_LAYOUTS
     # The balanced split: 3 layers on the first stage, 1 with the head and MTP on the last.
     "pp2_balanced|2|--set parallel.pp=2 --set parallel.pp_split=balanced"
     "pp2_dp2_ep2_dualpipev_zero1|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1 --set parallel.pp_schedule=dualpipev"
+    # Interleaved 1F1B: 4 stages of one layer dealt round 2 ranks (rank 0 layers 0 and 2 with the
+    # embedding, rank 1 layers 1 and 3 with the head and MTP; the MTP embeddings pass through
+    # stages 1 and 2, and rank 1's chunk 0 sends to rank 0's chunk 1); alone, with DP, EP and
+    # ZeRO-1, and under TP with sequence parallelism.
+    "pp2_interleaved|2|--set parallel.pp=2 --set parallel.pp_schedule=interleaved_1f1b"
+    "pp2_dp2_ep2_zero1_interleaved|4|--set parallel.pp=2 --set parallel.dp=2 --set parallel.ep=2 --set parallel.zero=1 --set parallel.pp_schedule=interleaved_1f1b"
+    "pp2_tp2_sp_interleaved|4|--set parallel.pp=2 --set parallel.tp=2 --set parallel.sequence_parallel=true --set parallel.pp_schedule=interleaved_1f1b"
     # Tensor parallelism: heads, MLP widths and the vocabulary split over 2 ranks, the routed
     # experts over the EP × TP ranks; with DP and ZeRO-1, with EP (experts over 4 ranks), under
     # pipeline stages, and with every step's full recompute and the overlapped dispatch off.
@@ -127,14 +134,19 @@ set_tests_properties(parallel_train.tp2_dp2_zero1_ema parallel_train.pp2_dp2_ep2
 
 # DualPipeV on three ranks (six stages of one layer, so a six-layer model with its own reference):
 # the layout whose transfers would deadlock on one in-order stream, here on non-blocking MPI.
+# Interleaved 1F1B over six stages too.
 add_test(NAME parallel_train.reference_6_layers
          COMMAND ${DSX_LAYOUT_RUN} reference_6_layers 0 0 --set model.num_hidden_layers=6)
 add_test(NAME parallel_train.pp3_dualpipev
          COMMAND ${DSX_LAYOUT_RUN} pp3_dualpipev 3 ${DSX_LAYOUT_RTOL} --set model.num_hidden_layers=6
                  --set parallel.pp=3 --set parallel.pp_schedule=dualpipev)
+# Interleaved 1F1B with three chunks per rank (six one-layer stages on two ranks, two turns).
+add_test(NAME parallel_train.pp2_interleaved_3_chunks
+         COMMAND ${DSX_LAYOUT_RUN} pp2_interleaved_3_chunks 2 ${DSX_LAYOUT_RTOL} --set model.num_hidden_layers=6
+                 --set parallel.pp=2 --set parallel.pp_schedule=interleaved_1f1b --set parallel.pp_chunks=3)
 set_tests_properties(parallel_train.reference_6_layers PROPERTIES FIXTURES_SETUP layout_reference_6_layers
                      ENVIRONMENT "${DSX_LAYOUT_ENV}" TIMEOUT 300 LABELS parallel RESOURCE_LOCK mpi_cores)
-set_tests_properties(parallel_train.pp3_dualpipev PROPERTIES FIXTURES_REQUIRED layout_reference_6_layers
+set_tests_properties(parallel_train.pp3_dualpipev parallel_train.pp2_interleaved_3_chunks PROPERTIES FIXTURES_REQUIRED layout_reference_6_layers
                      ENVIRONMENT "${DSX_LAYOUT_ENV};DSX_LAYOUT_REFERENCE=reference_6_layers" TIMEOUT 300
                      LABELS parallel RESOURCE_LOCK mpi_cores)
 
@@ -214,7 +226,7 @@ add_test(NAME parallel_train.world_size_mismatch
                  --set logging.run_dir=${DSX_LAYOUT_WORK}/world_size_mismatch)
 # Layouts this build cannot train yet are refused before any work, naming the key.
 add_test(NAME parallel_train.pp_dualpipe_refused
-         COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "parallel.pp_schedule: dualpipe is not built yet; use 1f1b, zero_bubble or dualpipev" --
+         COMMAND ${CMAKE_CURRENT_LIST_DIR}/expect_exit.sh 2 "parallel.pp_schedule: dualpipe is not built yet; use 1f1b, interleaved_1f1b, zero_bubble or dualpipev" --
                  ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -np 2 $<TARGET_FILE:dsx> train
                  ${PROJECT_SOURCE_DIR}/recipes/tiny.yaml --set parallel.pp=2 --set parallel.pp_schedule=dualpipe
                  --set train.global_batch=8 --set train.micro_batch=1

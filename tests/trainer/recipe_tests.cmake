@@ -39,6 +39,21 @@ dsx_recipe_cli_test(schedule.dualpipev_nccl_pp3 ${_dsx_expect} 2
   "NCCL, which pairs them by order, would mix them up"
   -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=3 --set parallel.pp_schedule=dualpipev
      --set model.num_hidden_layers=6 --set model.device=cuda --set train.micro_batch=1)
+# Interleaved 1F1B on 2 ranks x 2 chunks (4 one-layer stages dealt round the ranks, 8
+# micro-batches): 1F1B's idle time over the chunks, 3 x 8 + 3 x 1 / 2 = 25.5 units against 27;
+# rank 0 holds 2·2 + 1 chunk micro-batches; the turn from rank 1's chunk 0 to rank 0's chunk 1 is a
+# message naming that chunk.
+dsx_recipe_cli_test(schedule.interleaved_1f1b ${_dsx_expect} 0
+  "pipeline: interleaved_1f1b over rank 0: stage 0/4: embedding, layers 0-0 + stage 2/4: layers 2-2 | rank 1: stage 1/4: layers 1-1 + stage 3/4: layers 3-3, head + 1 MTP"
+  "stage 1: RA0<0 RE0<0 F0 SA0>0' SE0>0'" "25.5 units per step, bubble 5.9%" "stage 0: 5 | stage 1: 3"
+  -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=2
+     --set parallel.pp_schedule=interleaved_1f1b --set train.global_batch=8 --set train.micro_batch=1)
+# ... and the same on GPUs, where one in-order NCCL stream per rank carries the transfers (each
+# steady forward paired with a backward into one group, as Megatron does).
+dsx_recipe_cli_test(schedule.interleaved_1f1b_nccl ${_dsx_expect} 0 "25.5 units per step, bubble 5.9%"
+  -- $<TARGET_FILE:dsx> recipe schedule ${_dsx_recipes}/tiny.yaml --set parallel.pp=2
+     --set parallel.pp_schedule=interleaved_1f1b --set model.device=cuda --set train.global_batch=8
+     --set train.micro_batch=1)
 # The balanced split gives the tiny model's first stage three layers (the last runs the head and
 # MTP); on the clock with stages weighted by model FLOPs (16 micro-batches) that takes 51.2 units
 # against the even split's 65.3 (stages 0.68 and 1.32 of the mean).

@@ -415,3 +415,105 @@ TEST_CASE("a V-shaped balanced split lowers the costliest rank to the optimum on
   CHECK(costliest(rank_flops_per_token(v3.model, balanced, v, 4096)) <
         costliest(rank_flops_per_token(v3.model, even_split(61, 32), v, 4096)));
 }
+
+namespace {
+
+std::vector<std::vector<Action>> interleaved_ranks(int64_t n, int ranks, int chunks, bool mtp) {
+  std::vector<std::vector<Action>> out;
+  for (int r = 0; r < ranks; ++r) out.push_back(interleaved_1f1b_schedule(n, ranks, r, chunks, mtp));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("the interleaved layout deals the stages round the ranks", "[schedule]") {
+  const PipelineLayout layout{.ranks = 2, .interleave = 3};
+  CHECK(layout.stages() == 6);
+  for (int s = 0; s < 6; ++s) CHECK(layout.stage_of(layout.rank_of(s), layout.chunk_of(s)) == s);
+  CHECK(layout.stage_of(1, 2) == 5);
+  CHECK(layout.rank_of(4) == 0);
+  CHECK(layout.chunk_of(3) == 1);
+  CHECK(describe_pipeline(even_split(6, 6), 1, layout) ==
+        "rank 0: stage 0/6: embedding, layers 0-0 + stage 2/6: layers 2-2 + stage 4/6: layers 4-4 | rank 1: stage "
+        "1/6: layers 1-1 + stage 3/6: layers 3-3 + stage 5/6: layers 5-5, head + 1 MTP");
+}
+
+TEST_CASE("interleaved 1F1B reads as Megatron's virtual pipeline", "[schedule]") {
+  // Two ranks, two chunks, two micro-batches: rank 0 warms up with 2(P - r - 1) + (v - 1)P = 4
+  // forwards (every one), rank 1 with 2; the turn from rank 1's chunk 0 to rank 0's chunk 1 is
+  // a message naming the peer's chunk.
+  CHECK(to_string(interleaved_1f1b_schedule(2, 2, 0, 2, false)) ==
+        "F0 SA0>1 F1 SA1>1 RA0'<1 F0' SA0'>1 RA1'<1 F1' SA1'>1 RG0'<1 BW0' SG0'>1 RG1'<1 BW1' SG1'>1 RG0<1 BW0 "
+        "RG1<1 BW1 OPT");
+  CHECK(to_string(interleaved_1f1b_schedule(2, 2, 1, 2, false)) ==
+        "RA0<0 F0 SA0>0' RA1<0 F1 SA1>0' RA0'<0 F0' BW0' SG0'>0 RA1'<0 F1' BW1' SG1'>0 RG0<0' BW0 SG0>0 RG1<0' BW1 "
+        "SG1>0 OPT");
+  CHECK_THROWS_WITH(interleaved_1f1b_schedule(3, 2, 0, 2, false), Catch::Contains("not a multiple of the 2 ranks"));
+}
+
+TEST_CASE("interleaved 1F1B: each chunk runs its micro-batches in order, each forward before its backward",
+          "[schedule]") {
+  for (int ranks : {1, 2, 3, 4, 8}) {
+    for (int chunks : {1, 2, 3, 4}) {
+      for (int64_t rounds : {1, 2, 3, 5}) {
+        const int64_t n = rounds * ranks;
+        for (int r = 0; r < ranks; ++r) {
+          INFO("rank " << r << " of " << ranks << ", " << chunks << " chunks, micro-batches " << n);
+          const std::vector<Action> a = interleaved_1f1b_schedule(n, ranks, r, chunks, true);
+          for (int chunk = 0; chunk < chunks; ++chunk) {
+            std::vector<int64_t> forwards, backwards;
+            for (const Action& x : a) {
+              if (x.chunk != chunk || x.is_transfer()) continue;
+              if (x.kind == K::forward) forwards.push_back(x.micro_batch);
+              if (x.kind == K::backward) {
+                CHECK(std::count(forwards.begin(), forwards.end(), x.micro_batch) == 1);
+                backwards.push_back(x.micro_batch);
+              }
+            }
+            std::vector<int64_t> all(static_cast<size_t>(n));
+            for (int64_t i = 0; i < n; ++i) all[static_cast<size_t>(i)] = i;
+            CHECK(forwards == all);
+            CHECK(backwards == all);
+          }
+          CHECK(a.back().kind == K::optimizer_step);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("interleaved 1F1B on the clock: the bubble of 1F1B divided by the chunks", "[schedule]") {
+  // A rank's chunk costs a v-th of a 1F1B stage. With F = 1, B = 2 per stage, one rank's work is
+  // 3n; 1F1B idles (P - 1) x 3, the interleaved schedule (P - 1) x 3 / v (Narayanan et al.,
+  // eq. for t_pb / t_id), MTP or not, with transfers completing independently (non-blocking MPI)
+  // or in order on one stream per rank (NCCL): Megatron's pairing of each steady forward with a
+  // backward into one unit, one group of transfers per unit, keeps both free of deadlock.
+  for (int ranks : {2, 3, 4, 8}) {
+    for (int chunks : {2, 3, 4}) {
+      for (int64_t rounds : {1, 2, 4}) {
+        for (bool mtp : {false, true}) {
+          const int64_t n = rounds * ranks;
+          INFO(ranks << " ranks, " << chunks << " chunks, " << n << " micro-batches, mtp " << mtp);
+          const double share = 1.0 / chunks;
+          for (const TransferRule rule : {TransferRule::independent, TransferRule::in_order}) {
+            const PipelineRun run = run_pipeline(interleaved_ranks(n, ranks, chunks, mtp), {share, share, share}, rule);
+            CHECK(run.stuck.empty());
+            CHECK(run.makespan == Approx(3.0 * n + 3.0 * (ranks - 1) / chunks));
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("interleaved 1F1B holds (1 + (P - 1)/(P v)) of 1F1B's activations on rank 0", "[schedule]") {
+  // Rank 0 holds at most P·v + P - 1 chunk micro-batches (a v-th of a stage each): its warm-up of
+  // 2(P - 1) + (v - 1)P forwards plus one (Narayanan et al. §2.2: the price of the smaller bubble).
+  for (int ranks : {2, 3, 4, 8}) {
+    for (int chunks : {2, 3, 4}) {
+      INFO(ranks << " ranks, " << chunks << " chunks");
+      CHECK(max_in_flight(interleaved_1f1b_schedule(4 * ranks, ranks, 0, chunks, false)) == ranks * chunks + ranks - 1);
+      CHECK(max_in_flight(interleaved_1f1b_schedule(ranks, ranks, 0, chunks, false)) == ranks * chunks);
+    }
+  }
+}

@@ -59,7 +59,11 @@ MemoryUnit memory_unit(const std::vector<LayoutPlan>& plans) {
 std::string layout_name(const ParallelSection& p) {
   std::string name = fmt::format("pp {} x dp {} x tp {}, ep {}", p.pp, p.dp, p.tp, p.ep);
   if (p.sequence_parallel) name += ", sp";
-  if (p.pp > 1) name += fmt::format(", {} {}", enum_name(p.pp_schedule), enum_name(p.pp_split));
+  if (p.pp > 1) {
+    const bool interleaved = p.pp_schedule == PipelineSchedule::interleaved_1f1b;
+    name += fmt::format(", {}{} {}", enum_name(p.pp_schedule), interleaved ? fmt::format(" x{}", p.pp_chunks) : "",
+                        enum_name(p.pp_split));
+  }
   return name;
 }
 
@@ -70,6 +74,8 @@ std::string set_flags(const ParallelSection& p) {
   if (p.pp > 1) {
     flags += fmt::format(" --set parallel.pp_schedule={} --set parallel.pp_split={}", enum_name(p.pp_schedule),
                          enum_name(p.pp_split));
+    if (p.pp_schedule == PipelineSchedule::interleaved_1f1b)
+      flags += fmt::format(" --set parallel.pp_chunks={}", p.pp_chunks);
   }
   return flags;
 }
@@ -110,6 +116,7 @@ nlohmann::json to_json(const LayoutPlan& plan) {
                         {"ep", p.ep},
                         {"sequence_parallel", p.sequence_parallel},
                         {"pp_schedule", enum_name(p.pp_schedule)},
+                        {"pp_chunks", p.pp_schedule == PipelineSchedule::interleaved_1f1b ? p.pp_chunks : 1},
                         {"pp_split", enum_name(p.pp_split)}}},
                       {"runs", plan.refused.empty()}};
   if (!plan.refused.empty()) {

@@ -62,9 +62,7 @@ void run_schedule(const ScheduleArgs& args) {
       n, r.train.micro_batch, r.train.global_batch, r.train.micro_batch, r.parallel.dp,
       r.train.batch_ramp.start > 0 ? "; at the final batch size, after the ramp" : "");
   Recipe shown = r;  // a schedule that is not built yet is shown as 1f1b
-  if (stages > 1 && r.parallel.pp_schedule != PipelineSchedule::one_f_one_b &&
-      r.parallel.pp_schedule != PipelineSchedule::zero_bubble &&
-      r.parallel.pp_schedule != PipelineSchedule::dualpipev) {
+  if (stages > 1 && r.parallel.pp_schedule == PipelineSchedule::dualpipe) {
     fmt::print("parallel.pp_schedule is {}, which is not built yet; showing 1f1b\n", enum_name(r.parallel.pp_schedule));
     shown.parallel.pp_schedule = PipelineSchedule::one_f_one_b;
   }
@@ -77,7 +75,7 @@ void run_schedule(const ScheduleArgs& args) {
       "actions (F3 forward of micro-batch 3, BW3 its backward, B3/W3 its input/weight passes; SA/RA send/receive "
       "activations, SG/RG their "
       "gradients, SE/RE MTP embeddings, SEG/REG theirs; >s to stage s, <s from it; {}OPT optimizer step):\n",
-      layout.v_shape ? "F3' etc. on the rank's second chunk; " : "");
+      layout.chunks() > 1 ? "F3' etc. on the rank's chunk 1, F3'' on chunk 2, ...; SA3>0' to stage 0's chunk 1; " : "");
   const ActionCosts costs{
       .forward = 1, .backward_input = args.backward_cost / 2, .backward_weight = args.backward_cost / 2};
   const RecipeStep step = run_recipe_step(shown, n, costs);
@@ -94,9 +92,10 @@ void run_schedule(const ScheduleArgs& args) {
         fmt::format("{}stage {}: {}", s ? " | " : "", s, max_in_flight(step.schedules[static_cast<size_t>(s)]));
   }
   fmt::print("micro-batches in flight at most (their activations are stored{}): {}\n",
-             layout.v_shape ? "; chunk micro-batches of half a stage each" : "", in_flight);
+             layout.chunks() > 1 ? fmt::format("; chunk micro-batches of 1/{} stage each", layout.chunks()) : "",
+             in_flight);
   const PipelineRun& run = step.run;
-  if (!run.stuck.empty()) {  // only a layout that training refuses too gets here (dualpipev over NCCL, pp > 2)
+  if (!run.stuck.empty()) {  // only a layout that training refuses too gets here (check_layout_is_built)
     throw UserError(fmt::format(
         "parallel.pp_schedule: {} cannot run with {} ranks on {}: {}", enum_name(shown.parallel.pp_schedule), stages,
         r.model.device == Device::cuda ? "GPUs (NCCL, one in-order stream per rank)" : "MPI", run.stuck));
@@ -119,7 +118,7 @@ void run_schedule(const ScheduleArgs& args) {
   fmt::print(
       "timeline (digit: forward of that micro-batch, letter: its backward, a = 0, upper case: a weight pass; '.' "
       "idle{}):\n{}",
-      layout.v_shape ? "; one character per half unit, a chunk's action" : "",
+      layout.chunks() > 1 ? fmt::format("; one character per 1/{} unit, a chunk's action", layout.chunks()) : "",
       draw_timeline(run, 1.0 / layout.chunks()));
 }
 

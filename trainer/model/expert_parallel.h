@@ -60,10 +60,12 @@ struct ModelParallel {
   WireFormat combine = WireFormat::f32;   // forward: expert outputs back; backward: both ways
   CommTimer* timer = nullptr;
   // Pipeline parallelism: this rank runs stage pp_rank of pp_size (trainer/model/pipeline_stage.h);
-  // V-shaped (DualPipeV): the two stages of PipelineLayout{pp_size, true} that rank pp_rank holds.
+  // V-shaped (DualPipeV) or interleaved: the stages of PipelineLayout{pp_size, pp_v_shape,
+  // pp_interleave} that rank pp_rank holds.
   int pp_size = 1;
   int pp_rank = 0;
   bool pp_v_shape = false;
+  int pp_interleave = 1;
   // decoder layers per stage (pipeline_stage.h's splits), stage 0 first; empty: the even split
   std::vector<int64_t> pp_layers = {};
 

@@ -55,7 +55,7 @@ Model::Model(const ModelConfig& config, DType compute_dtype, uint64_t seed, Reco
     throw std::invalid_argument(
         "Model: FP8 GEMMs and bf16 activations need compute dtype f32 (f64 is the reference path)");
   }
-  const PipelineLayout layout{.ranks = parallel.pp_size, .v_shape = parallel.pp_v_shape};
+  const PipelineLayout layout = pipeline_layout();
   if (parallel.pp_rank < 0 || parallel.pp_rank >= layout.ranks) {
     throw std::invalid_argument("Model: pipeline rank " + std::to_string(parallel.pp_rank) + " of " +
                                 std::to_string(layout.ranks) + " does not exist");

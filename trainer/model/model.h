@@ -97,8 +97,12 @@ class Model {
   const ModelConfig& config() const { return config_; }
 
   const PipelineStage& stage() const { return chunks_.front(); }  // chunk 0's
-  // The stages this model holds: one, or two in a V-shaped layout (chunk 0 first).
+  // The stages this model holds: one, two in a V-shaped layout, v in an interleaved one (chunk 0
+  // first), placed by pipeline_layout().
   const std::vector<PipelineStage>& chunks() const { return chunks_; }
+  PipelineLayout pipeline_layout() const {
+    return {.ranks = parallel_.pp_size, .v_shape = parallel_.pp_v_shape, .interleave = parallel_.pp_interleave};
+  }
 
   // The whole model (one pipeline stage): forward and backward of micro-batch 0.
   Losses forward(const Batch& batch);

@@ -180,7 +180,7 @@ std::vector<int64_t> balanced_split(const ModelConfig& config, const PipelineLay
 }
 
 std::vector<int64_t> balanced_split(const ModuleFlops& m, const PipelineLayout& layout) {
-  if (!layout.v_shape) return balanced_split(m, layout.stages());
+  if (layout.chunks() == 1) return balanced_split(m, layout.stages());
   std::vector<int64_t> best;
   std::pair<double, double> best_badness;
   for (std::vector<int64_t> start :
@@ -195,11 +195,12 @@ std::vector<int64_t> balanced_split(const ModuleFlops& m, const PipelineLayout& 
 std::string describe_pipeline(const std::vector<int64_t>& split, int64_t mtp_depth, const PipelineLayout& layout) {
   std::string out;
   for (int r = 0; r < layout.ranks; ++r) {
-    if (layout.v_shape) out += (r ? " | rank " : "rank ") + std::to_string(r) + ": ";
+    const bool several = layout.chunks() > 1;
+    if (several) out += (r ? " | rank " : "rank ") + std::to_string(r) + ": ";
     for (int c = 0; c < layout.chunks(); ++c) {
-      out += (c                      ? " + "
-              : r && !layout.v_shape ? " | "
-                                     : "") +
+      out += (c               ? " + "
+              : r && !several ? " | "
+                              : "") +
              describe(pipeline_stage(split, layout.stage_of(r, c)), mtp_depth);
     }
   }

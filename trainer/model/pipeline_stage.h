@@ -64,19 +64,34 @@ std::string describe_pipeline(int64_t num_layers, int64_t mtp_depth, int count);
 // and the head + MTP modules (the MTP embeddings never leave it), rank P-1 hands its chunk 0's
 // output to its own chunk 1, and every other hop is between neighbouring ranks with the chunk
 // unchanged (a send from chunk c arrives at the peer's chunk c).
+// Interleaved (Megatron's virtual pipeline, interleaved 1F1B): the model is cut into v·P stages
+// and rank r holds chunks c = 0..v-1, stage c·P + r. A micro-batch goes round the ranks v times:
+// every hop is to the next rank, from rank P-1's chunk c to rank 0's chunk c + 1 at a turn; the
+// embedding sits on rank 0, the head and MTP modules on rank P-1 (the MTP embeddings travel
+// with the activations through every stage between).
 struct PipelineLayout {
   int ranks = 1;
   bool v_shape = false;
+  int interleave = 1;  // chunks per rank of an interleaved layout (1: sequential)
 
-  int chunks() const { return v_shape ? 2 : 1; }
+  int chunks() const { return v_shape ? 2 : interleave; }
   int stages() const { return ranks * chunks(); }
-  int stage_of(int rank, int chunk) const { return chunk == 0 ? rank : 2 * ranks - 1 - rank; }
-  int rank_of(int stage) const { return stage < ranks ? stage : 2 * ranks - 1 - stage; }
-  int chunk_of(int stage) const { return stage < ranks ? 0 : 1; }
+  int stage_of(int rank, int chunk) const {
+    if (v_shape) return chunk == 0 ? rank : 2 * ranks - 1 - rank;
+    return chunk * ranks + rank;
+  }
+  int rank_of(int stage) const {
+    if (v_shape) return stage < ranks ? stage : 2 * ranks - 1 - stage;
+    return stage % ranks;
+  }
+  int chunk_of(int stage) const {
+    if (v_shape) return stage < ranks ? 0 : 1;
+    return stage / ranks;
+  }
 };
 
-// The balanced split for a layout: sequential, balanced_split above; V-shaped, where a rank runs
-// two stages, the split that minimises the costliest rank (its two stages' costs summed), found
+// The balanced split for a layout: sequential, balanced_split above; V-shaped or interleaved,
+// where a rank runs several stages, the split that minimises the costliest rank (its stages' costs summed), found
 // by local search from the stage-balanced and the even splits — one layer across one boundary at
 // a time while that lowers the costliest rank, or at equal cost the sum of squared rank costs.
 std::vector<int64_t> balanced_split(const ModelConfig& config, const PipelineLayout& layout, int64_t seq_len);

@@ -154,6 +154,7 @@ struct ParallelSection {
   bool overlap_a2a = true;
   double comm_timeout_s = 600.0;
   PipelineSchedule pp_schedule = PipelineSchedule::one_f_one_b;
+  int64_t pp_chunks = 2;  // interleaved_1f1b: model chunks (virtual stages) per pipeline rank
   PipelineSplit pp_split = PipelineSplit::even;
 };
 

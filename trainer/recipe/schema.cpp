@@ -396,8 +396,13 @@ Table<Recipe> parallel_keys() {
       key<Recipe>(DSX_KEY(parallel.comm_timeout_s), "a collective waiting longer aborts the job with its name",
                   {positive()}),
       key<Recipe>(DSX_KEY(parallel.pp_schedule),
-                  "pipeline schedule; 1f1b, zero_bubble and dualpipev (on GPUs with pp = 2 only so far) are built "
-                  "(DeepSeek-V3 used dualpipe)"),
+                  "pipeline schedule: 1f1b, interleaved_1f1b (pp_chunks stages per rank), zero_bubble and "
+                  "dualpipev are built (on GPUs, layouts whose transfers one in-order NCCL stream cannot keep are "
+                  "refused); dualpipe is not (DeepSeek-V3 used it)"),
+      key<Recipe>(DSX_KEY(parallel.pp_chunks),
+                  "interleaved_1f1b: model chunks (virtual stages) per pipeline rank; the model is cut into "
+                  "pp·pp_chunks stages, rank r holding stages r, r + pp, ... (Megatron's virtual pipeline)",
+                  {at_least(2)}),
       key<Recipe>(DSX_KEY(parallel.pp_split),
                   "decoder layers per pipeline stage: even (the first num_hidden_layers % stages one more) or "
                   "balanced (minimise the costliest stage by model FLOPs; the last also runs the head and MTP)"),

@@ -85,9 +85,11 @@ std::string layout_line(const Recipe& r) {
   const std::string experts =
       p.tp > 1 ? fmt::format("experts split over ep x tp = {} ranks, replicated {}x", p.ep * p.tp, p.dp / p.ep)
                : fmt::format("experts replicated {}x", p.dp / p.ep);
-  return fmt::format("{} rank{} = pp {} x dp {} x tp {}; ep {} inside dp ({}); ZeRO-{}; {}{}", world,
-                     world == 1 ? "" : "s", p.pp, p.dp, p.tp, p.ep, experts, p.zero, enum_name(p.pp_schedule),
-                     p.pp > 1 ? fmt::format(", {} split", enum_name(p.pp_split)) : std::string());
+  return fmt::format(
+      "{} rank{} = pp {} x dp {} x tp {}; ep {} inside dp ({}); ZeRO-{}; {}{}{}", world, world == 1 ? "" : "s", p.pp,
+      p.dp, p.tp, p.ep, experts, p.zero, enum_name(p.pp_schedule),
+      p.pp_schedule == PipelineSchedule::interleaved_1f1b ? fmt::format(" x {} chunks", p.pp_chunks) : std::string(),
+      p.pp > 1 ? fmt::format(", {} split", enum_name(p.pp_split)) : std::string());
 }
 
 std::string precision_line(const Recipe& r) {

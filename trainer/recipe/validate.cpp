@@ -261,6 +261,28 @@ void check_layout(const Recipe& r, const Reporter& report) {
                 fmt::format("`parallel.pp_schedule` dualpipe needs an even number of micro-batches per step; "
                             "`train.global_batch` / (`train.micro_batch`·`parallel.dp`) = {}",
                             micro_batches));
+  // Interleaved 1F1B cuts the model into pp·pp_chunks stages and walks the micro-batches in rounds
+  // of pp (Megatron's order), so a step's micro-batches come in whole rounds.
+  const bool interleaved = p.pp_schedule == PipelineSchedule::interleaved_1f1b;
+  if (!interleaved && p.pp_chunks != ParallelSection{}.pp_chunks)
+    report.fail({"parallel.pp_chunks", "parallel.pp_schedule"},
+                fmt::format("`parallel.pp_chunks` ({}) applies to `parallel.pp_schedule` interleaved_1f1b only, "
+                            "not {}",
+                            p.pp_chunks, enum_name(p.pp_schedule)));
+  if (interleaved && p.pp > 1) {
+    if (m.num_hidden_layers < p.pp * p.pp_chunks)
+      report.fail({"parallel.pp_chunks", "model.num_hidden_layers"},
+                  fmt::format("`parallel.pp_schedule` interleaved_1f1b splits the model into `parallel.pp` x "
+                              "`parallel.pp_chunks` = {} stages, more than `model.num_hidden_layers` ({}): every "
+                              "stage needs a layer",
+                              p.pp * p.pp_chunks, m.num_hidden_layers));
+    if (micro_batches % p.pp != 0)
+      report.fail({"parallel.pp_schedule", "train.global_batch"},
+                  fmt::format("`parallel.pp_schedule` interleaved_1f1b runs the micro-batches in rounds of "
+                              "`parallel.pp` = {}; `train.global_batch` / (`train.micro_batch`·`parallel.dp`) = {} "
+                              "is not a multiple of it",
+                              p.pp, micro_batches));
+  }
   // DualPipeV cuts the model into 2·pp stages, two per rank, and fills its V with 2·pp micro-batches.
   if (p.pp > 1 && p.pp_schedule == PipelineSchedule::dualpipev) {
     if (m.num_hidden_layers < 2 * p.pp)

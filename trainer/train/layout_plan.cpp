@@ -238,10 +238,27 @@ double ring_factor(int64_t n) {
   return n > 1 ? 2.0 * as_double(n - 1) / as_double(n) : 0.0;
 }
 
-std::vector<std::pair<PipelineSchedule, PipelineSplit>> pairs(const std::vector<PipelineSchedule>& schedules,
-                                                              const std::vector<PipelineSplit>& splits) {
-  std::vector<std::pair<PipelineSchedule, PipelineSplit>> out;
-  for (const PipelineSchedule schedule : schedules)
+// A pipeline schedule with its chunks per rank (parallel.pp_chunks, used by interleaved_1f1b).
+struct ScheduleChoice {
+  PipelineSchedule schedule = PipelineSchedule::one_f_one_b;
+  int64_t chunks = ParallelSection{}.pp_chunks;
+};
+
+// The schedules tried on pp ranks: 1F1B, zero-bubble, DualPipeV, and interleaved 1F1B with 2 and
+// 4 chunks per rank where the model has a layer for each stage.
+std::vector<ScheduleChoice> schedule_choices(int64_t pp, int64_t layers) {
+  if (pp == 1) return {{}};  // no pipeline: unused
+  std::vector<ScheduleChoice> out = {
+      {PipelineSchedule::one_f_one_b}, {PipelineSchedule::zero_bubble}, {PipelineSchedule::dualpipev}};
+  for (const int64_t chunks : {2, 4})
+    if (pp * chunks <= layers) out.push_back({PipelineSchedule::interleaved_1f1b, chunks});
+  return out;
+}
+
+std::vector<std::pair<ScheduleChoice, PipelineSplit>> pairs(const std::vector<ScheduleChoice>& schedules,
+                                                            const std::vector<PipelineSplit>& splits) {
+  std::vector<std::pair<ScheduleChoice, PipelineSplit>> out;
+  for (const ScheduleChoice& schedule : schedules)
     for (const PipelineSplit split : splits) out.emplace_back(schedule, split);
   return out;
 }
@@ -374,9 +391,13 @@ LayoutPlan plan_with(const Recipe& r, const ModelFacts& facts, const PlanHardwar
   // DP: the gradients reduced once per step (ZeRO-1: reduce-scatter + all-gather, the same volume)
   const double grad_bytes = as_double(plan.memory.parameters) * stored;
   plan.comm.dp = ring_factor(p.dp) * grad_bytes;
-  // PP: each micro-batch's activations out and gradients back (with the MTP embeddings)
+  // PP: each micro-batch's activations out and gradients back (with the MTP embeddings), once per
+  // chunk of the rank; the first micro-batch's forward and the last one's backward cross every
+  // message hop of the layout (a V's bottom is a hand-over on one rank)
+  const PipelineLayout layout = pipeline_layout(r);
   const double hop_bytes = mb_tokens * D * stored * as_double(1 + m.num_nextn_predict_layers);
-  plan.comm.pp = p.pp > 1 ? 2 * hop_bytes * as_double(n) : 0;
+  plan.comm.pp = p.pp > 1 ? 2 * hop_bytes * as_double(n * layout.chunks()) : 0;
+  const int64_t message_hops = layout.stages() - 1 - (layout.v_shape ? 1 : 0);
 
   plan.time.tp = transfer_s(plan.comm.tp, p.tp, 1, hw);
   const double ep_s = transfer_s(plan.comm.ep, ep_group, 1, hw);
@@ -385,7 +406,7 @@ LayoutPlan plan_with(const Recipe& r, const ModelFacts& facts, const PlanHardwar
   const double last_backward_s = ideal_s * (2.0 / 3.0) / as_double(n);
   plan.time.dp = std::max(0.0, dp_s - last_backward_s);
   const int64_t pp_stride = p.tp * p.dp;
-  plan.time.pp = p.pp > 1 ? 2 * as_double(p.pp - 1) * transfer_s(hop_bytes, 2, pp_stride, hw) : 0;
+  plan.time.pp = p.pp > 1 ? 2 * as_double(message_hops) * transfer_s(hop_bytes, 2, pp_stride, hw) : 0;
 
   plan.tokens_per_s = step_tokens / plan.time.total();
   plan.mfu = flops / (plan.time.total() * devices * hw.peak_flops);
@@ -412,12 +433,9 @@ std::vector<LayoutPlan> plan_layouts(const Recipe& recipe, const PlanHardware& h
     for (int64_t pp = 1; pp <= N / tp; ++pp) {
       if ((N / tp) % pp != 0 || pp > recipe.model.num_hidden_layers) continue;
       const int64_t dp = N / tp / pp;
-      std::vector<PipelineSchedule> schedules = {PipelineSchedule::one_f_one_b};  // no pipeline: unused
+      const std::vector<ScheduleChoice> schedules = schedule_choices(pp, recipe.model.num_hidden_layers);
       std::vector<PipelineSplit> splits = {PipelineSplit::even};
-      if (pp > 1) {
-        schedules = {PipelineSchedule::one_f_one_b, PipelineSchedule::zero_bubble, PipelineSchedule::dualpipev};
-        splits = {PipelineSplit::even, PipelineSplit::balanced};
-      }
+      if (pp > 1) splits = {PipelineSplit::even, PipelineSplit::balanced};
       for (int64_t ep = 1; ep <= dp; ++ep) {
         if (dp % ep != 0) continue;
         // ep·tp must divide the experts (recipe validation says so too; such layouts are not listed)
@@ -430,7 +448,8 @@ std::vector<LayoutPlan> plan_layouts(const Recipe& recipe, const PlanHardware& h
           r.parallel.pp = pp;
           r.parallel.dp = dp;
           r.parallel.ep = ep;
-          r.parallel.pp_schedule = schedule;
+          r.parallel.pp_schedule = schedule.schedule;
+          r.parallel.pp_chunks = schedule.chunks;
           r.parallel.pp_split = split;
           r.parallel.sequence_parallel = tp > 1;  // what Megatron users run with TP
           LayoutPlan plan = plan_with(r, facts, hw);

@@ -75,6 +75,7 @@ std::string to_string(const Action& a) {
   if (a.micro_batch >= 0) out += std::to_string(a.micro_batch);
   if (a.chunk > 0) out += std::string(static_cast<size_t>(a.chunk), '\'');
   if (a.is_transfer()) out += fmt::format("{}{}", a.is_send() ? '>' : '<', a.peer);
+  if (a.is_transfer() && a.peer_chunk >= 0) out += std::string(static_cast<size_t>(a.peer_chunk), '\'');
   return out;
 }
 
@@ -283,8 +284,9 @@ class DualPipeVComputes {
 };
 
 // The transfers a compute action of `layout` needs before it (receives) and makes after it
-// (sends): with the neighbouring stage when that stage sits on another rank.
-std::vector<Action> remote_transfers(const Action& c, const PipelineLayout& layout, bool receives) {
+// (sends): with the neighbouring stage when that stage sits on another rank. mtp: the MTP
+// embeddings (or their gradients) travel with the activations (their gradients).
+std::vector<Action> remote_transfers(const Action& c, const PipelineLayout& layout, bool receives, bool mtp) {
   using K = Action::Kind;
   const int stage = layout.stage_of(c.stage, c.chunk), last = layout.stages() - 1;
   const bool forward = c.kind == K::forward;
@@ -293,22 +295,31 @@ std::vector<Action> remote_transfers(const Action& c, const PipelineLayout& layo
   const int from = forward ? stage - 1 : stage + 1, to = forward ? stage + 1 : stage - 1;
   const int other = receives ? from : to;
   if (other < 0 || other > last || layout.rank_of(other) == c.stage) return {};
-  const K kind =
-      receives ? (forward ? K::recv_activation : K::recv_grad) : (forward ? K::send_activation : K::send_grad);
-  return {Action{kind, c.micro_batch, c.stage, layout.rank_of(other), c.chunk}};
+  const int peer = layout.rank_of(other), peer_chunk = layout.chunk_of(other);
+  Action a{receives ? (forward ? K::recv_activation : K::recv_grad) : (forward ? K::send_activation : K::send_grad),
+           c.micro_batch,
+           c.stage,
+           peer,
+           c.chunk,
+           peer_chunk == c.chunk ? -1 : peer_chunk};
+  if (!mtp) return {a};
+  Action embedding = a;
+  embedding.kind = receives ? (forward ? K::recv_mtp_embedding : K::recv_mtp_grad)
+                            : (forward ? K::send_mtp_embedding : K::send_mtp_grad);
+  return {a, embedding};
 }
 
 // computes with their transfers: after each compute, one group of its sends and the receives of
 // the next compute other than a weight pass (so weight passes between fill the wait); then the
 // optimizer step. Receives are never posted further ahead: a stage's groups complete in order,
 // so a receive posted early would hold back the sends behind it.
-std::vector<Action> with_transfers(const std::vector<Action>& computes, const PipelineLayout& layout) {
+std::vector<Action> with_transfers(const std::vector<Action>& computes, const PipelineLayout& layout, bool mtp) {
   std::vector<Action> out;
   size_t posted_for = 0;  // computes before it have their receives posted
   const auto post_next_receives = [&](size_t from) {
     for (size_t j = std::max(from, posted_for); j < computes.size(); ++j) {
       if (computes[j].kind == Action::Kind::backward_weight) continue;
-      const std::vector<Action> recv = remote_transfers(computes[j], layout, true);
+      const std::vector<Action> recv = remote_transfers(computes[j], layout, true, mtp);
       out.insert(out.end(), recv.begin(), recv.end());
       posted_for = j + 1;
       return;
@@ -317,11 +328,73 @@ std::vector<Action> with_transfers(const std::vector<Action>& computes, const Pi
   post_next_receives(0);
   for (size_t i = 0; i < computes.size(); ++i) {
     out.push_back(computes[i]);
-    const std::vector<Action> sends = remote_transfers(computes[i], layout, false);
+    const std::vector<Action> sends = remote_transfers(computes[i], layout, false, mtp);
     out.insert(out.end(), sends.begin(), sends.end());
     post_next_receives(i + 1);
   }
   out.push_back({Action::Kind::optimizer_step, -1, computes.empty() ? 0 : computes[0].stage});
+  return out;
+}
+
+// computes in units (unit_ends: the index after each unit's last compute) with their transfers:
+// the receives of the first unit, then after each unit one group of its sends and the next
+// unit's receives; then the optimizer step.
+std::vector<Action> with_transfers_by_unit(const std::vector<Action>& computes, const std::vector<size_t>& unit_ends,
+                                           const PipelineLayout& layout, bool mtp) {
+  std::vector<Action> out;
+  const auto post = [&](size_t begin, size_t end, bool receives) {
+    for (size_t j = begin; j < end; ++j) {
+      const std::vector<Action> t = remote_transfers(computes[j], layout, receives, mtp);
+      out.insert(out.end(), t.begin(), t.end());
+    }
+  };
+  size_t begin = 0;
+  if (!unit_ends.empty()) post(0, unit_ends[0], true);
+  for (size_t u = 0; u < unit_ends.size(); ++u) {
+    out.insert(out.end(), computes.begin() + static_cast<std::ptrdiff_t>(begin),
+               computes.begin() + static_cast<std::ptrdiff_t>(unit_ends[u]));
+    post(begin, unit_ends[u], false);
+    if (u + 1 < unit_ends.size()) post(unit_ends[u], unit_ends[u + 1], true);
+    begin = unit_ends[u];
+  }
+  out.push_back({Action::Kind::optimizer_step, -1, computes.empty() ? 0 : computes[0].stage});
+  return out;
+}
+
+// An interleaved rank's compute actions in order (interleaved_1f1b_schedule), without transfers,
+// in units: each warm-up forward, each steady forward with the backward after it, each
+// cool-down backward (unit_ends: the index after each unit's last compute).
+struct InterleavedOrder {
+  std::vector<Action> computes;
+  std::vector<size_t> unit_ends;
+};
+InterleavedOrder interleaved_order(int64_t n, int ranks, int rank, int chunks) {
+  const int64_t P = ranks, v = chunks, total = n * v;
+  // the k-th forward's (or backward's, chunks reversed) micro-batch and chunk
+  const auto virtual_step = [&](int64_t k, bool backward) {
+    const int64_t in_round = k % (P * v), chunk = in_round / P;
+    return std::pair{(k / (P * v)) * P + k % P, static_cast<int>(backward ? v - 1 - chunk : chunk)};
+  };
+  InterleavedOrder out;
+  const auto add = [&](Action::Kind kind, int64_t k) {
+    const auto [mb, chunk] = virtual_step(k, kind != Action::Kind::forward);
+    out.computes.push_back({kind, mb, rank, -1, chunk});
+  };
+  const auto end_unit = [&] { out.unit_ends.push_back(out.computes.size()); };
+  const int64_t warmup = std::min(total, 2 * (P - rank - 1) + (v - 1) * P);
+  for (int64_t k = 0; k < warmup; ++k) {
+    add(Action::Kind::forward, k);
+    end_unit();
+  }
+  for (int64_t k = 0; k < total - warmup; ++k) {
+    add(Action::Kind::forward, warmup + k);
+    add(Action::Kind::backward, k);
+    end_unit();
+  }
+  for (int64_t k = total - warmup; k < total; ++k) {
+    add(Action::Kind::backward, k);
+    end_unit();
+  }
   return out;
 }
 
@@ -334,12 +407,30 @@ std::vector<Action> dualpipev_schedule(int64_t n, int ranks, int rank) {
         "dualpipev_schedule: {} micro-batches are too few for {} ranks (DualPipeV needs at least 2 x ranks = {})", n,
         ranks, 2 * ranks));
   }
-  return with_transfers(DualPipeVComputes(n, ranks, rank).take(), {.ranks = ranks, .v_shape = true});
+  return with_transfers(DualPipeVComputes(n, ranks, rank).take(), {.ranks = ranks, .v_shape = true}, false);
+}
+
+std::vector<Action> interleaved_1f1b_schedule(int64_t n, int ranks, int rank, int chunks, bool mtp) {
+  check_schedule_args("interleaved_1f1b_schedule", n, ranks, rank);
+  if (chunks < 1) throw std::invalid_argument("interleaved_1f1b_schedule: a rank needs at least one chunk");
+  if (n % ranks != 0) {
+    throw std::invalid_argument(fmt::format(
+        "interleaved_1f1b_schedule: {} micro-batches are not a multiple of the {} ranks (it runs them in rounds of "
+        "the ranks)",
+        n, ranks));
+  }
+  const InterleavedOrder order = interleaved_order(n, ranks, rank, chunks);
+  return with_transfers_by_unit(order.computes, order.unit_ends, {.ranks = ranks, .interleave = chunks},
+                                mtp && ranks > 1);
 }
 
 PipelineLayout pipeline_layout(const Recipe& r) {
   const int ranks = static_cast<int>(r.parallel.pp);
-  return {.ranks = ranks, .v_shape = ranks > 1 && r.parallel.pp_schedule == PipelineSchedule::dualpipev};
+  const PipelineSchedule schedule = r.parallel.pp_schedule;
+  return {.ranks = ranks,
+          .v_shape = ranks > 1 && schedule == PipelineSchedule::dualpipev,
+          .interleave =
+              ranks > 1 && schedule == PipelineSchedule::interleaved_1f1b ? static_cast<int>(r.parallel.pp_chunks) : 1};
 }
 
 std::vector<int64_t> pipeline_split(const Recipe& r) {
@@ -376,6 +467,14 @@ std::vector<Action> stage_schedule(const Recipe& r, int64_t n, int stage) {
       return one_f_one_b_schedule(n, stages, stage, mtp);
     case PipelineSchedule::zero_bubble:
       return zero_bubble_schedule(n, stages, stage, mtp);
+    case PipelineSchedule::interleaved_1f1b:
+      if (n % stages != 0) {
+        throw UserError(fmt::format(
+            "parallel.pp_schedule: interleaved_1f1b runs the micro-batches in rounds of parallel.pp = {}; this step "
+            "has {} (train.global_batch / (train.micro_batch x parallel.dp), during a batch ramp too)",
+            stages, n));
+      }
+      return interleaved_1f1b_schedule(n, stages, stage, static_cast<int>(r.parallel.pp_chunks), mtp);
     case PipelineSchedule::dualpipev:
       if (n < 2 * static_cast<int64_t>(stages)) {
         throw UserError(fmt::format(
@@ -385,8 +484,9 @@ std::vector<Action> stage_schedule(const Recipe& r, int64_t n, int stage) {
       }
       return dualpipev_schedule(n, stages, stage);
     default:
-      throw UserError(fmt::format("parallel.pp_schedule: {} is not built yet; use 1f1b, zero_bubble or dualpipev",
-                                  enum_name(r.parallel.pp_schedule)));
+      throw UserError(
+          fmt::format("parallel.pp_schedule: {} is not built yet; use 1f1b, interleaved_1f1b, zero_bubble or dualpipev",
+                      enum_name(r.parallel.pp_schedule)));
   }
 }
 
@@ -420,7 +520,8 @@ std::string pairing_problem(const std::vector<std::vector<Action>>& schedules) {
       }
       for (const Action& a : schedules[static_cast<size_t>(p)]) {
         if (a.is_transfer() && !a.is_send() && a.peer == s)
-          received.push_back({counterpart(a.kind), a.micro_batch, s, p, a.chunk});
+          received.push_back(
+              {counterpart(a.kind), a.micro_batch, s, p, a.other_chunk(), a.peer_chunk < 0 ? -1 : a.chunk});
       }
       // (a send without a receive, or the reverse, is left to the run: it waits forever)
       const auto [mine, theirs] = std::mismatch(sent.begin(), sent.end(), received.begin(), received.end());
@@ -579,7 +680,7 @@ class ClockedRun {
   // Transfer i of stage s meets its counterpart once both their groups have started.
   std::optional<double> transfer_done(int s, size_t i) {
     const Action& a = schedules_[s][i];
-    const auto it = transfer_index_[a.peer].find(transfer_key(counterpart(a.kind), a.micro_batch, s, a.chunk));
+    const auto it = transfer_index_[a.peer].find(transfer_key(counterpart(a.kind), a.micro_batch, s, a.other_chunk()));
     if (it == transfer_index_[a.peer].end()) return std::nullopt;  // never posted: stuck
     return max_of(start(s, static_cast<size_t>(group_of_[s][i])),
                   start(a.peer, static_cast<size_t>(group_of_[a.peer][it->second])));
@@ -590,11 +691,11 @@ class ClockedRun {
   // are (the first of equal ones, as a scan finds it), and its receives by the micro-batch, chunk
   // and direction of the compute that consumes them, in posting order.
   static uint64_t transfer_key(Action::Kind kind, int64_t micro_batch, int peer, int chunk) {
-    return (static_cast<uint64_t>(micro_batch + 1) << 24) | (static_cast<uint64_t>(peer) << 8) |
+    return (static_cast<uint64_t>(micro_batch + 1) << 32) | (static_cast<uint64_t>(peer) << 16) |
            (static_cast<uint64_t>(chunk) << 5) | static_cast<uint64_t>(kind);
   }
   static uint64_t consumer_key(int64_t micro_batch, int chunk, bool gradient) {
-    return (static_cast<uint64_t>(micro_batch + 1) << 8) | (static_cast<uint64_t>(chunk) << 1) | (gradient ? 1 : 0);
+    return (static_cast<uint64_t>(micro_batch + 1) << 16) | (static_cast<uint64_t>(chunk) << 1) | (gradient ? 1 : 0);
   }
   void index_actions() {
     transfer_index_.resize(schedules_.size());
@@ -663,7 +764,9 @@ double max_held(const std::vector<Action>& actions, const std::vector<double>& c
 }
 
 int64_t max_in_flight(const std::vector<Action>& actions) {
-  return std::llround(max_held(actions, {1.0, 1.0}));
+  int chunks = 1;
+  for (const Action& a : actions) chunks = std::max(chunks, a.chunk + 1);
+  return std::llround(max_held(actions, std::vector<double>(static_cast<size_t>(chunks), 1.0)));
 }
 
 std::string draw_timeline(const PipelineRun& run, double unit) {
@@ -711,8 +814,8 @@ RecipeStep run_recipe_step(const Recipe& recipe, int64_t n, const ActionCosts& s
     }
   }
   const bool mpi = recipe.model.device == Device::cpu;
-  out.run =
-      run_pipeline(out.schedules, costs, layout.v_shape && mpi ? TransferRule::independent : TransferRule::in_order);
+  out.run = run_pipeline(out.schedules, costs,
+                         layout.chunks() > 1 && mpi ? TransferRule::independent : TransferRule::in_order);
   return out;
 }
 

@@ -44,16 +44,22 @@ struct Action {
   int64_t micro_batch = -1;  // -1 for step-level actions
   int stage = 0;             // the pipeline rank running the action (0 without PP)
   int peer = -1;             // transfers: the other rank
-  // which of the rank's model chunks (PipelineLayout, trainer/model/pipeline_stage.h): 0, or 1 for
-  // the second chunk of a V-shaped layout; a transfer's chunk is the same on both sides
+  // which of the rank's model chunks (PipelineLayout, trainer/model/pipeline_stage.h): 0, 1 for the
+  // second chunk of a V-shaped layout, 0..v-1 of an interleaved one; a transfer's is the chunk of
+  // this rank that computes what it sends or consumes what it receives
   int chunk = 0;
+  // transfers: the peer's chunk where it differs (an interleaved layout's turn, from the last
+  // rank's chunk c to the first rank's chunk c + 1), else -1: the same chunk on both sides
+  int peer_chunk = -1;
 
   bool is_transfer() const;
   bool is_send() const;
+  int other_chunk() const { return peer_chunk < 0 ? chunk : peer_chunk; }  // the peer's chunk
   bool operator==(const Action&) const = default;
 };
 
-// "F3", "B3", "W3", "SA3>1" (send to stage 1), "OPT" ...; chunk 1's: "F3'", "SA3'>0"
+// "F3", "B3", "W3", "SA3>1" (send to stage 1), "OPT" ...; chunk 1's: "F3'", "SA3'>0"; a transfer
+// to or from another chunk of the peer names it: "SA3>0'" (chunk 0 to the peer's chunk 1)
 std::string to_string(const Action& a);
 std::string to_string(const std::vector<Action>& actions);  // space-separated
 
@@ -92,7 +98,28 @@ std::vector<Action> zero_bubble_schedule(int64_t n_micro_batches, int stages, in
 // group. Needs n >= 2P (throws std::invalid_argument otherwise).
 std::vector<Action> dualpipev_schedule(int64_t n_micro_batches, int ranks, int rank);
 
-// The recipe's layout: parallel.pp ranks, V-shaped for dualpipev.
+// Interleaved 1F1B (Megatron-LM's virtual pipeline, Narayanan et al. 2021) for rank `rank` of
+// `ranks`, each holding `chunks` model chunks (PipelineLayout{ranks, false, chunks}). The k-th
+// forward of a rank runs chunk (k / P) mod v on micro-batch (k / (P·v))·P + k mod P: rounds of P
+// micro-batches through chunk 0, then the same round through chunk 1, ...; the k-th backward
+// the same with the chunks in reverse. Warm-up: min(n·v, 2(P - r - 1) + (v - 1)·P) forwards,
+// then one forward and one backward in turn, then the remaining backwards. A micro-batch's
+// forward crosses the pipeline v times, each time a v-th of a stage per rank, so the bubble is
+// (P - 1)(F + B)/v against 1F1B's (P - 1)(F + B); the price is v times the transfers, and rank 0
+// holding up to P·v + P - 1 chunk micro-batches, 1 + (P - 1)/(P·v) times 1F1B's activations.
+// Transfers go by unit, as Megatron batches them: a warm-up forward, a steady forward with the
+// backward after it, or a cool-down backward is a unit, and after each unit one group posts its
+// sends and the next unit's receives (the first unit's receives come first). So a steady
+// forward's output leaves after the backward beside it; posting it at once, as
+// dualpipev_schedule does, would hold back a neighbour's group on one in-order stream (NCCL)
+// and deadlock from two rounds on. This way it runs in order and independently (MPI), at the
+// makespan above. mtp: the MTP embeddings travel with the activations. Needs n a multiple of P
+// (throws std::invalid_argument otherwise); with one rank it is gradient accumulation over the
+// v chunks.
+std::vector<Action> interleaved_1f1b_schedule(int64_t n_micro_batches, int ranks, int rank, int chunks, bool mtp);
+
+// The recipe's layout: parallel.pp ranks, V-shaped for dualpipev, parallel.pp_chunks per rank for
+// interleaved_1f1b.
 PipelineLayout pipeline_layout(const Recipe& recipe);
 // Decoder layers per stage of that layout (parallel.pp_split at train.seq_len).
 std::vector<int64_t> pipeline_split(const Recipe& recipe);
@@ -103,7 +130,8 @@ std::vector<double> relative_stage_flops(const Recipe& recipe);
 std::vector<double> relative_stage_flops(const ModuleFlops& flops, const std::vector<int64_t>& split);
 
 // Stage `stage`'s actions for n micro-batches under the recipe's parallel.pp and
-// parallel.pp_schedule (1f1b, zero_bubble, dualpipev); gradient accumulation for one stage;
+// parallel.pp_schedule (1f1b, interleaved_1f1b, zero_bubble, dualpipev); gradient accumulation
+// for one stage;
 // throws dsx::UserError for a pipeline schedule not built.
 std::vector<Action> stage_schedule(const Recipe& recipe, int64_t n_micro_batches, int stage);
 
@@ -161,8 +189,9 @@ PipelineRun run_pipeline(const std::vector<std::vector<Action>>& schedules, cons
 // Every rank's stage_schedule for one step of n micro-batches under the recipe, and their run
 // on the clock. stage_costs: a whole 1F1B stage's (a V-shaped rank's chunks are half a stage
 // each, so their actions cost half); transfers follow the rule of the recipe's communicator
-// (independent on MPI, device: cpu, for dualpipev, whose transfers need it from 3 ranks on; in
-// order otherwise, as the NCCL stream runs them). by_flops: each stage's costs scaled by its
+// (independent on MPI, device: cpu, for the layouts with several chunks per rank: dualpipev,
+// whose transfers need it from 3 ranks on, and interleaved_1f1b; in order otherwise, as the NCCL
+// stream runs them). by_flops: each stage's costs scaled by its
 // share of the model FLOPs (relative_stage_flops), so an unbalanced split shows; else every
 // stage costs the same.
 struct RecipeStep {

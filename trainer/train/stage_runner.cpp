@@ -1,5 +1,6 @@
 #include "trainer/train/stage_runner.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -28,22 +29,20 @@ int kind_tag(Action::Kind k) {
   }
 }
 
+// Both sides of a hop name it by the chunk of its lower stage (the sender's for activations, the
+// receiver's for gradients): the chunk itself, or at an interleaved turn the smaller of the two.
 int tag_of(const Action& a) {
-  return kind_tag(a.kind) + 4 * a.chunk;
+  return kind_tag(a.kind) + 4 * std::min(a.chunk, a.other_chunk());
 }
 
 }  // namespace
 
 StageRunner::StageRunner(Model& model, Communicator* pp, CommTimer* timer)
-    : model_(model),
-      pp_(pp),
-      timer_(timer),
-      layout_{.ranks = pp ? pp->size() : 1, .v_shape = model.chunks().size() > 1},
-      rank_(pp ? pp->rank() : 0) {
+    : model_(model), pp_(pp), timer_(timer), layout_(model.pipeline_layout()), rank_(pp ? pp->rank() : 0) {
   for (int c = 0; c < static_cast<int>(model_.chunks().size()); ++c) {
     const PipelineStage& st = model_.chunks()[static_cast<size_t>(c)];
-    if (layout_.chunks() != static_cast<int>(model_.chunks().size()) || st.count != layout_.stages() ||
-        st.index != layout_.stage_of(rank_, c)) {
+    if (layout_.ranks != (pp ? pp->size() : 1) || layout_.chunks() != static_cast<int>(model_.chunks().size()) ||
+        st.count != layout_.stages() || st.index != layout_.stage_of(rank_, c)) {
       throw std::logic_error("StageRunner: the pipeline group (rank " + std::to_string(rank_) + " of " +
                              std::to_string(layout_.ranks) + ") does not match the model's " +
                              describe(st, model_.config().num_nextn_predict_layers));

@@ -11,9 +11,12 @@
 //
 // Per micro-batch and chunk in flight it holds what was received and not yet used, and what was
 // computed and not yet sent. Messages between two stages keep their order per tag: tag 0
-// activations, 1 their gradients, 2 MTP embeddings, 3 their gradients, plus 4 for chunk 1 of a
-// V-shaped layout; both sides walk a chunk's micro-batches in increasing order. In a V-shaped
-// layout, a hop between two chunks of this rank (the bottom of the V) is a hand-over, not a message.
+// activations, 1 their gradients, 2 MTP embeddings, 3 their gradients, plus 4c for a hop whose
+// lower stage is the sender's (activations) or receiver's (gradients) chunk c (chunk 1 of a
+// V-shaped layout; an interleaved layout's chunks, whose turn from the last rank's chunk c to the
+// first rank's chunk c + 1 counts as c); both sides walk a chunk's micro-batches in increasing
+// order. In a V-shaped layout, a hop between two chunks of this rank (the bottom of the V) is a
+// hand-over, not a message.
 #pragma once
 #include <cstdint>
 #include <map>

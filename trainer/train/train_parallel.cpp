@@ -6,6 +6,8 @@
 #include "kernels/error.h"
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/train/schedule.h"
+
+#include <fmt/core.h>
 #if DSX_HAVE_NCCL
 #include "parallel/comm_nccl.h"
 #endif
@@ -31,7 +33,9 @@ ModelParallel TrainParallel::model_parallel(const Recipe& recipe) {
   mp.timer = &timer;
   mp.pp_size = mesh.sizes.pp;
   mp.pp_rank = mesh.coords.pp;
-  mp.pp_v_shape = pipeline_layout(recipe).v_shape;
+  const PipelineLayout layout = pipeline_layout(recipe);
+  mp.pp_v_shape = layout.v_shape;
+  mp.pp_interleave = layout.interleave;
   mp.pp_layers = pipeline_split(recipe);
   return mp;
 }
@@ -86,15 +90,20 @@ void check_layout_is_built(const Recipe& recipe) {
         "parallel.tp: tensor parallelism has run on CPU ranks (MPI) only so far; on GPUs train with pipeline, data "
         "and expert parallelism (parallel.pp, parallel.dp, parallel.ep) and tp = 1, or use device: cpu");
   }
-  if (recipe.parallel.pp > 1)
-    stage_schedule(recipe, 2 * recipe.parallel.pp, 0);  // refuses a schedule that is not built, before any work
-  if (recipe.parallel.pp > 2 && recipe.parallel.pp_schedule == PipelineSchedule::dualpipev &&
-      recipe.model.device == Device::cuda) {
-    throw UserError(
-        "parallel.pp_schedule: dualpipev on GPUs (NCCL) runs with parallel.pp = 2 only so far. From three ranks its "
-        "two chunks per rank talk to both neighbours in an order the NCCL communicator's single stream cannot keep: "
-        "a receive waiting for one neighbour holds back the sends to the other (use 1f1b or zero_bubble, or "
-        "device: cpu)");
+  if (recipe.parallel.pp == 1) return;
+  stage_schedule(recipe, 2 * recipe.parallel.pp, 0);  // refuses a schedule that is not built, before any work
+  // Several chunks per rank talk to both neighbours (or round the ring) in an order the NCCL
+  // communicator's single in-order stream may not keep: a receive waiting for one neighbour holds
+  // back the sends to the other. The step is run on the clock under that rule (as schedule.h's
+  // checker does for every schedule in the tests) and refused where it would stop.
+  if (recipe.model.device != Device::cuda || pipeline_layout(recipe).chunks() == 1) return;
+  const int64_t n = recipe.train.accumulation_steps(recipe.train.global_batch, recipe.parallel.dp);
+  const std::string stuck = run_recipe_step(recipe, n, ActionCosts{}).run.stuck;
+  if (!stuck.empty()) {
+    throw UserError(fmt::format(
+        "parallel.pp_schedule: {} with parallel.pp = {} cannot run on GPUs (NCCL, one in-order stream per rank): {} "
+        "(use 1f1b or zero_bubble, another parallel.pp, or device: cpu, whose MPI transfers complete independently)",
+        enum_name(recipe.parallel.pp_schedule), recipe.parallel.pp, stuck));
   }
 }
 
