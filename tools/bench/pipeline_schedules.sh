@@ -1,6 +1,7 @@
 #!/bin/sh
 # Pipeline schedules and stage splits measured against each other in one session: the same
-# recipe trained under mpirun with parallel.pp_schedule 1f1b, zero_bubble and dualpipev, each
+# recipe trained under mpirun with parallel.pp_schedule 1f1b, zero_bubble, dualpipev and
+# interleaved_1f1b (2 chunks per rank), each
 # with parallel.pp_split even and balanced, the runs interleaved (A B C ... A B C ...) so load
 # changes on a shared machine hit every variant alike. Reports, per variant, the fastest and the
 # median step time (from metrics.jsonl, the first steps dropped), the median share of rank 0's
@@ -12,17 +13,18 @@
 # order.
 #
 #   tools/bench/pipeline_schedules.sh [--dsx PATH] [--pp N] [--steps N] [--rounds N] [--work DIR]
-#                                     [--schedules "1f1b zero_bubble dualpipev"] [--splits "even balanced"]
+#                                     [--schedules "1f1b zero_bubble dualpipev interleaved_1f1b"]
+#                                     [--splits "even balanced"]
 #                                     [-- extra dsx train arguments, e.g. --set model.hidden_size=256]
 set -eu
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
   echo "defaults: --dsx build/release/bin/dsx --pp 2 --steps 60 --rounds 2 --work /tmp/dsx_bench_pipeline"
 }
 
 dsx=build/release/bin/dsx pp=2 steps=60 rounds=2 work=/tmp/dsx_bench_pipeline
-schedules="1f1b zero_bubble dualpipev" splits="even balanced"
+schedules="1f1b zero_bubble dualpipev interleaved_1f1b" splits="even balanced"
 while [ $# -gt 0 ]; do
   case "$1" in
     --help | -h) usage; exit 0 ;;
@@ -64,7 +66,7 @@ while [ "$round" -le "$rounds" ]; do
 done
 
 skip=5  # warm-up steps (first allocations, page faults)
-printf '%-12s %-9s %8s %8s %8s %20s %7s %7s\n' schedule split "best s" "median" "comm %" "final loss" "best" "median"
+printf '%-16s %-9s %8s %8s %8s %20s %7s %7s\n' schedule split "best s" "median" "comm %" "final loss" "best" "median"
 base_best="" base_median=""
 for s in $schedules; do
   for split in $splits; do
@@ -74,7 +76,7 @@ for s in $schedules; do
     comm=$(for f in $runs; do field "$f" exposed_comm_fraction $skip; done | median)
     loss=$(tail -n 1 "$work/$s-$split-1/metrics.jsonl" | field /dev/stdin loss 0)
     [ -n "$base_best" ] || base_best=$best base_median=$step
-    printf '%-12s %-9s %8.4f %8.4f %8.1f %20s %7.3f %7.3f\n' "$s" "$split" "$best" "$step" \
+    printf '%-16s %-9s %8.4f %8.4f %8.1f %20s %7.3f %7.3f\n' "$s" "$split" "$best" "$step" \
       "$(echo "$comm" | awk '{ print 100 * $1 }')" "$loss" "$(echo "$best $base_best" | awk '{ print $1 / $2 }')" \
       "$(echo "$step $base_median" | awk '{ print $1 / $2 }')"
   done
